@@ -1,0 +1,31 @@
+# Two entry points: `make demo` and `make test`. Both build .venv once and refresh it only
+# when pyproject.toml changes (the stamp file is named after its hash).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+
+export DS_BUILD_OPS := 0
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export OMP_NUM_THREADS ?= 2
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: venv demo test bench clean
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	rm -f $(VENV)/.installed-*
+	# torch first and pinned: the build that matches torchvision 0.29.1
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dali,dev]'
+	touch $@
+
+demo: venv
+	$(BIN)/mfm demo
+
+test: venv
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .cache demo-out

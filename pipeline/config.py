@@ -1,0 +1,223 @@
+"""The one typed schema for every setting, YAML presets and dotted overrides.
+
+A config is built as: defaults <- preset YAML (which may `extends:` another preset) <- `--set
+key=value` overrides, then validated once. Errors name the dotted key that is wrong.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = "vit_tiny_patch16_224"  # any timm encoder
+    img_size: int = Field(224, gt=0)
+    patch_size: int | None = Field(None, gt=0)  # ViT only: override the name's patch size
+    drop_path: float = Field(0.0, ge=0, lt=1)
+
+    @property
+    def stride(self) -> int | None:
+        """Output stride of the encoder's feature map, when it can be known without building it."""
+        if self.patch_size:
+            return self.patch_size
+        m = re.search(r"patch(\d+)", self.name)
+        if m:
+            return int(m.group(1))
+        if re.match(r"(resnet|resnext|seresnet|regnet|convnext|efficientnet)", self.name):
+            return 32
+        return None
+
+
+class CorruptionConfig(Section):
+    kind: Literal["mfm", "sr", "deblur", "denoise"] = "mfm"
+    radius: int = Field(16, gt=0)
+    radius2: int | None = Field(None, gt=0)  # optional band: low-pass also keeps d >= radius2
+    low_pass_prob: float = Field(0.5, ge=0, le=1)
+    sr_factor: int = Field(8, gt=1)
+    blur_sigma: float = Field(5.0, gt=0)
+    blur_kernel_sizes: list[int] = Field(default_factory=lambda: list(range(7, 22, 2)))
+    noise_std: float = Field(75 / 255, gt=0)
+    focal_alpha: float | None = Field(None, gt=0)  # focal frequency weighting; off in the paper
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.radius2 is not None and self.radius2 <= self.radius:
+            raise ValueError(f"corruption.radius2 ({self.radius2}) must be larger than corruption.radius ({self.radius})")
+        bad = [k for k in self.blur_kernel_sizes if k < 1 or k % 2 == 0]
+        if bad or not self.blur_kernel_sizes:
+            raise ValueError(f"corruption.blur_kernel_sizes must be odd positive sizes, got {self.blur_kernel_sizes}")
+        return self
+
+
+class StorageConfig(Section):
+    """fsspec options for s3:// URLs. Credentials come from the AWS environment, never from here."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    anon: bool = False
+    retries: int = Field(5, ge=0)
+
+
+class DataConfig(Section):
+    train: str = "demo-out/shards/train"  # URL of a sharded split (the folder holding manifest.json)
+    val: str | None = "demo-out/shards/val"
+    backend: Literal["auto", "dali", "torch"] = "auto"  # auto: DALI when installed
+    batch_size: int = Field(64, gt=0)  # global, across all ranks and accumulation steps
+    workers: int = Field(2, ge=0)  # loader workers per rank
+    shuffle_buffer: int = Field(1000, ge=0)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    prefetch_shards: int = Field(2, ge=0)
+    cache_dir: str | None = None  # optional local shard cache
+
+
+class OptimConfig(Section):
+    base_lr: float = Field(3e-4, gt=0)  # scaled by global batch / lr_base_batch
+    lr_base_batch: int = Field(512, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    epochs: int = Field(300, gt=0)
+    warmup_epochs: float = Field(20, ge=0)
+    warmup_lr: float = Field(2.5e-7, ge=0)  # scaled like base_lr
+    min_lr: float = Field(2.5e-6, ge=0)  # scaled like base_lr
+    clip_grad: float | None = Field(3.0, gt=0)
+
+
+class TrainConfig(Section):
+    run_dir: str = "demo-out/runs/demo"  # URL: checkpoints, logs and the export go here
+    seed: int = 0
+    nprocs: int = Field(1, gt=0)  # processes on this node
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
+    grad_accum: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # stop early (demos, tests); schedule still spans `epochs`
+    checkpoint_every: int = Field(1000, gt=0)
+    keep_last: int = Field(3, gt=0)
+    log_every: int = Field(10, gt=0)
+    picture_every: int = Field(1000, gt=0)
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    corruption: CorruptionConfig = Field(default_factory=CorruptionConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        size, stride = self.model.img_size, self.model.stride
+        if stride is not None and size % stride:
+            raise ValueError(f"model.img_size ({size}) must be divisible by the encoder stride ({stride})")
+        if 2 * self.corruption.radius > size:
+            raise ValueError(f"corruption.radius ({self.corruption.radius}) must be at most half of model.img_size ({size})")
+        if self.corruption.kind == "sr" and size % self.corruption.sr_factor:
+            raise ValueError(f"model.img_size ({size}) must be divisible by corruption.sr_factor ({self.corruption.sr_factor})")
+        if self.optim.warmup_epochs > self.optim.epochs:
+            raise ValueError("optim.warmup_epochs must not exceed optim.epochs")
+        return self
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _resolve_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(list_presets())}")
+    elif not path.exists():
+        raise ConfigError(f"config file {name_or_path} does not exist")
+    if str(path) in seen:
+        raise ConfigError(f"{path}: `extends` forms a cycle")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = _resolve_preset(str(parent), seen + (str(path),))
+    return _merge(base, data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`optim.lr=1e-3` -> (["optim", "lr"], 0.001); the value is read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = _merge({}, data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def build_config(data: dict) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "config"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif "input" in err and not isinstance(err["input"], dict):
+                msg += f" (got {err['input']!r})"
+            lines.append(f"  {key}: {msg}")
+        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then a preset name or YAML file, then dotted `key=value` overrides."""
+    data = _resolve_preset(preset) if preset else {}
+    return build_config(apply_overrides(data, list(overrides)))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
