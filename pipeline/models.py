@@ -1,0 +1,124 @@
+"""MFMModel: a timm encoder and the spec's lightweight decoder (1x1 conv + PixelShuffle).
+
+The encoder sees only the corrupted image; the decoder predicts normalised pixels at full
+resolution; the loss compares them to the target in the frequency domain (kernels/).
+"""
+from __future__ import annotations
+
+import math
+
+import timm
+import torch
+from torch import nn
+
+from kernels.frequency import frequency_loss
+from pipeline.config import CorruptionConfig, ModelConfig
+
+
+def create_encoder(cfg: ModelConfig, **overrides) -> nn.Module:
+    """The plain timm model without a classifier head, at the configured image size."""
+    return timm.create_model(cfg.name, pretrained=False, **encoder_args(cfg), **overrides)
+
+
+def encoder_args(cfg: ModelConfig) -> dict:
+    """The timm `create_model` keyword arguments that rebuild this encoder (also exported)."""
+    args: dict = {"num_classes": 0}
+    if is_vit(cfg.name):
+        args["img_size"] = cfg.img_size
+        if cfg.patch_size:
+            args["patch_size"] = cfg.patch_size
+    if cfg.drop_path:
+        args["drop_path_rate"] = cfg.drop_path
+    return args
+
+
+def is_vit(name: str) -> bool:
+    return name.startswith(("vit_", "deit_", "eva", "beit"))
+
+
+def _feature_stride(encoder: nn.Module) -> int:
+    if hasattr(encoder, "patch_embed"):
+        ps = encoder.patch_embed.patch_size
+        return ps[0] if isinstance(ps, (tuple, list)) else int(ps)
+    info = getattr(encoder, "feature_info", None)
+    if info:
+        last = info[-1] if isinstance(info, list) else info.info[-1]
+        return int(last["reduction"])
+    raise ValueError(f"cannot tell the feature-map stride of {type(encoder).__name__}")
+
+
+def _vit_init(encoder: nn.Module, decoder: nn.Module) -> None:
+    """Paper init: trunc-normal 0.02, then attention proj and MLP fc2 of block i scaled by
+    1/sqrt(2 i) so that the residual stream's variance does not grow with depth."""
+    for name in ("pos_embed", "cls_token"):
+        if getattr(encoder, name, None) is not None:
+            nn.init.trunc_normal_(getattr(encoder, name), std=0.02)
+    for m in [*encoder.modules(), *decoder.modules()]:
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not getattr(encoder.patch_embed, "proj", None):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for i, block in enumerate(encoder.blocks, start=1):
+        block.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
+        block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
+
+
+class MFMModel(nn.Module):
+    def __init__(self, encoder: nn.Module, *, vit: bool, focal_alpha: float | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.vit = vit
+        self.stride = _feature_stride(encoder)
+        self.focal_alpha = focal_alpha
+        self.decoder = nn.Sequential(
+            nn.Conv2d(encoder.num_features, self.stride**2 * 3, kernel_size=1),
+            nn.PixelShuffle(self.stride),
+        )
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D, H/stride, W/stride) feature map."""
+        feats = self.encoder.forward_features(x)
+        if not self.vit:
+            return feats
+        tokens = feats[:, self.encoder.num_prefix_tokens:]  # drop cls (and register) tokens
+        n, length, dim = tokens.shape
+        h, w = x.shape[-2] // self.stride, x.shape[-1] // self.stride
+        return tokens.transpose(1, 2).reshape(n, dim, h, w)
+
+    def forward(self, encoder_input: torch.Tensor, target: torch.Tensor,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, prediction); keep is None for the plain-loss baselines."""
+        pred = self.decoder(self.features(encoder_input))
+        # cuFFT has no half precision at 224 px, and the loss is defined in float32.
+        loss = frequency_loss(pred.float(), target.float(), keep, focal_alpha=self.focal_alpha)
+        return loss, pred
+
+
+def build_model(model_cfg: ModelConfig, corruption_cfg: CorruptionConfig | None = None) -> MFMModel:
+    vit = is_vit(model_cfg.name)
+    encoder = create_encoder(model_cfg) if vit else create_encoder(model_cfg, global_pool="")
+    model = MFMModel(encoder, vit=vit, focal_alpha=corruption_cfg.focal_alpha if corruption_cfg else None)
+    if vit:
+        _vit_init(model.encoder, model.decoder)
+    return model
+
+
+def export_encoder(model: MFMModel, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, timm config.json) of the encoder: contiguous fp32 CPU tensors, loadable with
+    `timm.create_model("local-dir:DIR", pretrained=True)` or strictly (head aside) into
+    `timm.create_model(name, **model_args)`."""
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
+    model_args = {k: v for k, v in encoder_args(model_cfg).items() if k not in ("num_classes", "drop_path_rate")}
+    config = {
+        "architecture": model_cfg.name,
+        "num_classes": 0,
+        "num_features": model.encoder.num_features,
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [3, model_cfg.img_size, model_cfg.img_size],
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "num_classes": 0,
+        },
+    }
+    return state, config
