@@ -1,0 +1,68 @@
+"""`mfm shard --source PATH --dest URL ...` and `mfm shard verify URL`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline import storage as st
+
+
+def _shard_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mfm shard", description="Shard ILSVRC2012 archives or an ImageFolder tree into WebDataset tars.")
+    p.add_argument("--source", required=True, help="folder with ILSVRC2012_img_{train,val}.tar (+ labels) or <split>/<class>/<image>")
+    p.add_argument("--dest", required=True, help="output URL: a path or s3://bucket/prefix")
+    p.add_argument("--splits", default=None, help="comma-separated (default: train,val where present)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size-mb", type=float, default=256)
+    p.add_argument("--max-side", type=int, default=None, help="re-encode images whose longer side exceeds PX")
+    p.add_argument("--validation", choices=["structural", "decode"], default="structural")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    return p
+
+
+def cli(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if argv[:1] == ["verify"]:
+        return verify_cli(argv[1:])
+    args = _shard_parser().parse_args(argv)
+    from pipeline.sharding import ShardingError, SourceError, shard_dataset
+
+    try:
+        manifests = shard_dataset(
+            args.source, args.dest, splits=args.splits, workers=args.workers, seed=args.seed,
+            shard_size_mb=args.shard_size_mb, max_side=args.max_side, validation=args.validation,
+            progress=False if args.no_progress else None,
+        )
+    except (SourceError, ShardingError, ValueError) as e:
+        print(f"mfm shard: {e}", file=sys.stderr)
+        return 2
+    for split, m in manifests.items():
+        print(f"{st.join(args.dest, split)}: {m['num_samples']} samples, {len(m['shards'])} shards, {len(m['rejected'])} rejected")
+    return 0
+
+
+def verify_cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mfm shard verify", description="Re-read every shard and check it against manifest.json.")
+    p.add_argument("url", help="a split (folder holding manifest.json) or a dest holding <split>/manifest.json")
+    args = p.parse_args(argv)
+    from pipeline.sharding.manifest import MANIFEST, verify_split
+
+    fs, path = st.filesystem(args.url)
+    if st.exists(st.join(args.url, MANIFEST)):
+        split_urls = [args.url]
+    else:
+        children = [c for c in fs.ls(path, detail=False) if fs.exists(f"{c}/{MANIFEST}")] if fs.exists(path) else []
+        split_urls = [st.join(args.url, c.rstrip("/").rsplit("/", 1)[-1]) for c in sorted(children)]
+    if not split_urls:
+        print(f"mfm shard verify: {args.url}: no manifest.json there or in its subfolders", file=sys.stderr)
+        return 1
+    bad = 0
+    for url in split_urls:
+        problems = verify_split(url)
+        for problem in problems:
+            print(f"MISMATCH {problem}", file=sys.stderr)
+        bad += len(problems)
+        print(f"{url}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if bad else 0

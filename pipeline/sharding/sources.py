@@ -1,0 +1,275 @@
+"""Sources: the official ILSVRC2012 archives or an ImageFolder tree, listed cheaply.
+
+Listing yields one `Entry` per image with where its bytes live: a file, or a byte range
+inside ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar. The archives are read as
+streams (tarfile 'r|'), nested per-class tars included, and never extracted: the listing
+records each member's offset, and workers later read just that range.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+VAL_TAR = "ILSVRC2012_img_val.tar"
+LOC_VAL = "LOC_val_solution.csv"
+LOC_SYNSETS = "LOC_synset_mapping.txt"
+DEVKIT_GT = "ILSVRC2012_validation_ground_truth.txt"
+DEVKIT_TGZ = "ILSVRC2012_devkit_t12.tar.gz"
+IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+class SourceError(ValueError):
+    """The source is not one we can read; the message names the path."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str  # stable sample key (file stem, made unique and dot-free)
+    file: str  # original name, relative to the source
+    wnid: str
+    size: int
+    path: str  # file holding the bytes
+    offset: int | None = None  # byte offset inside `path` for archive members
+
+
+@dataclass
+class Listing:
+    kind: str  # "ilsvrc-tar" | "folder"
+    path: str
+    split: str
+    entries: list[Entry]
+    classes: list[dict]  # [{"index", "wnid", "name"}], index = position in sorted wnids
+    fingerprint: str = ""
+    rejected: list[dict] = field(default_factory=list)  # found while listing (e.g. unlabelled)
+
+
+def detect(source: str) -> str:
+    """'ilsvrc-tar' or 'folder'; anything else is a SourceError naming the path."""
+    if not os.path.isdir(source):
+        raise SourceError(f"{source}: source must be a directory holding {TRAIN_TAR}/{VAL_TAR} or <split>/<class>/<image>")
+    names = set(os.listdir(source))
+    if TRAIN_TAR in names or VAL_TAR in names:
+        return "ilsvrc-tar"
+    if _folder_splits(source):
+        return "folder"
+    raise SourceError(
+        f"{source}: not a recognised dataset: expected {TRAIN_TAR} and/or {VAL_TAR} (official ILSVRC2012 archives) "
+        "or an ImageFolder tree <split>/<class>/<image>"
+    )
+
+
+def available_splits(source: str) -> list[str]:
+    if detect(source) == "folder":
+        return _folder_splits(source)
+    return [s for s, name in (("train", TRAIN_TAR), ("val", VAL_TAR)) if os.path.exists(os.path.join(source, name))]
+
+
+def list_split(source: str, split: str) -> Listing:
+    kind = detect(source)
+    listing = _list_ilsvrc(source, split) if kind == "ilsvrc-tar" else _list_folder(source, split)
+    listing.entries = assign_keys(listing.entries)
+    listing.fingerprint = fingerprint(listing.entries)
+    return listing
+
+
+def fingerprint(entries: list[Entry]) -> str:
+    h = hashlib.sha256()
+    for name, size in sorted((e.file, e.size) for e in entries):
+        h.update(f"{name}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def assign_keys(entries: list[Entry]) -> list[Entry]:
+    """Keys are file stems without dots (webdataset splits names at the first dot); where
+    stems collide (ImageFolder sets often reuse 0001.jpg per class) the class is prefixed."""
+    def stem(e: Entry) -> str:
+        base = os.path.basename(e.file)
+        base = base.rsplit(".", 1)[0] if "." in base else base
+        return re.sub(r"[^A-Za-z0-9_-]", "_", base)
+
+    stems = [stem(e) for e in entries]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    out, seen = [], set()
+    for e, s in sorted(zip(entries, stems), key=lambda p: p[0].file):
+        key = s if counts[s] == 1 else re.sub(r"[^A-Za-z0-9_-]", "_", f"{e.wnid}_{s}")
+        base, n = key, 1
+        while key in seen:
+            key, n = f"{base}_{n}", n + 1
+        seen.add(key)
+        out.append(Entry(key, e.file, e.wnid, e.size, e.path, e.offset))
+    return out
+
+
+def read_entry(e: Entry, handles: dict | None = None) -> bytes:
+    """The source bytes of one entry; `handles` caches open archive files per worker."""
+    if e.offset is None:
+        with open(e.path, "rb") as f:
+            return f.read()
+    if handles is None:
+        with open(e.path, "rb") as f:
+            f.seek(e.offset)
+            return f.read(e.size)
+    f = handles.get(e.path)
+    if f is None:
+        f = handles[e.path] = open(e.path, "rb")
+    f.seek(e.offset)
+    return f.read(e.size)
+
+
+def class_table(wnids, names: dict[str, str] | None = None) -> list[dict]:
+    names = names or {}
+    return [{"index": i, "wnid": w, "name": names.get(w, w)} for i, w in enumerate(sorted(set(wnids)))]
+
+
+# --- ImageFolder ---------------------------------------------------------------------------
+
+def _folder_splits(source: str) -> list[str]:
+    out = []
+    for d in sorted(os.scandir(source), key=lambda d: d.name):
+        if d.is_dir() and not d.name.startswith(".") and any(c.is_dir() for c in os.scandir(d.path)):
+            out.append(d.name)
+    return out
+
+
+def _list_folder(source: str, split: str) -> Listing:
+    root = os.path.join(source, split)
+    if not os.path.isdir(root):
+        raise SourceError(f"{root}: split {split!r} not found (have: {', '.join(_folder_splits(source)) or 'none'})")
+    # Classes are the union over all splits, so train and val agree on indices.
+    wnids = {c.name for s in _folder_splits(source) for c in os.scandir(os.path.join(source, s)) if c.is_dir()}
+    entries, rejected = [], []
+    for cls in sorted(c.name for c in os.scandir(root) if c.is_dir()):
+        for dirpath, dirnames, files in os.walk(os.path.join(root, cls)):
+            dirnames.sort()
+            for name in sorted(files):
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, root)
+                if name.startswith("."):
+                    continue
+                if os.path.splitext(name)[1].lower() not in IMAGE_EXTS:
+                    rejected.append({"file": rel, "reason": "not an image file extension"})
+                    continue
+                entries.append(Entry("", rel, cls, os.path.getsize(full), full))
+    return Listing("folder", source, split, entries, class_table(wnids, _synset_names(source)), rejected=rejected)
+
+
+# --- ILSVRC2012 archives ---------------------------------------------------------------------
+
+def _list_ilsvrc(source: str, split: str) -> Listing:
+    if split not in ("train", "val"):
+        raise SourceError(f"{source}: the ILSVRC2012 archives hold splits train and val, not {split!r}")
+    tar_path = os.path.join(source, TRAIN_TAR if split == "train" else VAL_TAR)
+    if not os.path.exists(tar_path):
+        raise SourceError(f"{tar_path}: not found (needed for split {split!r})")
+    names = _synset_names(source)
+    if split == "train":
+        entries = list(_stream_train_tar(tar_path))
+        wnids = names.keys() or {e.wnid for e in entries}
+        return Listing("ilsvrc-tar", source, split, entries, class_table(wnids, names))
+    labels = _val_labels(source)
+    entries, rejected = [], []
+    for name, offset, size in _stream_members(tar_path):
+        stem = os.path.splitext(os.path.basename(name))[0]
+        if stem not in labels:
+            rejected.append({"file": name, "reason": "no label in the validation ground truth"})
+            continue
+        entries.append(Entry("", name, labels[stem], size, tar_path, offset))
+    wnids = names.keys() or set(labels.values())
+    return Listing("ilsvrc-tar", source, split, entries, class_table(wnids, names), rejected=rejected)
+
+
+def _stream_members(tar_path: str):
+    """(name, data offset, size) of every regular member, one sequential pass."""
+    with open(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
+        for m in tf:
+            if m.isfile():
+                yield m.name, m.offset_data, m.size
+
+
+def _stream_train_tar(tar_path: str):
+    with open(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as outer:
+        for m in outer:
+            if not m.isfile():
+                continue
+            if not m.name.endswith(".tar"):
+                raise SourceError(f"{tar_path}: member {m.name!r} is not a per-class tar (n*.tar)")
+            wnid = os.path.basename(m.name)[: -len(".tar")]
+            with tarfile.open(fileobj=outer.extractfile(m), mode="r|") as inner:
+                for im in inner:
+                    if im.isfile():
+                        yield Entry("", f"{wnid}/{im.name}", wnid, im.size, tar_path, m.offset_data + im.offset_data)
+
+
+def _val_labels(source: str) -> dict[str, str]:
+    """Validation file stem -> wnid, from the Kaggle CSV or the official devkit."""
+    loc = os.path.join(source, LOC_VAL)
+    if os.path.exists(loc):
+        with open(loc, newline="") as f:
+            rows = list(csv.DictReader(f))
+        try:
+            return {r["ImageId"]: r["PredictionString"].split()[0] for r in rows}
+        except (KeyError, IndexError) as e:
+            raise SourceError(f"{loc}: expected columns ImageId,PredictionString: {e}") from None
+    gt, meta = _devkit_files(source)
+    if gt is None or meta is None:
+        raise SourceError(
+            f"{source}: no validation labels: put {LOC_VAL} (Kaggle) or the devkit ({DEVKIT_TGZ}, "
+            f"or its data/{DEVKIT_GT} and data/meta.mat) next to {VAL_TAR}"
+        )
+    ids = _devkit_synsets(meta)
+    out = {}
+    for i, line in enumerate(gt.decode().split(), start=1):
+        out[f"ILSVRC2012_val_{i:08d}"] = ids[int(line)][0]
+    return out
+
+
+def _devkit_files(source: str) -> tuple[bytes | None, bytes | None]:
+    """(ground truth txt, meta.mat) from a devkit folder or tarball, or loose files."""
+    want = {DEVKIT_GT: None, "meta.mat": None}
+    for d in (source, os.path.join(source, "data"), os.path.join(source, "ILSVRC2012_devkit_t12", "data")):
+        for name in want:
+            p = os.path.join(d, name)
+            if want[name] is None and os.path.exists(p):
+                with open(p, "rb") as f:
+                    want[name] = f.read()
+    tgz = os.path.join(source, DEVKIT_TGZ)
+    if None in want.values() and os.path.exists(tgz):
+        with tarfile.open(tgz, "r|gz") as tf:
+            for m in tf:
+                base = os.path.basename(m.name)
+                if m.isfile() and base in want and want[base] is None:
+                    want[base] = tf.extractfile(m).read()
+    return want[DEVKIT_GT], want["meta.mat"]
+
+
+def _devkit_synsets(meta: bytes) -> dict[int, tuple[str, str]]:
+    """ILSVRC2012_ID -> (wnid, words) for the 1000 leaf synsets of the devkit's meta.mat."""
+    from scipy.io import loadmat
+
+    synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+    out = {}
+    for s in synsets:
+        if int(s["num_children"]) == 0:
+            out[int(s["ILSVRC2012_ID"])] = (str(s["WNID"]), str(s["words"]))
+    return out
+
+
+def _synset_names(source: str) -> dict[str, str]:
+    """wnid -> human-readable name, where the source ships them."""
+    p = os.path.join(source, LOC_SYNSETS)
+    if os.path.exists(p):
+        with open(p) as f:
+            return dict(line.rstrip("\n").split(" ", 1) for line in f if line.strip())
+    if os.path.exists(os.path.join(source, TRAIN_TAR)) or os.path.exists(os.path.join(source, VAL_TAR)):
+        _, meta = _devkit_files(source)
+        if meta is not None:
+            return {w: words for w, words in _devkit_synsets(meta).values()}
+    return {}

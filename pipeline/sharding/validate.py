@@ -1,0 +1,129 @@
+"""Image checks: keep clean RGB JPEGs byte for byte, re-encode what decodes, reject the rest.
+
+`structural` reads only JPEG markers (no decode): a clean file has SOI, a baseline or
+progressive SOF with 3 components, and ends with EOI. Anything else, and every image in
+`decode` mode, goes through Pillow; what decodes is written back as an RGB JPEG.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+VALIDATIONS = ("structural", "decode")
+JPEG_QUALITY = 90
+# SOF markers a stock decoder (DALI's nvJPEG, libjpeg-turbo) handles: baseline, extended, progressive
+_CLEAN_SOF = {0xC0, 0xC1, 0xC2}
+_ALL_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length field
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A usable image (jpeg set) or a rejection (reason set)."""
+
+    jpeg: bytes | None
+    width: int = 0
+    height: int = 0
+    reencoded: bool = False
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    sof: int
+    width: int
+    height: int
+    components: int
+
+
+def jpeg_header(data: bytes) -> JpegHeader | None:
+    """The frame header of a JPEG, walking the marker segments; None when there is none."""
+    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _STANDALONE:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # EOI or start of scan before any frame header
+            return None
+        length = (data[i + 2] << 8) | data[i + 3]
+        if marker in _ALL_SOF:
+            if i + 10 > n:
+                return None
+            height = (data[i + 5] << 8) | data[i + 6]
+            width = (data[i + 7] << 8) | data[i + 8]
+            return JpegHeader(marker, width, height, data[i + 9])
+        i += 2 + length
+    return None
+
+
+def structural_ok(data: bytes, max_side: int | None) -> JpegHeader | None:
+    """The header when `data` can be kept as it is, without decoding it."""
+    h = jpeg_header(data)
+    if h is None or h.sof not in _CLEAN_SOF or h.components != 3 or not h.width or not h.height:
+        return None
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):  # truncated: the decoder would pad with grey
+        return None
+    if max_side and max(h.width, h.height) > max_side:
+        return None
+    return h
+
+
+def check_image(data: bytes, validation: str = "structural", max_side: int | None = None) -> Checked:
+    """Decide what to store for one source file (pure: bytes in, bytes out)."""
+    if validation not in VALIDATIONS:
+        raise ValueError(f"validation={validation!r}: expected one of {', '.join(VALIDATIONS)}")
+    if not data:
+        return Checked(None, reason="empty file")
+    if validation == "structural":
+        h = structural_ok(data, max_side)
+        if h is not None:
+            return Checked(data, h.width, h.height)
+    return _decode(data, max_side)
+
+
+def _decode(data: bytes, max_side: int | None) -> Checked:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format
+        img.load()  # raises on truncated data: LOAD_TRUNCATED_IMAGES stays off on purpose
+    except UnidentifiedImageError:
+        return Checked(None, reason="not an image (Pillow cannot identify it)")
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
+        return Checked(None, reason=f"corrupt or truncated: {type(e).__name__}: {e}")
+    too_big = bool(max_side) and max(img.size) > max_side
+    if fmt == "JPEG" and img.mode == "RGB" and not too_big and structural_ok(data, None) is not None:
+        return Checked(data, img.width, img.height)
+    try:
+        img = _to_rgb(img)
+        if too_big:
+            scale = max_side / max(img.size)
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+        out = io.BytesIO()
+        img.save(out, "JPEG", quality=JPEG_QUALITY)
+    except Exception as e:
+        return Checked(None, reason=f"cannot re-encode ({fmt} {img.mode}): {type(e).__name__}: {e}")
+    return Checked(out.getvalue(), img.width, img.height, reencoded=True)
+
+
+def _to_rgb(img):
+    from PIL import Image
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels become white, not whatever colour happens to sit under alpha=0.
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    if img.mode == "I;16" or img.mode == "I":
+        img = img.point(lambda v: v / 256).convert("L")
+    return img.convert("RGB")

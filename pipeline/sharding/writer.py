@@ -1,0 +1,124 @@
+"""Write one planned shard: read its sources, check each image, commit tar, index, sidecar.
+
+A shard is committed in three atomic writes: the tar, its `.idx`, then a small sidecar
+`_work/<shard>.json` recording the plan digest and the tar's size and sha256. The sidecar is
+the shard's commit record: a rerun reuses a shard whose sidecar matches its plan and whose
+tar has the recorded size, and rewrites anything else (the same bytes, by construction).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+from pipeline import storage
+from pipeline.config import StorageConfig
+from pipeline.sharding.plan import ShardPlan
+from pipeline.sharding.sources import read_entry
+from pipeline.sharding.tarfmt import TarWriter
+from pipeline.sharding.validate import check_image
+
+WORK_DIR = "_work"
+
+
+@dataclass
+class ShardResult:
+    name: str
+    index: str
+    plan: str
+    samples: int
+    bytes: int
+    sha256: str
+    rejected: list[dict] = field(default_factory=list)
+    reencoded: int = 0
+    reused: bool = False
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    validation: str = "structural"
+    max_side: int | None = None
+
+
+def sidecar_url(split_url: str, shard_name: str) -> str:
+    return storage.join(split_url, WORK_DIR, shard_name.replace(".tar", ".json"))
+
+
+def committed(plan: ShardPlan, split_url: str, cfg: StorageConfig | None) -> ShardResult | None:
+    """The recorded result when this exact shard is already committed, else None."""
+    side = sidecar_url(split_url, plan.name)
+    if not storage.exists(side, cfg):
+        return None
+    try:
+        rec = ShardResult(**json.loads(storage.read_bytes(side, cfg)))
+    except (ValueError, TypeError):
+        return None  # a sidecar from another tool version: rewrite the shard
+    if rec.plan != plan.digest:
+        return None
+    fs, path = storage.filesystem(storage.join(split_url, plan.name), cfg)
+    try:
+        size = storage.retry(lambda: fs.size(path), what=f"stat {path}")
+    except FileNotFoundError:
+        return None
+    if size != rec.bytes or not storage.exists(storage.join(split_url, plan.index_name), cfg):
+        return None
+    rec.reused = True
+    return rec
+
+
+def write_samples(plan: ShardPlan, fileobj, class_of: dict[str, int], opts: WriteOptions) -> tuple[TarWriter, list[dict], int]:
+    """Fill one tar from the plan's sources; bad images are listed, never raised."""
+    tw = TarWriter(fileobj)
+    rejected, reencoded, handles = [], 0, {}
+    try:
+        for e in plan.entries:
+            try:
+                data = read_entry(e, handles)
+            except OSError as err:
+                rejected.append({"file": e.file, "reason": f"unreadable: {err}"})
+                continue
+            c = check_image(data, opts.validation, opts.max_side)
+            if c.jpeg is None:
+                rejected.append({"file": e.file, "reason": c.reason})
+                continue
+            reencoded += c.reencoded
+            meta = {"file": e.file, "wnid": e.wnid, "class": class_of[e.wnid], "width": c.width, "height": c.height}
+            tw.add_sample(e.key, [("cls", str(class_of[e.wnid]).encode()), ("jpg", c.jpeg), ("json", json.dumps(meta).encode())])
+    finally:
+        for f in handles.values():
+            f.close()
+    tw.close()
+    return tw, rejected, reencoded
+
+
+def write_shard(plan: ShardPlan, split_url: str, class_of: dict[str, int], opts: WriteOptions, cfg: StorageConfig | None = None) -> ShardResult:
+    """Commit one shard (or reuse it when already committed); runs in a worker process."""
+    done = committed(plan, split_url, cfg)
+    if done is not None:
+        return done
+    tar_url = storage.join(split_url, plan.name)
+    if storage.is_local(tar_url):
+        with storage.atomic_open(tar_url, cfg) as f:
+            tw, rejected, reencoded = write_samples(plan, f, class_of, opts)
+    else:
+        # Build locally, then upload with retries: an interrupted upload is redone from the
+        # finished file instead of re-reading and re-encoding every image.
+        with tempfile.TemporaryDirectory(prefix="mfm-shard-") as tmp:
+            local = os.path.join(tmp, plan.name)
+            with open(local, "wb") as f:
+                tw, rejected, reencoded = write_samples(plan, f, class_of, opts)
+            _upload(local, tar_url, cfg)
+    storage.write_bytes(storage.join(split_url, plan.index_name), tw.index(), cfg)
+    result = ShardResult(plan.name, plan.index_name, plan.digest, len(tw.index_rows), tw.pos, tw.sha.hexdigest(), rejected, reencoded)
+    storage.write_bytes(sidecar_url(split_url, plan.name), json.dumps(asdict(result), indent=1).encode(), cfg)
+    return result
+
+
+def _upload(local: str, url: str, cfg: StorageConfig | None) -> None:
+    def put():
+        with open(local, "rb") as src, storage.atomic_open(url, cfg) as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+
+    storage.retry(put, attempts=(cfg or StorageConfig()).retries, what=f"upload {url}")
