@@ -3,13 +3,16 @@
 Pure tensor maths: no files, no config. Two formulations of each op:
 - `literal_*`: the spec word for word (fft2, fftshift, full complex mask). The reference.
 - the public ops: the same numbers with rfft2, masks cached in unshifted half-spectrum layout
-  and one FFT of (pred - target).
+  and one FFT of (pred - target). CUDA tensors go through the Triton kernels of
+  `kernels.triton_frequency`; everything else through vectorised torch ops.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+
+EPS = 1e-12  # inside the sqrt of the spec's magnitude
 
 
 def circle_mask(height: int, width: int, radius: float, *, high_pass: bool = False,
@@ -43,7 +46,7 @@ def literal_frequency_loss(pred: torch.Tensor, target: torch.Tensor, keep: torch
     fp = torch.fft.fftshift(torch.fft.fft2(pred.float(), norm="ortho"), dim=(-2, -1))
     ft = torch.fft.fftshift(torch.fft.fft2(target.float(), norm="ortho"), dim=(-2, -1))
     diff = fp - ft
-    d = torch.sqrt(diff.real**2 + diff.imag**2 + 1e-12)
+    d = torch.sqrt(diff.real**2 + diff.imag**2 + EPS)
     if focal_alpha is not None:
         w = d.detach() ** focal_alpha
         d = d * w / w.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
@@ -54,11 +57,50 @@ def literal_frequency_loss(pred: torch.Tensor, target: torch.Tensor, keep: torch
 
 
 @functools.lru_cache(maxsize=64)
-def _half_masks(height: int, width: int, radius: float, radius2: float | None, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Low-pass keep in unshifted rfft layout (H, W//2+1), and the centred full mask."""
-    centred = circle_mask(height, width, radius, radius2=radius2, device=device)
-    unshifted = torch.fft.ifftshift(centred, dim=(-2, -1))
-    return unshifted[:, : width // 2 + 1].contiguous(), centred
+def _masks(height: int, width: int, radius: float, radius2: float | None,
+           device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[low, high] keep masks: (2, H, W//2+1) unshifted half layout, and (2, H, W) centred."""
+    low = circle_mask(height, width, radius, radius2=radius2, device=device)
+    centred = torch.stack([low, 1 - low])
+    half = torch.fft.ifftshift(centred, dim=(-2, -1))[..., : width // 2 + 1].contiguous()
+    return half, centred
+
+
+@functools.lru_cache(maxsize=64)
+def _half_layout(height: int, width: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather indices from a flat centred (H*W) map to the half spectrum at (u, v) and at its
+    mirror (-u, -v); and the Hermitian column weights (W//2+1,)."""
+    wh = width // 2 + 1
+    u = torch.arange(height, device=device)[:, None]
+    v = torch.arange(wh, device=device)[None, :]
+    at = (u + height // 2) % height * width + (v + width // 2) % width
+    mirror = (height - u + height // 2) % height * width + (width - v + width // 2) % width
+    # Column v of the half spectrum also stands for column W - v, except DC and (even W) Nyquist.
+    cols = torch.full((wh,), 2.0, device=device)
+    cols[0] = 1.0
+    if width % 2 == 0:
+        cols[-1] = 1.0
+    return at.flatten(), mirror.flatten(), cols
+
+
+def half_removed(keep: torch.Tensor, width: int) -> torch.Tensor:
+    """(N, H, W//2+1) share of each half-spectrum entry that the loss counts: 1 - keep averaged
+    with its mirror frequency. |F(-k)| = |F(k)| for a real signal, so this is exact for any keep,
+    Hermitian-symmetric or not."""
+    n, h, _ = keep.shape
+    at, mirror, _ = _half_layout(h, width, str(keep.device))
+    flat = keep.reshape(n, -1).float()
+    return (1 - 0.5 * (flat[:, at] + flat[:, mirror])).view(n, h, -1)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    if not t.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def mask_frequencies(images: torch.Tensor, radius: float, high_pass: torch.Tensor, *,
@@ -66,16 +108,25 @@ def mask_frequencies(images: torch.Tensor, radius: float, high_pass: torch.Tenso
     """Frequency-mask a batch (N, C, H, W) in [0, 1]; one mask per sample, shared by channels.
 
     high_pass: bool (N,). Returns the clamped corrupted images and keep (N, H, W), centred layout.
-    The mask is Hermitian-symmetric, so irfft2(rfft2(x) * half_mask) is exact.
     """
+    return _mask_frequencies(images, radius, high_pass, radius2=radius2,
+                             backend="triton" if _use_triton(images) else "torch")
+
+
+def _mask_frequencies(images, radius, high_pass, *, radius2=None, backend="torch"):
     n, _, h, w = images.shape
-    half_low, low = _half_masks(h, w, float(radius), None if radius2 is None else float(radius2), str(images.device))
-    hp = high_pass.to(images.device).view(n, 1, 1)
-    half_keep = torch.where(hp, 1 - half_low, half_low)
+    half, centred = _masks(h, w, float(radius), None if radius2 is None else float(radius2), str(images.device))
+    which = high_pass.to(device=images.device, dtype=torch.long).view(n)
     spec = torch.fft.rfft2(images.float())
-    out = torch.fft.irfft2(spec * half_keep[:, None], s=(h, w))
-    keep = torch.where(hp, 1 - low, low)
-    return out.clamp_(0, 1).to(images.dtype), keep
+    if backend == "triton":
+        from kernels import triton_frequency
+
+        triton_frequency.mask_spectrum_(spec, half[0], which)
+    else:
+        # The mask is Hermitian-symmetric, so irfft2(rfft2(x) * half mask) is exact.
+        spec.mul_(half[which][:, None])
+    out = torch.fft.irfft2(spec, s=(h, w)).clamp_(0, 1)
+    return out.to(images.dtype), centred[which]
 
 
 def frequency_loss(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None, *,
@@ -83,13 +134,62 @@ def frequency_loss(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor 
     """Mean magnitude of the ortho-FFT difference over the masked frequencies (pooled over the batch).
 
     keep: (N, H, W) centred layout, 1 = kept by the corruption; None = plain mean over all.
+    focal_alpha: focal-frequency-loss weighting |dF|^alpha / max (detached); off by default.
     """
-    if focal_alpha is not None:
-        return literal_frequency_loss(pred, target, keep, focal_alpha=focal_alpha)
-    # The FFT is linear: one transform of the difference instead of two.
-    diff = torch.fft.fftshift(torch.fft.fft2((pred.float() - target.float()), norm="ortho"), dim=(-2, -1))
-    d = torch.sqrt(diff.real**2 + diff.imag**2 + 1e-12)
-    if keep is None:
-        return d.mean()
-    removed = (1 - keep.float())[:, None]
-    return (d * removed).sum() / (removed.sum() * pred.shape[1])
+    backend = "triton" if focal_alpha is None and _use_triton(pred) else "torch"
+    return _FrequencyLoss.apply(pred, target, keep, focal_alpha, backend)
+
+
+class _FrequencyLoss(torch.autograd.Function):
+    """loss = sum_k m_k |Z_k| / D with Z = rfft2(pred - target, ortho) over the half spectrum.
+
+    Gradient: dL/dpred = irfft2(m * Z / |Z| / D, ortho); irfft2 supplies the mirrored half,
+    so m carries no column weights there.
+    """
+
+    @staticmethod
+    def forward(ctx, pred, target, keep, focal_alpha, backend):
+        n, c, h, w = pred.shape
+        # The FFT is linear: one transform of the difference instead of two.
+        z = torch.fft.rfft2(pred.float() - target.float(), norm="ortho")
+        if keep is None:
+            denom = torch.tensor(float(n * c * h * w), device=pred.device)
+        else:
+            keep = keep.float()
+            denom = (keep.numel() - keep.sum()) * c
+        if backend == "triton":
+            from kernels import triton_frequency
+
+            total = triton_frequency.masked_magnitude_sum(z, keep, w)
+            ctx.save_for_backward(z, keep, denom)
+        else:
+            _, _, cols = _half_layout(h, w, str(pred.device))
+            x = torch.view_as_real(z)
+            d = x.square().sum(-1).add_(EPS).sqrt_()
+            m = None if keep is None else half_removed(keep, w)[:, None]
+            if focal_alpha is not None:
+                f = d ** focal_alpha
+                f.div_(f.amax(dim=(-2, -1), keepdim=True).clamp_min_(1e-12))
+                m = f if m is None else f * m
+            weighted = d * cols if m is None else d * m * cols
+            total = weighted.sum()
+            ctx.save_for_backward(z, d, m, denom)
+        ctx.meta = (backend, pred.dtype, target.dtype, h, w)
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad):
+        backend, pdtype, tdtype, h, w = ctx.meta
+        if backend == "triton":
+            from kernels import triton_frequency
+
+            z, keep, denom = ctx.saved_tensors
+            g = triton_frequency.loss_grad(z, keep, w, grad.float() / denom)
+        else:
+            z, d, m, denom = ctx.saved_tensors
+            scale = (grad.float() / denom) / d
+            g = z * (scale if m is None else scale * m)
+        ge = torch.fft.irfft2(g, s=(h, w), norm="ortho")
+        gp = ge.to(pdtype) if ctx.needs_input_grad[0] else None
+        gt = (-ge).to(tdtype) if ctx.needs_input_grad[1] else None
+        return gp, gt, None, None, None
