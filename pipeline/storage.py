@@ -117,3 +117,154 @@ def read_bytes(url: str, storage: StorageConfig | None = None) -> bytes:
 def exists(url: str, storage: StorageConfig | None = None) -> bool:
     fs, path = filesystem(url, storage)
     return retry(lambda: fs.exists(path), attempts=(storage or StorageConfig()).retries, what=f"stat {url}")
+
+
+# --- Conditional writes: the building blocks of race-free registries --------------------------
+# Two operations, each atomic against every other writer of the same URL (threads, processes,
+# machines): create-if-absent, and compare-and-swap against a token returned by a read.
+# S3 does both natively (PutObject with If-None-Match: * / If-Match: <etag>); a local
+# filesystem creates with link(2), which fails if the name exists, and swaps under an flock(2)
+# held on a side file. Other stores are refused rather than silently racing.
+
+
+class ConditionalWriteUnsupported(RuntimeError):
+    """The store cannot write conditionally, so concurrent writers could overwrite each other."""
+
+
+def _s3_conflict_code(e: BaseException) -> str | None:
+    """The S3 error code behind an exception (s3fs wraps botocore's ClientError)."""
+    for err in (e, e.__cause__, e.__context__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            return response.get("Error", {}).get("Code")
+    return None
+
+
+def _s3_put_conditional(fs, path: str, data: bytes, **condition) -> bool:
+    bucket, key, _ = fs.split_path(path)
+    try:
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+    except Exception as e:  # noqa: BLE001 - classified below, re-raised if not a lost race
+        code = _s3_conflict_code(e)
+        if code in ("PreconditionFailed", "412"):
+            return False
+        if code in ("NoSuchKey", "404") and "IfMatch" in condition:
+            return False  # deleted since it was read: the token is stale
+        if code in ("ConditionalRequestConflict", "409"):
+            # AWS: another conditional write to the key is in flight; the caller's retry decides.
+            raise ConnectionError(f"conditional write conflict on {path}; retrying") from e
+        raise
+    fs.invalidate_cache(path)
+    return True
+
+
+def _local_create(path: str, data: bytes) -> bool:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails with EEXIST if the name exists: the exclusive create
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def create_bytes(url: str, data: bytes, storage: StorageConfig | None = None) -> bool:
+    """Write `data` at `url` only if nothing is there; True if this call created it.
+
+    The file appears complete or not at all. Safe against any number of concurrent writers."""
+    fs, path = filesystem(url, storage)
+    attempts = (storage or StorageConfig()).retries
+    if isinstance(fs, LocalFileSystem):
+        return retry(lambda: _local_create(path, data), attempts=attempts, what=f"create {url}")
+    if _is_s3(fs):
+        return retry(lambda: _s3_put_conditional(fs, path, data, IfNoneMatch="*"), attempts=attempts,
+                     what=f"create {url}")
+    raise ConditionalWriteUnsupported(f"{url}: {type(fs).__name__} has no create-if-absent write")
+
+
+def _is_s3(fs) -> bool:
+    return "s3" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+
+
+def _local_token(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_versioned(url: str, storage: StorageConfig | None = None) -> tuple[bytes, str] | None:
+    """(content, token) for `url`, or None if absent; pass the token to `replace_bytes_if`."""
+    fs, path = filesystem(url, storage)
+    attempts = (storage or StorageConfig()).retries
+    if isinstance(fs, LocalFileSystem):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        return data, _local_token(data)
+    if not _is_s3(fs):
+        raise ConditionalWriteUnsupported(f"{url}: {type(fs).__name__} has no compare-and-swap write")
+
+    def read():
+        # The ETag is taken before the body: if the object changes in between, the content is
+        # newer than the token and the later If-Match write fails, so the caller re-reads.
+        try:
+            etag = fs.info(path)["ETag"]
+            return fs.cat_file(path), etag
+        except FileNotFoundError:
+            return None
+
+    return retry(read, attempts=attempts, what=f"read {url}")
+
+
+def replace_bytes_if(url: str, data: bytes, token: str | None, storage: StorageConfig | None = None) -> bool:
+    """Compare-and-swap: write `data` only if `url` still holds what `read_versioned` returned
+    with `token` (None: only if it is still absent). True if written; False if someone else
+    changed it first (re-read and decide again)."""
+    if token is None:
+        return create_bytes(url, data, storage)
+    fs, path = filesystem(url, storage)
+    attempts = (storage or StorageConfig()).retries
+    if isinstance(fs, LocalFileSystem):
+        return retry(lambda: _local_swap(path, data, token), attempts=attempts, what=f"swap {url}")
+    if _is_s3(fs):
+        return retry(lambda: _s3_put_conditional(fs, path, data, IfMatch=token), attempts=attempts,
+                     what=f"swap {url}")
+    raise ConditionalWriteUnsupported(f"{url}: {type(fs).__name__} has no compare-and-swap write")
+
+
+def _local_swap(path: str, data: bytes, token: str) -> bool:
+    import fcntl
+
+    # The lock lives on a side file because the data file is replaced (a new inode) on each
+    # write; flock is released by the kernel if the holder dies, so a crash leaves no stale lock.
+    lock_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+    with open(lock_path, "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            with open(path, "rb") as f:
+                current = f.read()
+        except FileNotFoundError:
+            return False
+        if _local_token(current) != token:
+            return False
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return True
