@@ -97,6 +97,8 @@ def _decode(data: bytes, max_side: int | None) -> Checked:
         fmt = img.format
         img.load()  # raises on truncated data: LOAD_TRUNCATED_IMAGES stays off on purpose
     except UnidentifiedImageError:
+        if data[:2] == b"\xff\xd8":
+            return Checked(None, reason="corrupt JPEG (starts with SOI, but Pillow cannot read its headers)")
         return Checked(None, reason="not an image (Pillow cannot identify it)")
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
         return Checked(None, reason=f"corrupt or truncated: {type(e).__name__}: {e}")
