@@ -1,0 +1,144 @@
+"""Per-sample randomness and the torch-side image transforms, shared by both backends.
+
+Every random choice for a sample (crop window, flip, corruption draws) comes from
+mix_seed(seed, epoch, sample id): a sample looks the same whichever rank, worker, batch or
+backend produces it, which is what makes resume exact. The crop window is computed here, from
+the JPEG header alone, so the DALI backend decodes exactly the region the torch backend crops.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from pipeline.config import CorruptionConfig
+from pipeline.corruptions import corrupt, normalize
+from pipeline.data.sampling import mix_seed
+
+RATIO = (3 / 4, 4 / 3)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class CorruptSample(ValueError):
+    """Bytes that do not hold a usable image."""
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    """Where to crop (top, left, height, width in source pixels), whether to flip, and the
+    seed of the corruption draws."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+    corruption_seed: int
+
+
+def image_bytes(sample: dict) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise CorruptSample(f"no image member ({'/'.join(IMAGE_EXTS)}) in sample {sample.get('__key__')}")
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header; raises CorruptSample for bytes no decoder would take.
+    A JPEG must also end with its EOI marker: that catches truncated files without decoding."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            size, fmt = im.size, im.format
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad bytes
+        raise CorruptSample(f"unreadable image header: {e}") from None
+    if fmt == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise CorruptSample("truncated JPEG (no EOI marker)")
+    if min(size) < 1:
+        raise CorruptSample(f"empty image {size}")
+    return size
+
+
+def crop_window(width: int, height: int, scale: tuple[float, float], rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's window (torchvision's algorithm: 10 tries, then the centre crop
+    clamped to the ratio range), drawn from `rng`."""
+    area = width * height
+    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        ratio = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < RATIO[0]:
+        w, h = width, int(round(width / RATIO[0]))
+    elif in_ratio > RATIO[1]:
+        h, w = height, int(round(height * RATIO[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_params(seed: int, epoch: int, sample_id: int, width: int, height: int,
+                  scale: tuple[float, float]) -> SampleParams:
+    rng = np.random.default_rng(mix_seed(seed, epoch, sample_id))
+    top, left, h, w = crop_window(width, height, scale, rng)
+    flip = bool(rng.random() < 0.5)
+    return SampleParams(top, left, h, w, flip, int(rng.integers(0, 2**62)))
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    try:
+        im = Image.open(io.BytesIO(data))
+        return im.convert("RGB")
+    except Exception as e:  # noqa: BLE001
+        raise CorruptSample(f"cannot decode: {e}") from None
+
+
+def to_float(im: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float32 (3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+
+
+def train_view(data: bytes, p: SampleParams, size: int) -> torch.Tensor:
+    """Decode, crop the window, bicubic resize to size x size, flip: float (3, S, S) in [0, 1]."""
+    im = decode_rgb(data)
+    im = im.resize((size, size), Image.BICUBIC, box=(p.left, p.top, p.left + p.width, p.top + p.height))
+    if p.flip:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_float(im)
+
+
+def eval_resize(size: int) -> int:
+    """The shorter side before the centre crop: 256 at 224, proportionally otherwise."""
+    return int(round(size * 256 / 224))
+
+
+def eval_view(data: bytes, size: int) -> torch.Tensor:
+    """Shorter side to size*256/224 (bicubic), centre crop size: float (3, S, S) in [0, 1]."""
+    im = decode_rgb(data)
+    im = TF.resize(im, eval_resize(size), interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    im = TF.center_crop(im, [size, size])
+    return to_float(im)
+
+
+def corrupt_samples(images: torch.Tensor, cfg: CorruptionConfig, seeds: list[int]):
+    """corrupt() with each sample's draws from its own seed, so that a sample's corruption
+    does not depend on the batch it lands in. Returns (encoder_input, target, keep or None)."""
+    outs = [corrupt(images[i:i + 1], cfg, torch.Generator().manual_seed(int(s))) for i, s in enumerate(seeds)]
+    enc = torch.cat([o[0] for o in outs])
+    target = torch.cat([o[1] for o in outs])
+    keep = torch.cat([o[2] for o in outs]) if outs[0][2] is not None else None
+    return enc, target, keep
+
+
+__all__ = ["CorruptSample", "SampleParams", "image_bytes", "image_size", "sample_params", "train_view",
+           "eval_view", "corrupt_samples", "normalize"]

@@ -1,0 +1,167 @@
+"""The loaders the trainer and the evaluation code hold: epoch bookkeeping, resumable state,
+skip counters; the backends only turn a rank's plan into batches."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Callable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.data import torch_backend
+from pipeline.data.sampling import Layout, SamplerState, deal, epoch_order, rank_plan
+from pipeline.data.shards import Split, read_split
+
+log = logging.getLogger(__name__)
+
+
+class Batch(NamedTuple):
+    """A pretraining batch on the training device: float32, normalised; keep None unless mfm."""
+
+    encoder_input: torch.Tensor
+    target: torch.Tensor
+    keep: torch.Tensor | None
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        return "dali" if dali_available() else "torch"
+    if name == "dali" and not dali_available():
+        raise RuntimeError("data.backend is 'dali' but nvidia.dali is not installed; use data.backend=torch or auto")
+    return name
+
+
+class TrainLoader:
+    """Iterating yields the rest of the current epoch for this rank, then the epoch advances.
+
+    `steps_per_epoch` is the number of batches of a full epoch on this layout (what a schedule
+    needs); `batches_left` what remains of the current one. `skipped` counts corrupt samples
+    replaced on this rank since the loader was built, `skipped_keys` names the latest ones.
+    """
+
+    def __init__(self, cfg: Config, split: Split, *, rank: int, world_size: int, micro_batch: int,
+                 device, backend: str | None = None):
+        self.cfg, self.split, self.rank = cfg, split, rank
+        self.device = torch.device(device)
+        self.backend = resolve_backend(backend or cfg.data.backend)
+        self.layout = Layout(world_size, micro_batch, max(1, cfg.data.workers))
+        self.state = SamplerState(seed=cfg.train.seed)
+        self.state.use_layout(self.layout)
+        full = len(epoch_order(split.counts, seed=0, epoch=0, shuffle_buffer=0, shuffle=False))
+        self.steps_per_epoch = full // (world_size * micro_batch)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{split.url}: {full} samples are fewer than one global batch "
+                             f"({world_size} ranks x {micro_batch})")
+        self.skipped = 0
+        self.skipped_keys: list[str] = []
+        self.last_ids: list[int] = []  # sample ids (manifest order) of the latest batch, for logs and tests
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    @property
+    def batches_left(self) -> int:
+        return len(self._plan()) - self.state.segments[-1].batches
+
+    def __len__(self) -> int:
+        return self.batches_left
+
+    def _plan(self) -> np.ndarray:
+        return rank_plan(self.split.counts, self.state, self.rank, shuffle_buffer=self.cfg.data.shuffle_buffer)
+
+    def state_dict(self) -> dict:
+        return {**self.state.to_dict(), "num_samples": self.split.num_samples, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_samples") != self.split.num_samples:
+            raise ValueError(f"{self.split.url}: loader state is for a split of {state.get('num_samples')} samples, "
+                             f"this one holds {self.split.num_samples}")
+        st = SamplerState.from_dict(state)
+        if st.seed != self.cfg.train.seed:
+            log.warning("loader state has seed %d, config train.seed is %d: continuing with the state's", st.seed,
+                        self.cfg.train.seed)
+        st.use_layout(self.layout)  # a new world size / batch / workers finishes the epoch on the new layout
+        self.state = st
+        self.skipped = int(state.get("skipped", 0))
+
+    def _outputs(self, plan: np.ndarray, start: int) -> Iterator[dict]:
+        if self.backend == "dali":
+            from pipeline.data import dali_backend
+
+            return dali_backend.iterate(self.split, self.cfg, plan, start, self.layout.workers, self.epoch,
+                                        device=self.device)
+        make = torch_backend.PretextBatches(self.cfg)
+        return torch_backend.iterate(self.split, self.cfg, plan, start, self.layout.workers, self.epoch, make,
+                                     workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda")
+
+    def __iter__(self) -> Iterator[Batch]:
+        plan = self._plan()
+        seg = self.state.segments[-1]
+        for out in self._outputs(plan, seg.batches):
+            if out["index"] != seg.batches:
+                raise RuntimeError(f"loader produced batch {out['index']}, expected {seg.batches}")
+            self.skipped += len(out["skipped"])
+            self.skipped_keys = (self.skipped_keys + list(out["skipped"]))[-100:]
+            self.last_ids = out["ids"].tolist()
+            seg.batches += 1  # counted before the yield: a state taken now resumes after this batch
+            yield Batch(*(None if out[k] is None else out[k].to(self.device, torch.float32, non_blocking=True)
+                          for k in ("encoder_input", "target", "keep")))
+        if seg.batches >= len(plan):
+            self.state.next_epoch()
+
+
+class EvalLoader:
+    """(images, labels) batches of a labelled split on this rank.
+
+    Evaluation (train_augment=False): every sample exactly once across the ranks, in manifest
+    order; ranks differ by at most one sample and the last batch may be short. Training
+    (train_augment=True): shuffled per epoch, drop-last, equal batches, like TrainLoader.
+    """
+
+    def __init__(self, cfg: Config, split: Split, *, rank: int, world_size: int, batch_size: int, device,
+                 train_augment: bool = False, sample_transform: Callable | None = None):
+        self.cfg, self.split, self.rank, self.world_size = cfg, split, rank, world_size
+        self.batch_size, self.device, self.train = batch_size, torch.device(device), train_augment
+        self.make = torch_backend.LabelledBatches(cfg.model.img_size, train_augment, sample_transform)
+        self.epoch = 0
+
+    def _plan(self):
+        order = epoch_order(self.split.counts, seed=self.cfg.train.seed, epoch=self.epoch,
+                            shuffle_buffer=self.cfg.data.shuffle_buffer, shuffle=self.train)
+        layout = Layout(self.world_size, self.batch_size, max(1, self.cfg.data.workers) if self.train else 1)
+        plan = deal(order, layout, self.rank, drop_last=self.train)
+        return plan, layout.workers
+
+    def __len__(self) -> int:
+        return len(self._plan()[0])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plan, readers = self._plan()
+        workers = self.cfg.data.workers if self.train else min(self.cfg.data.workers, 1)
+        for out in torch_backend.iterate(self.split, self.cfg, plan, 0, readers, self.epoch, self.make,
+                                         workers=workers, pin_memory=self.device.type == "cuda"):
+            yield out["images"].to(self.device, non_blocking=True), out["labels"].to(self.device, non_blocking=True)
+        self.epoch += 1
+
+
+def build_train_loader(cfg: Config, *, rank: int, world_size: int, micro_batch: int, device,
+                       backend: str | None = None) -> TrainLoader:
+    """The pretraining loader of cfg.data.train for one rank (see docs/architecture.md)."""
+    return TrainLoader(cfg, read_split(cfg.data.train, cfg.storage), rank=rank, world_size=world_size,
+                       micro_batch=micro_batch, device=device, backend=backend)
+
+
+def build_eval_loader(cfg: Config, split_url: str, *, rank: int, world_size: int, batch_size: int, device,
+                      train_augment: bool = False, sample_transform: Callable | None = None) -> EvalLoader:
+    """A labelled loader: evaluation views (resize S*256/224, centre crop S) or, with train_augment,
+    RandomResizedCrop + flip, or any `sample_transform(PIL image) -> (3, S, S) in [0, 1]`."""
+    return EvalLoader(cfg, read_split(split_url, cfg.storage), rank=rank, world_size=world_size,
+                      batch_size=batch_size, device=device, train_augment=train_augment,
+                      sample_transform=sample_transform)

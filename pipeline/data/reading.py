@@ -1,0 +1,71 @@
+"""Raw batches for one reader: encoded bytes plus each sample's crop/flip/corruption params.
+
+Corrupt samples: a sample whose bytes fail the header check (pipeline.data.augment.image_size)
+is skipped, logged with its shard and key, counted, and its slot is filled with the next good
+sample of the same batch (keeping the skipped sample's own random params). Batches therefore
+keep their size and every rank its batch count, and a resumed run sees the same replacements.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.data.augment import CorruptSample, SampleParams, image_bytes, image_size, sample_params
+from pipeline.data.shards import SampleReader, Split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RawBatch:
+    index: int  # batch index in the rank's epoch plan
+    ids: list[int]
+    data: list[bytes]
+    params: list[SampleParams]
+    labels: list[int]
+    skipped: list[str] = field(default_factory=list)  # "shard/key: reason"
+
+
+def _label(sample: dict) -> int:
+    raw = sample.get("cls")
+    try:
+        return int(raw) if raw is not None else -1
+    except ValueError:
+        return -1
+
+
+def raw_batches(split: Split, plan: np.ndarray, batch_indices: range, reader: SampleReader, *,
+                seed: int, epoch: int, scale: tuple[float, float]) -> Iterator[RawBatch]:
+    """The batches `batch_indices` of `plan` ((num_batches, B) sample ids), read in order."""
+    ids = np.concatenate([plan[j] for j in batch_indices]) if len(batch_indices) else np.zeros(0, np.int64)
+    stream = reader.read(ids)
+    for j in batch_indices:
+        entries = [next(stream) for _ in range(len(plan[j]))]
+        good, skipped = [], []
+        for gid, sample in entries:
+            try:
+                data = image_bytes(sample)
+                good.append((gid, data, image_size(data), _label(sample)))
+            except CorruptSample as e:
+                shard = split.shards[int(split.locate(np.array([gid]))[0][0])].name
+                msg = f"{shard}/{sample.get('__key__')}: {e}"
+                log.warning("skipping corrupt sample %s", msg)
+                skipped.append(msg)
+                good.append(None)
+        ok = [g for g in good if g is not None]
+        if not ok:
+            raise ValueError(f"{split.url}: every sample of batch {j} is corrupt: {skipped}")
+        batch = RawBatch(j, [], [], [], [], skipped)
+        for pos, (gid, _) in enumerate(entries):
+            src = good[pos]
+            if src is None:  # the next good sample of the batch, wrapping around
+                src = next(g for g in good[pos + 1:] + good[:pos] if g is not None)
+            _, data, (w, h), label = src
+            batch.ids.append(gid)
+            batch.data.append(data)
+            batch.params.append(sample_params(seed, epoch, gid, w, h, scale))
+            batch.labels.append(label)
+        yield batch

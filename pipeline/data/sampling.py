@@ -1,0 +1,161 @@
+"""Which sample each (rank, worker) reads, in which order: pure functions, no I/O.
+
+A split is the manifest's shards with their sample counts; sample `id` is the running index
+over the shards in manifest order. For each epoch one global order of ids is drawn from
+(seed, epoch): the shards are permuted, then the concatenated samples are shuffled inside
+consecutive windows of `shuffle_buffer` ids (a seeded shuffle buffer that keeps reads
+sequential). Every rank slices that order deterministically, so no data has to be read to
+know who sees what, and the slicing works for any number of shards.
+
+Remainder policy: drop-last at the global level. An epoch on a layout of `world_size` ranks
+of `micro_batch` samples has `len(order) // (world_size * micro_batch)` batches on every rank;
+the tail of the order is not seen that epoch (it differs every epoch).
+
+Inside a rank the batches are dealt to `workers` readers: batch j comes from reader j % W,
+and each reader's batches cover one contiguous run of the rank's slice, so a reader streams
+its own few shards instead of every reader touching every shard.
+
+Resume across a layout change: the state records, for the current epoch, each layout used
+and how many batches each rank consumed on it. The samples not consumed yet, in the
+epoch's order (including the previous layout's dropped tail), are re-dealt on the new
+layout with the same drop-last rule: the epoch is finished on the new layout, no sample is
+seen twice, and the new layout's remainder is dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+STATE_VERSION = 1
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an epoch is cut: ranks in the world, samples per rank batch, readers per rank."""
+
+    world_size: int
+    micro_batch: int
+    workers: int = 1
+
+    def __post_init__(self):
+        if self.world_size < 1 or self.micro_batch < 1 or self.workers < 1:
+            raise ValueError(f"invalid layout {self}: world_size, micro_batch and workers must be >= 1")
+
+
+@dataclass
+class Segment:
+    layout: Layout
+    batches: int = 0  # batches each rank consumed on this layout
+
+
+@dataclass
+class SamplerState:
+    """Explicit resumable position: the epoch and the batches consumed on each layout used in it."""
+
+    seed: int
+    epoch: int = 0
+    segments: list[Segment] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch,
+                "segments": [{**asdict(s.layout), "batches": s.batches} for s in self.segments]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplerState":
+        if d.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {d.get('version')!r} is not {STATE_VERSION}")
+        segs = [Segment(Layout(s["world_size"], s["micro_batch"], s["workers"]), s["batches"]) for s in d["segments"]]
+        return cls(seed=d["seed"], epoch=d["epoch"], segments=segs)
+
+    def use_layout(self, layout: Layout) -> None:
+        """Continue the epoch on `layout`; a changed layout starts a new segment."""
+        if self.segments and self.segments[-1].layout == layout:
+            return
+        if self.segments and self.segments[-1].batches == 0:
+            self.segments.pop()
+        self.segments.append(Segment(layout))
+
+    def next_epoch(self) -> None:
+        layout = self.segments[-1].layout if self.segments else None
+        self.epoch += 1
+        self.segments = [Segment(layout)] if layout else []
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 chain): cheap, stable across processes and runs."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (int(v) & _MASK64)) & _MASK64
+        x = (x + 0x9E3779B97F4A7C15) & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x >> 1
+
+
+def epoch_order(counts: list[int], *, seed: int, epoch: int, shuffle_buffer: int, shuffle: bool = True) -> np.ndarray:
+    """The epoch's global order of sample ids (int64)."""
+    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    if not shuffle:
+        return np.arange(offsets[-1], dtype=np.int64)
+    rng = np.random.default_rng(mix_seed(seed, epoch, 0x5AD))
+    perm = rng.permutation(len(counts))
+    parts = [np.arange(offsets[s], offsets[s + 1], dtype=np.int64) for s in perm]
+    order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if shuffle_buffer > 1:
+        for start in range(0, len(order), shuffle_buffer):
+            rng.shuffle(order[start:start + shuffle_buffer])  # in place on the view
+    return order
+
+
+def deal(order: np.ndarray, layout: Layout, rank: int, *, drop_last: bool = True) -> np.ndarray:
+    """The rank's batches for `order`: (num_batches, micro_batch) ids, batch j from reader j % W.
+
+    With drop_last=False (evaluation) the ranks split the order into contiguous parts that
+    differ by at most one sample and the last batch of a rank may be short; the result is then
+    a list of arrays.
+    """
+    if not 0 <= rank < layout.world_size:
+        raise ValueError(f"rank {rank} is outside world_size {layout.world_size}")
+    b, w = layout.micro_batch, layout.workers
+    if not drop_last:
+        part = np.array_split(order, layout.world_size)[rank]
+        return [part[i:i + b] for i in range(0, len(part), b)]
+    nb = len(order) // (layout.world_size * b)
+    block = order[rank * nb * b:(rank + 1) * nb * b]
+    out = np.empty((nb, b), dtype=np.int64)
+    start = 0
+    for reader in range(w):
+        js = np.arange(reader, nb, w)
+        out[js] = block[start:start + len(js) * b].reshape(len(js), b)
+        start += len(js) * b
+    return out
+
+
+def remaining_order(order: np.ndarray, segments: list[Segment]) -> np.ndarray:
+    """`order` without what every rank consumed on the given (earlier) segments."""
+    for seg in segments:
+        if seg.batches == 0:
+            continue
+        consumed = np.concatenate([deal(order, seg.layout, r)[:seg.batches].ravel()
+                                   for r in range(seg.layout.world_size)])
+        order = order[~np.isin(order, consumed)]
+    return order
+
+
+def rank_plan(counts: list[int], state: SamplerState, rank: int, *, shuffle_buffer: int, shuffle: bool = True) -> np.ndarray:
+    """All batches of the rank for the current segment of the state's epoch (consumed ones included)."""
+    order = epoch_order(counts, seed=state.seed, epoch=state.epoch, shuffle_buffer=shuffle_buffer, shuffle=shuffle)
+    order = remaining_order(order, state.segments[:-1])
+    return deal(order, state.segments[-1].layout, rank)
+
+
+def reader_batches(num_batches: int, start: int, workers: int, reader: int) -> range:
+    """Batch indices reader `reader` produces when a run (re)starts at batch `start`.
+
+    Reader r takes start + r, start + r + W, ...: batches of one original reader's contiguous
+    run, and a round-robin over the readers gives back the batches in order.
+    """
+    return range(start + reader, num_batches, workers)

@@ -1,0 +1,87 @@
+"""The pure-PyTorch backend: DataLoader workers, each a reader of its run of the rank's batches,
+Pillow decode + crop/resize (bicubic) + flip, then the corruption per sample."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.config import Config
+from pipeline.data.augment import corrupt_samples, decode_rgb, eval_view, normalize, train_view
+from pipeline.data.reading import RawBatch, raw_batches
+from pipeline.data.sampling import reader_batches
+from pipeline.data.shards import SampleReader, Split
+
+
+@dataclass
+class PretextBatches:
+    """Raw batch -> {"encoder_input", "target", "keep"} with the configured corruption."""
+
+    cfg: Config
+
+    def __call__(self, raw: RawBatch) -> dict:
+        size = self.cfg.model.img_size
+        images = torch.stack([train_view(d, p, size) for d, p in zip(raw.data, raw.params)])
+        enc, target, keep = corrupt_samples(images, self.cfg.corruption, [p.corruption_seed for p in raw.params])
+        return {"encoder_input": enc, "target": target, "keep": keep}
+
+
+@dataclass
+class LabelledBatches:
+    """Raw batch -> {"images" normalised, "labels"}: evaluation (resize + centre crop) or, with
+    `transform` (PIL RGB image -> float (3, S, S) in [0, 1]), any training augmentation."""
+
+    size: int
+    train: bool = False
+    transform: Callable | None = None
+
+    def __call__(self, raw: RawBatch) -> dict:
+        if self.transform is not None:
+            views = [self.transform(decode_rgb(d)) for d in raw.data]
+        elif self.train:
+            views = [train_view(d, p, self.size) for d, p in zip(raw.data, raw.params)]
+        else:
+            views = [eval_view(d, self.size) for d in raw.data]
+        return {"images": normalize(torch.stack(views)), "labels": torch.tensor(raw.labels, dtype=torch.long)}
+
+
+class PlanDataset(IterableDataset):
+    """Yields the processed batches start.. of a rank's plan, reader w in DataLoader worker w."""
+
+    def __init__(self, split: Split, cfg: Config, plan, start: int, readers: int, epoch: int,
+                 make: Callable[[RawBatch], dict]):
+        self.split, self.cfg, self.plan, self.start = split, cfg, plan, start
+        self.readers, self.epoch, self.make = readers, epoch, make
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        reader_id = info.id if info is not None else 0
+        readers = [reader_id] if info is not None else range(self.readers)
+        d = self.cfg.data
+        sr = SampleReader(self.split, self.cfg.storage, prefetch=d.prefetch_shards, cache_dir=d.cache_dir)
+        streams = [raw_batches(self.split, self.plan, reader_batches(len(self.plan), self.start, self.readers, r), sr,
+                               seed=self.cfg.train.seed, epoch=self.epoch, scale=tuple(d.crop_scale)) for r in readers]
+        # in-process (workers=0) with several readers: round-robin, as a DataLoader would
+        while streams:
+            for s in list(streams):
+                raw = next(s, None)
+                if raw is None:
+                    streams.remove(s)
+                    continue
+                out = self.make(raw)
+                out["index"], out["skipped"], out["ids"] = raw.index, raw.skipped, torch.tensor(raw.ids)
+                yield out
+
+
+def iterate(split: Split, cfg: Config, plan, start: int, readers: int, epoch: int, make, *, workers: int,
+            pin_memory: bool = False) -> Iterator[dict]:
+    ds = PlanDataset(split, cfg, plan, start, readers, epoch, make)
+    if workers == 0:
+        yield from ds
+        return
+    # DataLoader worker w is reader w and the DataLoader's round-robin over its workers gives
+    # the batches back in plan order (see sampling.reader_batches)
+    yield from DataLoader(ds, batch_size=None, num_workers=readers, pin_memory=pin_memory,
+                          prefetch_factor=2, persistent_workers=False)

@@ -1,0 +1,84 @@
+"""The pure assignment: exactly-once, equal batch counts, determinism, layout changes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.data.sampling import (Layout, SamplerState, deal, epoch_order, rank_plan, reader_batches,
+                                    remaining_order)
+
+
+def _all_batches(counts, state, world):
+    return [rank_plan(counts, state, r, shuffle_buffer=7) for r in range(world)]
+
+
+@pytest.mark.parametrize("counts", [[10, 13, 7, 11], [41], [3, 2]])  # [41], [3, 2]: fewer shards than 2 x 2 readers
+def test_exactly_once_and_equal_batches(counts):
+    layout = Layout(world_size=2, micro_batch=3, workers=2)
+    state = SamplerState(seed=5)
+    state.use_layout(layout)
+    plans = _all_batches(counts, state, 2)
+    n = sum(counts)
+    nb = n // 6
+    assert [len(p) for p in plans] == [nb, nb]
+    seen = np.concatenate([p.ravel() for p in plans])
+    assert len(seen) == len(set(seen.tolist())) == nb * 6  # each sample at most once, only the global tail dropped
+    # the dropped tail is less than one global batch and is the end of the epoch's order
+    order = epoch_order(counts, seed=5, epoch=0, shuffle_buffer=7)
+    assert set(seen.tolist()) == set(order[: nb * 6].tolist())
+
+
+def test_readers_cover_the_rank_in_order():
+    plan = deal(np.arange(40), Layout(1, 2, 3), 0)
+    for start in (0, 1, 5):
+        got = []
+        iters = [iter(reader_batches(len(plan), start, 3, r)) for r in range(3)]
+        while iters:  # a DataLoader's round-robin over its workers
+            for it in list(iters):
+                j = next(it, None)
+                if j is None:
+                    iters.remove(it)
+                else:
+                    got.append(j)
+        assert got == list(range(start, len(plan)))
+    # each reader's batches are one contiguous run of the rank's slice
+    runs = [np.concatenate([plan[j] for j in reader_batches(len(plan), 0, 3, r)]) for r in range(3)]
+    assert all((np.diff(r) == 1).all() for r in runs)
+
+
+def test_order_is_seeded_and_changes_per_epoch():
+    a = epoch_order([50, 50], seed=1, epoch=0, shuffle_buffer=10)
+    assert (a == epoch_order([50, 50], seed=1, epoch=0, shuffle_buffer=10)).all()
+    assert not (a == epoch_order([50, 50], seed=1, epoch=1, shuffle_buffer=10)).all()
+    assert not (a == epoch_order([50, 50], seed=2, epoch=0, shuffle_buffer=10)).all()
+    assert sorted(a.tolist()) == list(range(100))
+    assert not (a[:10] == np.sort(a[:10])).all()  # the buffer shuffles inside a window
+
+
+def test_state_round_trip_and_next_epoch():
+    st = SamplerState(seed=3)
+    st.use_layout(Layout(2, 4, 2))
+    st.segments[-1].batches = 5
+    back = SamplerState.from_dict(st.to_dict())
+    assert back == st
+    back.next_epoch()
+    assert back.epoch == 1 and back.segments == [type(st.segments[0])(Layout(2, 4, 2), 0)]
+    with pytest.raises(ValueError, match="version"):
+        SamplerState.from_dict({**st.to_dict(), "version": 99})
+
+
+def test_world_size_change_finishes_the_epoch_without_repeats():
+    counts = [17, 23, 9]
+    old = Layout(world_size=4, micro_batch=2, workers=2)
+    st = SamplerState(seed=0)
+    st.use_layout(old)
+    k = 3
+    consumed = np.concatenate([p[:k].ravel() for p in _all_batches(counts, st, 4)])
+    st.segments[-1].batches = k
+    st.use_layout(Layout(world_size=3, micro_batch=2, workers=1))  # a resumed run on 3 ranks
+    rest = np.concatenate([p.ravel() for p in _all_batches(counts, st, 3)])
+    both = np.concatenate([consumed, rest]).tolist()
+    assert len(both) == len(set(both))
+    left = remaining_order(epoch_order(counts, seed=0, epoch=0, shuffle_buffer=7), st.segments[:-1])
+    assert len(left) == sum(counts) - len(consumed)
+    assert len(left) - len(rest) < 3 * 2  # only the new layout's global remainder is dropped
