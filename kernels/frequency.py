@@ -123,8 +123,9 @@ def _mask_frequencies(images, radius, high_pass, *, radius2=None, backend="torch
 
         triton_frequency.mask_spectrum_(spec, half[0], which)
     else:
-        # The mask is Hermitian-symmetric, so irfft2(rfft2(x) * half mask) is exact.
-        spec.mul_(half[which][:, None])
+        # The mask is Hermitian-symmetric, so irfft2(rfft2(x) * half mask) is exact. Multiplying
+        # the real view avoids promoting the mask to complex and a complex multiply.
+        torch.view_as_real(spec).mul_(half[which][:, None, :, :, None])
     out = torch.fft.irfft2(spec, s=(h, w)).clamp_(0, 1)
     return out.to(images.dtype), centred[which]
 
@@ -138,6 +139,12 @@ def frequency_loss(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor 
     """
     backend = "triton" if focal_alpha is None and _use_triton(pred) else "torch"
     return _FrequencyLoss.apply(pred, target, keep, focal_alpha, backend)
+
+
+def _magnitude(z: torch.Tensor) -> torch.Tensor:
+    """sqrt(re^2 + im^2 + EPS) in three passes; abs() has no EPS and square().sum(-1) is slow."""
+    re, im = z.real, z.imag
+    return (re * re).addcmul_(im, im).add_(EPS).sqrt_()
 
 
 class _FrequencyLoss(torch.autograd.Function):
@@ -164,15 +171,19 @@ class _FrequencyLoss(torch.autograd.Function):
             ctx.save_for_backward(z, keep, denom)
         else:
             _, _, cols = _half_layout(h, w, str(pred.device))
-            x = torch.view_as_real(z)
-            d = x.square().sum(-1).add_(EPS).sqrt_()
+            d = _magnitude(z)
             m = None if keep is None else half_removed(keep, w)[:, None]
             if focal_alpha is not None:
                 f = d ** focal_alpha
                 f.div_(f.amax(dim=(-2, -1), keepdim=True).clamp_min_(1e-12))
-                m = f if m is None else f * m
-            weighted = d * cols if m is None else d * m * cols
-            total = weighted.sum()
+                m = f if m is None else f.mul_(m)
+            if m is None:
+                total = d.sum(dim=(0, 1, 2)) @ cols
+            elif focal_alpha is None:
+                # Channels share the mask: sum them first, then one dot product.
+                total = torch.vdot(d.sum(1).flatten(), (m[:, 0] * cols).flatten())
+            else:
+                total = torch.vdot(d.flatten(), (m * cols).flatten())
             ctx.save_for_backward(z, d, m, denom)
         ctx.meta = (backend, pred.dtype, target.dtype, h, w)
         return total / denom
@@ -187,8 +198,9 @@ class _FrequencyLoss(torch.autograd.Function):
             g = triton_frequency.loss_grad(z, keep, w, grad.float() / denom)
         else:
             z, d, m, denom = ctx.saved_tensors
-            scale = (grad.float() / denom) / d
-            g = z * (scale if m is None else scale * m)
+            scale = grad.float() / denom
+            factor = torch.div(scale if m is None else m * scale, d)
+            g = torch.view_as_complex(torch.view_as_real(z) * factor[..., None])
         ge = torch.fft.irfft2(g, s=(h, w), norm="ortho")
         gp = ge.to(pdtype) if ctx.needs_input_grad[0] else None
         gt = (-ge).to(tdtype) if ctx.needs_input_grad[1] else None
