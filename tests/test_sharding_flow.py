@@ -1,0 +1,54 @@
+"""The mfm-shard flow under a real local Prefect server."""
+import json
+import os
+
+import pytest
+
+from pipeline import sample_data
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_flow_shards_and_logs_progress(prefect_server, tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.shard import shard_flow
+
+    src = sample_data.build(str(tmp_path / "src"), per_class=4, size=32)
+    state = shard_flow(src["folder"], str(tmp_path / "out"), splits=["train", "val"], shard_size_mb=0.03, return_state=True)
+    assert state.is_completed()
+    result = state.result()
+    manifest = json.loads((tmp_path / "out" / "train" / "manifest.json").read_text())
+    assert result["train"] == {"num_samples": 40, "shards": len(manifest["shards"]), "rejected": 0}
+    assert result["val"]["num_samples"] == 10
+    assert os.path.exists(tmp_path / "out" / "val" / "val-000000.idx")
+
+    import time
+
+    import anyio
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler.flush()  # logs reach the server in batches; send what is queued
+
+    async def logs():
+        async with get_client() as client:
+            run = await client.read_flow_run(state.state_details.flow_run_id)
+            flow = await client.read_flow(run.flow_id)
+            found = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            return flow.name, [log.message for log in found]
+
+    deadline = time.time() + 30
+    name, messages = anyio.run(logs)
+    while not any("committed 40 samples" in m for m in messages) and time.time() < deadline:
+        time.sleep(0.5)  # the log worker may still be delivering the last batch
+        name, messages = anyio.run(logs)
+    assert name == "mfm-shard"
+    assert any("train: 40 images" in m for m in messages), messages
+    assert any("committed 40 samples" in m for m in messages), messages
