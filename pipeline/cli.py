@@ -13,6 +13,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("pipeline.sharding.cli:cli", "shard a dataset into WebDataset tars; `mfm shard verify URL`"),
     "pretrain": ("pipeline.training.launcher:cli", "MFM pretraining with DeepSpeed"),
     "bench": ("pipeline.benchmarks:cli", "benchmarks: mfm bench {kernels,data,shard,train}"),
+    "registry": ("pipeline.registry:cli", "model registry: mfm registry {list,show,register,promote}"),
+    "pull": ("pipeline.registry:pull_cli", "download a registered model, verified: mfm pull NAME@ALIAS --dest DIR"),
+    "evaluate": ("pipeline.evaluation:cli", "top-1/5, corruption robustness, k-NN, linear probe -> metrics.json"),
 }
 
 
