@@ -1,0 +1,160 @@
+"""The training and evaluation loaders on the torch backend: coverage across ranks and
+DataLoader workers, resume, S3 restarts, corrupt samples, shapes and ranges."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data import Batch, build_eval_loader, build_train_loader
+from test_data_shards import write_split
+
+
+def make_cfg(url: str, *overrides: str):
+    return load_config(None, [f"data.train={url}", "model.img_size=32", "corruption.radius=4", "data.backend=torch",
+                              "data.shuffle_buffer=5", "data.prefetch_shards=1", "data.workers=0", *overrides])
+
+
+def epoch_ids(loader) -> list[list[int]]:
+    out = []
+    for _ in loader:
+        out.append(loader.last_ids)
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[5, 3, 6, 4, 7], [11]])  # [11]: one shard for 2 ranks x 2 workers
+def test_exactly_once_over_ranks_and_workers(tmp_path, sizes):
+    url = str(tmp_path / "train")
+    write_split(url, sizes, size=(40, 30))
+    cfg = make_cfg(url, "data.workers=2")
+    loaders = [build_train_loader(cfg, rank=r, world_size=2, micro_batch=2, device="cpu") for r in range(2)]
+    per_rank = [epoch_ids(l) for l in loaders]
+    n, nb = sum(sizes), sum(sizes) // 4
+    assert [len(b) for b in per_rank] == [nb, nb] == [l.steps_per_epoch for l in loaders]
+    seen = [i for batches in per_rank for b in batches for i in b]
+    assert len(seen) == len(set(seen)) == nb * 4 and set(seen) <= set(range(n))
+    assert all(l.epoch == 1 for l in loaders)
+    # the next epoch covers the same way, in another order
+    again = [epoch_ids(l) for l in loaders]
+    seen2 = [i for batches in again for b in batches for i in b]
+    assert len(set(seen2)) == nb * 4 and seen2 != seen
+
+
+def test_batch_contract(tmp_path):
+    url = str(tmp_path / "train")
+    write_split(url, [6], size=(48, 36))
+    b = next(iter(build_train_loader(make_cfg(url), rank=0, world_size=1, micro_batch=3, device="cpu")))
+    assert isinstance(b, Batch)
+    assert b.encoder_input.shape == b.target.shape == (3, 3, 32, 32) and b.keep.shape == (3, 32, 32)
+    assert b.encoder_input.dtype == b.target.dtype == b.keep.dtype == torch.float32
+    lo, hi = (0 - 0.485) / 0.229, (1 - 0.406) / 0.225  # normalised [0, 1]
+    for t in (b.encoder_input, b.target):
+        assert lo - 1e-4 <= t.min() and t.max() <= hi + 1e-4
+    assert set(b.keep.unique().tolist()) <= {0.0, 1.0}
+    sr = next(iter(build_train_loader(make_cfg(url, "corruption.kind=denoise"), rank=0, world_size=1, micro_batch=3,
+                                      device="cpu")))
+    assert sr.keep is None and sr.encoder_input.shape == (3, 3, 32, 32)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_exact(tmp_path, workers):
+    url = str(tmp_path / "train")
+    write_split(url, [5, 4, 6], size=(40, 30))
+    cfg = make_cfg(url, f"data.workers={workers}")
+    build = lambda: build_train_loader(cfg, rank=1, world_size=2, micro_batch=2, device="cpu")  # noqa: E731
+    ref = build()
+    want = [b for _ in range(2) for b in ref]  # two uninterrupted epochs
+    a = build()
+    it = iter(a)
+    for _ in range(2):
+        next(it)
+    state = a.state_dict()
+    del it
+    b = build()
+    b.load_state_dict(state)
+    got = list(b) + list(b)  # the rest of epoch 0, then epoch 1
+    assert len(got) == len(want) - 2
+    for x, y in zip(got, want[2:]):
+        for u, v in zip(x, y):
+            assert torch.equal(u, v)
+
+
+def test_world_size_change_continues_the_epoch(tmp_path):
+    url = str(tmp_path / "train")
+    write_split(url, [9, 8, 7], size=(40, 30))
+    cfg = make_cfg(url)
+    seen = []
+    states = []
+    for r in range(3):
+        l = build_train_loader(cfg, rank=r, world_size=3, micro_batch=2, device="cpu")
+        it = iter(l)
+        for _ in range(2):
+            next(it)
+            seen += l.last_ids
+        states.append(l.state_dict())
+    assert states[0] == states[1] == states[2]
+    for r in range(2):  # the run resumes on 2 ranks
+        l = build_train_loader(cfg, rank=r, world_size=2, micro_batch=2, device="cpu")
+        l.load_state_dict(states[0])
+        seen += [i for _ in l for i in l.last_ids]
+        assert l.epoch == 1
+    assert len(seen) == len(set(seen)) > 24 - 4  # nothing twice; only the last global remainder dropped
+
+
+def test_corrupt_sample_is_skipped_and_counted(tmp_path, caplog):
+    url = str(tmp_path / "train")
+    write_split(url, [4, 4], corrupt={5})
+    loader = build_train_loader(make_cfg(url, "data.shuffle_buffer=0"), rank=0, world_size=1, micro_batch=4,
+                                device="cpu")
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        batches = list(loader)
+    assert len(batches) == 2 and all(b.target.shape[0] == 4 for b in batches)
+    assert loader.skipped == 1 and loader.skipped_keys == ["train-000001.tar/s00005: unreadable image header: "
+                                                           + loader.skipped_keys[0].split("header: ", 1)[1]]
+    assert "s00005" in caplog.text
+    assert loader.state_dict()["skipped"] == 1
+
+
+def test_s3_endpoint_restart_mid_epoch(s3_endpoint, caplog):
+    url = f"s3://mfm-test/restart-{threading.get_ident()}/train"
+    write_split(url, [3] * 6)
+    cfg = make_cfg(url, "data.prefetch_shards=0", "data.shuffle_buffer=0", "storage.retries=6")
+    build = lambda: build_train_loader(cfg, rank=0, world_size=1, micro_batch=3, device="cpu")  # noqa: E731
+    ref = build()
+    want = [(ref.last_ids, b.target) for b in ref]
+    loader = build()
+    it = iter(loader)
+    first = next(it)
+    got = [(loader.last_ids, first.target)]
+    s3_endpoint.stop()  # each batch needs a new shard: the next fetch meets the outage
+    restart = threading.Timer(5, s3_endpoint.start)  # longer than s3fs's and botocore's own retries
+    restart.start()
+    with caplog.at_level(logging.WARNING, logger="pipeline.storage"):
+        got += [(loader.last_ids, b.target) for b in it]
+    restart.join()
+    assert len(got) == len(want) == 6
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert all(torch.equal(g[1], w[1]) for g, w in zip(got, want))
+    assert "retry 1/6" in caplog.text  # the outage was met and retried, not avoided
+
+
+def test_eval_loader_covers_every_sample_once(tmp_path):
+    url = str(tmp_path / "val")
+    write_split(url, [4, 3], size=(50, 40), split="val")
+    cfg = make_cfg(url)
+    labels, count = [], 0
+    for r in range(2):
+        for images, y in build_eval_loader(cfg, url, rank=r, world_size=2, batch_size=2, device="cpu"):
+            assert images.shape[1:] == (3, 32, 32) and images.dtype == torch.float32 and y.dtype == torch.long
+            labels += y.tolist()
+            count += len(y)
+    assert count == 7 and sorted(labels) == list(range(7))  # class i % 10 of sample i
+    tr = build_eval_loader(cfg, url, rank=0, world_size=1, batch_size=3, device="cpu", train_augment=True)
+    assert [len(y) for _, y in tr] == [3, 3]
+    custom = build_eval_loader(cfg, url, rank=0, world_size=1, batch_size=7, device="cpu",
+                               sample_transform=lambda im: torch.zeros(3, 8, 8))
+    images, _ = next(iter(custom))
+    assert images.shape == (7, 3, 8, 8)
