@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.autograd.function import once_differentiable
 
 EPS = 1e-12  # inside the sqrt of the spec's magnitude
 
@@ -121,6 +122,8 @@ def _mask_frequencies(images, radius, high_pass, *, radius2=None, backend="torch
     if backend == "triton":
         from kernels import triton_frequency
 
+        # The kernel indexes a dense (N, C, H, W//2+1) layout; channels_last input breaks that.
+        spec = spec.contiguous()
         triton_frequency.mask_spectrum_(spec, half[0], which)
     else:
         # The mask is Hermitian-symmetric, so irfft2(rfft2(x) * half mask) is exact. Multiplying
@@ -167,6 +170,7 @@ class _FrequencyLoss(torch.autograd.Function):
         if backend == "triton":
             from kernels import triton_frequency
 
+            z = z.contiguous()
             total = triton_frequency.masked_magnitude_sum(z, keep, w)
             ctx.save_for_backward(z, keep, denom)
         else:
@@ -189,6 +193,7 @@ class _FrequencyLoss(torch.autograd.Function):
         return total / denom
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         backend, pdtype, tdtype, h, w = ctx.meta
         if backend == "triton":

@@ -27,6 +27,8 @@ def _check_all() -> dict:
     g = torch.Generator().manual_seed(0)
     for n, h, w in CASES:
         x = torch.rand(n, 3, h, w, generator=g)
+        if h == 15:  # channels_last input must reach the kernels as a dense spectrum
+            x = x.to(memory_format=torch.channels_last)
         hp = torch.arange(n) % 2 == 1
         for r, r2 in [(2, None), (3, 6)]:
             want, want_keep = F.literal_mask_frequencies(x, r, hp, radius2=r2)
@@ -36,7 +38,10 @@ def _check_all() -> dict:
         keeps = [None, want_keep, (torch.rand(n, h, w, generator=g) < 0.3).float()]
         for keep in keeps:
             target = torch.randn(n, 3, h, w, generator=g)
-            p1 = torch.randn(n, 3, h, w, generator=g).requires_grad_(True)
+            p1 = torch.randn(n, 3, h, w, generator=g)
+            if h == 15:
+                p1 = p1.to(memory_format=torch.channels_last)
+            p1.requires_grad_(True)
             p2 = p1.detach().clone().requires_grad_(True)
             t2 = target.clone().requires_grad_(True)
             want = F.literal_frequency_loss(p1, target, keep)
