@@ -151,7 +151,7 @@ def _list_folder(source: str, split: str) -> Listing:
             dirnames.sort()
             for name in sorted(files):
                 full = os.path.join(dirpath, name)
-                rel = os.path.relpath(full, root)
+                rel = full[len(root) + 1 :]
                 if name.startswith("."):
                     continue
                 if os.path.splitext(name)[1].lower() not in IMAGE_EXTS:

@@ -13,6 +13,27 @@ BLOCK = 512
 RECORD = 20 * BLOCK  # tar pads the archive to whole records, as GNU tar does
 
 
+_PRE = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
+_POST = b"00000000000\0"  # mtime 0
+_TAIL = b"0" + b"\0" * 100 + b"ustar  \0" + b"\0" * (64 + 16 + 167)  # type, link, magic, names, dev, prefix
+
+_CHKSUM_REST = 8 * 32 + sum(_TAIL)  # the checksum field counts as 8 spaces
+_ZEROS = bytes(BLOCK)
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The GNU tar header tarfile writes for a regular file with our fixed metadata, built
+    directly: tarfile's generic TarInfo.tobuf costs more than the rest of a sample."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 100 or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+        return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+    head = raw.ljust(100, b"\0") + _PRE + b"%011o\0" % size + _POST
+    chksum = sum(head) + _CHKSUM_REST
+    return head + b"%06o\0 " % chksum + _TAIL
+
+
 class TarWriter:
     """Write samples to a binary file object, hashing and counting as it goes."""
 
@@ -28,19 +49,16 @@ class TarWriter:
         self.pos += len(b)
 
     def add_sample(self, key: str, parts: list[tuple[str, bytes]]) -> None:
-        row = []
+        row, chunks, pos = [], [], self.pos
         for ext, data in parts:
             name = f"{key}.{ext}"
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            header = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
-            self._write(header)
-            row.append(f"{ext} {self.pos} {len(data)} {name}")
-            self._write(data)
-            if len(data) % BLOCK:
-                self._write(b"\0" * (BLOCK - len(data) % BLOCK))
+            header = member_header(name, len(data))
+            pos += len(header)
+            row.append(f"{ext} {pos} {len(data)} {name}")
+            pad = -len(data) % BLOCK
+            chunks += (header, data, _ZEROS[:pad])
+            pos += len(data) + pad
+        self._write(b"".join(chunks))  # one write and one hash update per sample
         self.index_rows.append(" ".join(row))
 
     def close(self) -> None:

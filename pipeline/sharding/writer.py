@@ -68,6 +68,11 @@ def committed(plan: ShardPlan, split_url: str, cfg: StorageConfig | None) -> Sha
     return rec
 
 
+def sample_json(file: str, wnid: str, cls: int, width: int, height: int) -> bytes:
+    """json.dumps of the sample's metadata, byte for byte, without the encoder's per-call setup."""
+    return f'{{"file": {json.dumps(file)}, "wnid": {json.dumps(wnid)}, "class": {cls}, "width": {width}, "height": {height}}}'.encode()
+
+
 def write_samples(plan: ShardPlan, fileobj, class_of: dict[str, int], opts: WriteOptions) -> tuple[TarWriter, list[dict], int]:
     """Fill one tar from the plan's sources; bad images are listed, never raised."""
     tw = TarWriter(fileobj)
@@ -84,8 +89,8 @@ def write_samples(plan: ShardPlan, fileobj, class_of: dict[str, int], opts: Writ
                 rejected.append({"file": e.file, "reason": c.reason})
                 continue
             reencoded += c.reencoded
-            meta = {"file": e.file, "wnid": e.wnid, "class": class_of[e.wnid], "width": c.width, "height": c.height}
-            tw.add_sample(e.key, [("cls", str(class_of[e.wnid]).encode()), ("jpg", c.jpeg), ("json", json.dumps(meta).encode())])
+            cls = class_of[e.wnid]
+            tw.add_sample(e.key, [("cls", str(cls).encode()), ("jpg", c.jpeg), ("json", sample_json(e.file, e.wnid, cls, c.width, c.height))])
     finally:
         for f in handles.values():
             f.close()

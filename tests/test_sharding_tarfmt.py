@@ -1,0 +1,43 @@
+"""The hand-built tar headers are the ones tarfile writes, and the tar reads back."""
+import io
+import tarfile
+
+import pytest
+
+from pipeline.sharding.tarfmt import TarWriter, member_header
+
+
+@pytest.mark.parametrize("name,size", [("n01440764_10026.jpg", 1555), ("a.cls", 1), ("x" * 100, 5), ("y" * 101 + ".json", 7), ("é.jpg", 3), ("big.jpg", 8**11)])
+def test_member_header_matches_tarfile(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+    assert member_header(name, size) == info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_writer_offsets_point_at_the_data():
+    buf = io.BytesIO()
+    tw = TarWriter(buf)
+    tw.add_sample("k1", [("cls", b"7"), ("jpg", b"\xff" * 700)])
+    tw.add_sample("k2", [("cls", b"12"), ("jpg", b"\x01" * 512)])
+    tw.close()
+    data = buf.getvalue()
+    assert len(data) % 10240 == 0 and tw.pos == len(data)
+    lines = tw.index().decode().splitlines()
+    assert lines[0] == "v1.2 2"
+    for line in lines[1:]:
+        f = line.split()
+        for ext, off, size, name in zip(f[0::4], f[1::4], f[2::4], f[3::4]):
+            member = tarfile.open(fileobj=io.BytesIO(data)).getmember(name)
+            assert (int(off), int(size)) == (member.offset_data, member.size)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        assert tf.extractfile("k2.cls").read() == b"12"
+
+
+@pytest.mark.parametrize("file", ["n01/n01_1.JPEG", 'we"ird\\ näme.jpg'])
+def test_sample_json_is_json_dumps(file):
+    import json
+
+    from pipeline.sharding.writer import sample_json
+
+    meta = {"file": file, "wnid": "n01", "class": 3, "width": 10, "height": 20}
+    assert sample_json(file, "n01", 3, 10, 20) == json.dumps(meta).encode()
