@@ -109,6 +109,7 @@ class TrainConfig(Section):
     keep_last: int = Field(3, gt=0)
     log_every: int = Field(10, gt=0)
     picture_every: int = Field(1000, gt=0)
+    loader: str = "pipeline.data:build_train_loader"  # "module:function" obeying the batch contract
 
 
 class Config(Section):

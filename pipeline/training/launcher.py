@@ -1,0 +1,205 @@
+"""`mfm pretrain`: validate the config, then start the training processes (the only module in
+the project that launches processes).
+
+One machine: train.nprocs processes of `pipeline.training.trainer`, gloo on CPU and NCCL on
+GPUs, OMP_NUM_THREADS = cores / nprocs. Several machines: the DeepSpeed launcher with a
+hostfile (`host slots=N` per line; pdsh/ssh to every host; the repo and venv at the same path
+everywhere, run_dir on shared storage such as S3):
+
+    mfm pretrain --config vit_b16_mfm --hostfile hosts.txt --master-addr 10.0.0.1 \
+        --set train.run_dir=s3://bucket/runs/vitb
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline import storage
+from pipeline.config import Config, ConfigError, load_config
+
+TRAINER = "pipeline.training.trainer"
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    checkpoints: list[str]
+    latest: str | None
+    export: str | None
+    pictures: list[str]
+
+
+def parse_hostfile(path: str) -> dict[str, int]:
+    """DeepSpeed's hostfile format: `hostname slots=N` per line, # comments."""
+    hosts: dict[str, int] = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        slots = [p for p in parts[1:] if p.startswith("slots=")]
+        if len(parts) != 2 or not slots or not slots[0][6:].isdigit() or int(slots[0][6:]) < 1:
+            raise ConfigError(f"--hostfile {path}:{n}: expected 'hostname slots=N', got {line!r}")
+        hosts[parts[0]] = int(slots[0][6:])
+    if not hosts:
+        raise ConfigError(f"--hostfile {path}: no hosts")
+    return hosts
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Everything that can be known wrong before a process starts."""
+    import timm
+
+    from pipeline.training.optim import batch_plan
+    from pipeline.training.trainer import import_function, resolve_precision
+
+    batch_plan(cfg, world_size)
+    if not timm.is_model(cfg.model.name):
+        close = timm.list_models(f"*{cfg.model.name.split('_')[0]}*")[:8]
+        raise ConfigError(f"model.name={cfg.model.name!r} is not a timm model"
+                          + (f"; similar: {', '.join(close)}" if close else ""))
+    manifest = storage.join(cfg.data.train, "manifest.json")
+    if not storage.exists(manifest, cfg.storage):
+        raise ConfigError(f"data.train={cfg.data.train!r}: no manifest.json there (shard the data first: mfm shard)")
+    import torch
+
+    resolve_precision(cfg.train.precision, torch.cuda.is_available())
+    import_function(cfg.train.loader, "train.loader")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # Linux: a rank must not outlive a killed launcher (it would hang in a collective).
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def spawn_local(module: str, args: list[str], nprocs: int, *, env: dict | None = None) -> int:
+    """Run `python -m module args` as nprocs ranks of one process group on this machine; if
+    one fails, stop the others. Returns the first non-zero exit code, else 0."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    base = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+            "WORLD_SIZE": str(nprocs), "LOCAL_WORLD_SIZE": str(nprocs),
+            "OMP_NUM_THREADS": str(max(1, cores // nprocs))}
+    procs = []
+    for rank in range(nprocs):
+        rank_env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=rank_env,
+                                      preexec_fn=_die_with_parent))
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = 0
+        while any(p.poll() is None for p in procs):
+            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            if failed:
+                code = failed[0]
+                _stop(procs)
+                break
+            time.sleep(0.2)
+        return code or next((p.returncode for p in procs if p.returncode), 0)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run_result(cfg: Config) -> RunResult:
+    from pipeline.training import checkpoint as ckpt
+
+    folder = ckpt.run_folder(cfg.train.run_dir, cfg.storage)
+    steps = sorted(s for s, done in ckpt.list_steps(folder).items() if done)
+    export = storage.join(cfg.train.run_dir, "export")
+    has_export = storage.exists(storage.join(export, "config.json"), cfg.storage)
+    fs, path = folder.fs()
+    pics = []
+    if fs.exists(f"{path}/pictures"):
+        pics = sorted((p for p in fs.ls(f"{path}/pictures", detail=False) if p.endswith(".png")),
+                      key=lambda p: int(p.rsplit("step-", 1)[-1].removesuffix(".png")))
+        pics = [storage.join(cfg.train.run_dir, "pictures", p.rsplit("/", 1)[-1]) for p in pics]
+    urls = [folder.step_url(s) for s in steps]
+    return RunResult(cfg.train.run_dir, urls, urls[-1] if urls else None, export if has_export else None, pics)
+
+
+class LaunchError(RuntimeError):
+    def __init__(self, code: int, message: str):
+        self.code = code
+        super().__init__(message)
+
+
+def launch(cfg: Config, *, hostfile: str | None = None, master_addr: str | None = None,
+           master_port: int | None = None) -> RunResult:
+    """Validate, run training to the end (or resume it), and say where the results are."""
+    from pipeline.training.trainer import EXIT_NON_FINITE, encode_config
+
+    hosts = parse_hostfile(hostfile) if hostfile else None
+    world = sum(hosts.values()) if hosts else cfg.train.nprocs
+    validate(cfg, world)
+    args = ["--config-b64", encode_config(cfg)]
+    if hosts:
+        if not master_addr:
+            raise ConfigError("--hostfile needs --master-addr (an address of the first host that the others reach)")
+        cmd = ["deepspeed", "--hostfile", hostfile, "--master_addr", master_addr,
+               "--master_port", str(master_port or 29500), "--module", TRAINER, *args]
+        code = subprocess.call(cmd)
+    else:
+        code = spawn_local(TRAINER, args, cfg.train.nprocs)
+    if code == EXIT_NON_FINITE:
+        raise LaunchError(code, "training stopped on a non-finite loss (see the log above); the last good "
+                                f"checkpoint in {cfg.train.run_dir} is kept")
+    if code:
+        raise LaunchError(code, f"training failed with exit code {code}; rerun the same command to resume "
+                                f"from the newest complete checkpoint in {cfg.train.run_dir}")
+    return run_result(cfg)
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mfm pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="preset name or YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--hostfile", help="DeepSpeed hostfile for a multi-node run ('host slots=N' lines)")
+    p.add_argument("--master-addr", help="address of the first host (multi-node)")
+    p.add_argument("--master-port", type=int, help="rendezvous port (multi-node; default 29500)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = launch(cfg, hostfile=args.hostfile, master_addr=args.master_addr, master_port=args.master_port)
+    except LaunchError as e:
+        print(f"mfm pretrain: {e}", file=sys.stderr)
+        return e.code
+    print(json.dumps(asdict(result), indent=1))
+    return 0

@@ -1,0 +1,354 @@
+"""One training process: a DeepSpeed engine around MFMModel and a short loop.
+
+Started by `pipeline.training.launcher` (never directly by users) as
+`python -m pipeline.training.trainer --config-b64 ...` with RANK / LOCAL_RANK / WORLD_SIZE /
+MASTER_ADDR / MASTER_PORT set, locally or by the DeepSpeed launcher on every node.
+A "step" is one optimizer step: grad_accum micro batches on every rank.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import Config, ConfigError, build_config, dump_config
+from pipeline.training import checkpoint as ckpt
+from pipeline.training.optim import BatchPlan, batch_plan, build_optimizer, build_scheduler, scaled_lrs
+
+log = logging.getLogger("mfm.train")
+EXIT_NON_FINITE = 3
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int, loss: float, last_good: str | None):
+        self.step, self.loss, self.last_good = step, loss, last_good
+        super().__init__(f"non-finite loss {loss} at step {step}; stopped without saving. "
+                         f"Last good checkpoint: {last_good or 'none'}")
+
+
+def resolve_precision(precision: str, cuda: bool) -> str:
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision in ("bf16", "fp16") and not cuda:
+        raise ConfigError(f"train.precision={precision} needs a GPU; use fp32 or auto on CPU")
+    return precision
+
+
+def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str) -> dict:
+    zero: dict = {"stage": cfg.train.zero_stage}
+    if cfg.train.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False  # export gathers fp32 itself
+    return {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": cfg.optim.clip_grad or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        # loss_scale 0: dynamic loss scaling, the only safe fp16 choice for a new model
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def import_function(spec: str, key: str):
+    module, sep, name = spec.partition(":")
+    if not sep:
+        raise ConfigError(f"{key}={spec!r} must look like module:function")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{key}={spec!r}: {e}") from e
+
+
+@dataclass
+class Ranks:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed() -> Ranks:
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    # DeepSpeed picks the backend of its accelerator: NCCL on GPUs, gloo on CPU.
+    deepspeed.init_distributed(verbose=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Ranks(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class StepStats:
+    """Accumulates timing between two log lines."""
+    steps: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    waiting: float = 0.0
+
+    def reset(self):
+        self.steps = self.images = 0
+        self.seconds = self.waiting = 0.0
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    ranks: Ranks
+    plan: BatchPlan
+    engine: object
+    scheduler: object
+    loader: object
+    folder: ckpt.RunFolder
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+    last_checkpoint: str | None = None
+    writer: object = None
+    stats: StepStats = field(default_factory=StepStats)
+
+    @property
+    def is_main(self) -> bool:
+        return self.ranks.rank == 0
+
+    def _batches(self):
+        # The loader yields the rest of its current epoch per iteration, then moves on.
+        while True:
+            yield from self.loader
+
+    def client_state(self) -> dict:
+        return {"step": self.step, "loader": self.loader.state_dict(), "rng": ckpt.rng_state(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def restore(self, step: int) -> None:
+        client = ckpt.load(self.engine, self.folder, step, rank=self.ranks.rank, local_rank=self.ranks.local_rank)
+        self.step = int(client["step"])
+        self.loader.load_state_dict(client["loader"])
+        self.scheduler.load_state_dict(client["scheduler"])
+        self.scheduler.step_update(self.step)
+        ckpt.set_rng_state(client["rng"])
+        self.last_checkpoint = self.folder.step_url(step)
+
+    def save(self) -> None:
+        self.last_checkpoint = ckpt.save(
+            self.engine, self.folder, self.step, self.client_state(), rank=self.ranks.rank,
+            local_rank=self.ranks.local_rank, keep_last=self.cfg.train.keep_last,
+            extra={"zero_stage": self.cfg.train.zero_stage, "model": self.cfg.model.name})
+        if self.is_main:
+            log.info("checkpoint %s", self.last_checkpoint)
+
+    def train_step(self, batches) -> tuple[float, object]:
+        """grad_accum micro batches and one optimizer step; returns (mean loss over all ranks,
+        the last batch and prediction, for pictures)."""
+        engine, losses, waited = self.engine, [], 0.0
+        start = time.perf_counter()
+        for _ in range(self.plan.grad_accum):
+            t = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - t
+            loss, pred = engine(batch.encoder_input, batch.target, batch.keep)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            losses.append(loss.detach().float())
+        total = torch.stack(losses).mean().reshape(1)
+        dist.all_reduce(total)  # gloo has no AVG: sum, then divide
+        self.step += 1
+        self.scheduler.step_update(self.step)
+        self.stats.steps += 1
+        self.stats.images += self.plan.global_batch
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.waiting += waited
+        return total.item() / self.ranks.world_size, (batch, pred)
+
+    def log_step(self, loss: float) -> None:
+        s = self.stats
+        grad_norm = self.engine.get_global_grad_norm()
+        row = {
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "loss": loss,
+            "lr": self.engine.optimizer.param_groups[-1]["lr"],
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "images_per_s": s.images / s.seconds if s.seconds else None,
+            "data_wait": s.waiting / s.seconds if s.seconds else None,
+            "time": time.time(),
+        }
+        s.reset()
+        with open(self.folder.local / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm"),
+                         ("images_per_s", "perf/images_per_s"), ("data_wait", "perf/data_wait_share")):
+            if row[key] is not None:
+                self.writer.add_scalar(tag, row[key], self.step)
+        log.info("step %d/%d loss %.4f lr %.3g grad_norm %s %.1f img/s data wait %.0f%%", self.step,
+                 self.total_steps, loss, row["lr"], "-" if row["grad_norm"] is None else f"{row['grad_norm']:.3f}",
+                 row["images_per_s"] or 0, 100 * (row["data_wait"] or 0))
+
+    def picture(self, batch, pred) -> None:
+        from pipeline.training.pictures import save_picture
+
+        path = self.folder.local / "pictures" / f"step-{self.step}.png"
+        fig = save_picture(path, batch.target, batch.encoder_input, pred, step=self.step)
+        self.writer.add_figure("pictures", fig, self.step, close=True)
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg.train
+        batches = self._batches()
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.is_main and sys.stderr.isatty()))
+        try:
+            while self.step < self.total_steps:
+                loss, (batch, pred) = self.train_step(batches)
+                if not math.isfinite(loss):
+                    raise NonFiniteLoss(self.step, loss, self.last_checkpoint)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if self.is_main:
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        self.log_step(loss)
+                    if self.step % cfg.picture_every == 0:
+                        self.picture(batch, pred)
+                    self.writer.flush()
+                if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
+                    self.save()
+        finally:
+            bar.close()
+        export = ckpt.export(self.engine, self.cfg, self.folder, rank=self.ranks.rank)
+        return {"step": self.step, "checkpoint": self.last_checkpoint, "export": export}
+
+
+def _truncate_metrics(path, step: int) -> None:
+    """A killed run may have logged past its last checkpoint; those rows are redone."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def build_trainer(cfg: Config, ranks: Ranks) -> Trainer:
+    import deepspeed
+    from torch.utils.tensorboard import SummaryWriter
+
+    from pipeline.models import build_model
+
+    plan = batch_plan(cfg, ranks.world_size)
+    precision = resolve_precision(cfg.train.precision, ranks.device.type == "cuda")
+    folder = ckpt.run_folder(cfg.train.run_dir, cfg.storage)
+    if ranks.rank == 0:
+        ckpt.remove_incomplete(folder)
+    dist.barrier()
+    resume_step = ckpt.latest_complete(folder)
+
+    # The same seed everywhere so that every rank builds the same initial model (ZeRO-3
+    # partitions it without a broadcast), then a per-rank seed for everything after.
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model, cfg.corruption).to(ranks.device)
+    seed_everything(cfg.train.seed + 1000 * ranks.rank + 1)
+
+    build_loader = import_function(cfg.train.loader, "train.loader")
+    loader = build_loader(cfg, rank=ranks.rank, world_size=ranks.world_size, micro_batch=plan.micro_batch,
+                          device=ranks.device)
+    steps_per_epoch = loader.steps_per_epoch // plan.grad_accum
+    if steps_per_epoch < 1:
+        raise ConfigError(f"data.train yields {loader.steps_per_epoch} micro batches per rank per epoch, fewer "
+                          f"than train.grad_accum ({plan.grad_accum}): use a smaller data.batch_size")
+    total = cfg.optim.epochs * steps_per_epoch
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+
+    lrs = scaled_lrs(cfg.optim, plan.global_batch)
+    optimizer = build_optimizer(model, cfg.optim, lrs.lr)
+    scheduler = build_scheduler(optimizer, cfg.optim, lrs, steps_per_epoch)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      config=deepspeed_config(cfg, plan, precision))
+
+    trainer = Trainer(cfg, ranks, plan, engine, scheduler, loader, folder, steps_per_epoch, total)
+    if resume_step is not None:
+        if ranks.rank == 0:
+            ckpt.sync_logs_down(folder)
+            _truncate_metrics(folder.local / "metrics.jsonl", resume_step)
+        trainer.restore(resume_step)
+    if ranks.rank == 0:
+        from pipeline import storage
+
+        storage.write_bytes(storage.join(folder.url, "config.yaml"), dump_config(cfg).encode(), cfg.storage)
+        # purge_step drops events a killed run wrote after its last checkpoint.
+        trainer.writer = SummaryWriter(str(folder.local / "tensorboard"),
+                                       purge_step=trainer.step + 1 if resume_step is not None else None)
+        log.info("%s: %d ranks, micro batch %d x grad_accum %d = %d, zero %d, %s, lr %.3g, %d steps/epoch, "
+                 "%s at step %d of %d", cfg.train.run_dir, ranks.world_size, plan.micro_batch, plan.grad_accum,
+                 plan.global_batch, cfg.train.zero_stage, precision, lrs.lr, steps_per_epoch,
+                 "resuming" if resume_step is not None else "starting", trainer.step, total)
+    return trainer
+
+
+def run(cfg: Config) -> dict:
+    ranks = init_distributed()
+    trainer = build_trainer(cfg, ranks)
+    try:
+        result = trainer.fit()
+    finally:
+        if trainer.writer is not None:
+            trainer.writer.close()
+    if ranks.rank == 0:
+        log.info("done: %s", json.dumps(result))
+    return result
+
+
+def encode_config(cfg: Config) -> str:
+    return base64.urlsafe_b64encode(json.dumps(cfg.model_dump(mode="json")).encode()).decode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pipeline.training.trainer")
+    p.add_argument("--config-b64", required=True, help="the resolved config (launcher-made)")
+    p.add_argument("--local_rank", type=int, help="set by the DeepSpeed launcher; LOCAL_RANK wins")
+    args = p.parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cfg = build_config(json.loads(base64.urlsafe_b64decode(args.config_b64)))
+    try:
+        run(cfg)
+    except NonFiniteLoss as e:
+        if rank == 0:
+            log.error("%s", e)
+        return EXIT_NON_FINITE
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
