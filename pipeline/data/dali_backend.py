@@ -1,0 +1,148 @@
+"""The DALI backend: reader threads feed encoded bytes and per-sample params through
+fn.external_source; DALI decodes only the crop window (decoders.image_slice, "mixed" on a GPU),
+resizes it bicubic, flips, scales to float CHW [0, 1], and runs the pretext corruption inline
+as a python function over pipeline.corruptions.corrupt.
+
+The crop windows, flips and corruption seeds are the ones the torch backend uses
+(pipeline.data.augment.sample_params), so both backends agree up to decoder/resize rounding
+and a resumed run reproduces its batches exactly.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from functools import partial
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.data.augment import corrupt_samples
+from pipeline.data.reading import RawBatch, raw_batches
+from pipeline.data.sampling import reader_batches
+from pipeline.data.shards import SampleReader, Split
+
+_DONE = object()
+
+
+def _corrupt_cpu(images, seeds, *, cfg):
+    """python_function body (CPU): lists of numpy arrays in and out."""
+    batch = torch.stack([torch.from_numpy(np.asarray(im)) for im in images])
+    enc, target, keep = corrupt_samples(batch, cfg.corruption, [int(s) for s in seeds])
+    keep = keep if keep is not None else torch.zeros(len(images), 1, 1)  # placeholder: the loader hands None
+    return [t.numpy() for t in enc], [t.numpy() for t in target], [t.numpy() for t in keep]
+
+
+def _corrupt_gpu(images, seeds, *, cfg):
+    """torch_python_function body (GPU): lists of CUDA tensors in and out."""
+    enc, target, keep = corrupt_samples(torch.stack(list(images)), cfg.corruption, [int(s) for s in seeds])
+    keep = keep if keep is not None else torch.zeros(len(images), 1, 1, device=enc.device)
+    return list(enc), list(target), list(keep)
+
+
+def build_pipeline(cfg: Config, batch_size: int, *, num_threads: int, device: torch.device):
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    gpu = device.type == "cuda"
+    size = cfg.model.img_size
+
+    # python functions run in the pipeline's own thread: the classic synchronous executor
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device.index or 0 if gpu else None,
+                  exec_pipelined=False, exec_async=False, prefetch_queue_depth=1)
+    def pipe():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)
+        shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)
+        flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
+        seeds = fn.external_source(name="seed", dtype=types.INT64, ndim=0)
+        images = fn.decoders.image_slice(encoded, anchor, shape, device="mixed" if gpu else "cpu",
+                                         output_type=types.RGB, axis_names="WH")
+        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[0.0] * 3,
+                                          std=[255.0] * 3, mirror=flip)
+        if gpu:
+            from nvidia.dali.plugin.pytorch.fn import torch_python_function
+
+            return tuple(torch_python_function(images, seeds, function=partial(_corrupt_gpu, cfg=cfg),
+                                               num_outputs=3, batch_processing=True, device="gpu"))
+        return tuple(fn.python_function(images, seeds, function=partial(_corrupt_cpu, cfg=cfg), num_outputs=3,
+                                        batch_processing=True))
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def _feed(p, raw: RawBatch) -> None:
+    p.feed_input("encoded", [np.frombuffer(d, dtype=np.uint8) for d in raw.data])
+    p.feed_input("anchor", [np.array([q.left, q.top], np.int32) for q in raw.params])
+    p.feed_input("shape", [np.array([q.width, q.height], np.int32) for q in raw.params])
+    p.feed_input("flip", [np.array(int(q.flip), np.int32) for q in raw.params])
+    p.feed_input("seed", [np.array(q.corruption_seed, np.int64) for q in raw.params])
+
+
+def _to_torch(tl, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        t = tl.as_tensor()
+        out = torch.empty(t.shape(), dtype=torch.float32, device=device)
+        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    return torch.from_numpy(np.array(tl.as_tensor()))
+
+
+def _reader_thread(out: queue.Queue, stop: threading.Event, batches) -> None:
+    try:
+        for raw in batches:
+            while not stop.is_set():
+                try:
+                    out.put(raw, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+        out.put(_DONE)
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+        out.put(e)
+
+
+def iterate(split: Split, cfg: Config, plan, start: int, readers: int, epoch: int, *,
+            device: torch.device) -> Iterator[dict]:
+    """Batches start.. of the plan; reader thread r reads the batches of reader r."""
+    if start >= len(plan):
+        return
+    d = cfg.data
+    queues = [queue.Queue(maxsize=2) for _ in range(readers)]
+    stop = threading.Event()
+    threads = []
+    for r in range(readers):
+        sr = SampleReader(split, cfg.storage, prefetch=d.prefetch_shards, cache_dir=d.cache_dir)
+        batches = raw_batches(split, plan, reader_batches(len(plan), start, readers, r), sr,
+                              seed=cfg.train.seed, epoch=epoch, scale=tuple(d.crop_scale))
+        t = threading.Thread(target=_reader_thread, args=(queues[r], stop, batches), daemon=True,
+                             name=f"dali-reader-{r}")
+        t.start()
+        threads.append(t)
+    p = build_pipeline(cfg, plan.shape[1], num_threads=max(1, d.workers), device=device)
+    try:
+        for j in range(start, len(plan)):
+            raw = queues[(j - start) % readers].get()
+            if isinstance(raw, BaseException):
+                raise raw
+            _feed(p, raw)
+            try:
+                enc, target, keep = p.run()
+            except RuntimeError as e:
+                keys = ", ".join(str(i) for i in raw.ids)
+                raise RuntimeError(f"{split.url}: DALI failed on batch {j} (sample ids {keys}): {e}") from e
+            yield {"encoder_input": _to_torch(enc, device), "target": _to_torch(target, device),
+                   "keep": _to_torch(keep, device) if cfg.corruption.kind == "mfm" else None,
+                   "index": raw.index, "skipped": raw.skipped, "ids": torch.tensor(raw.ids)}
+    finally:
+        stop.set()
+        del p
