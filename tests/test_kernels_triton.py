@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-CASES = [(3, 8, 8), (2, 9, 7), (4, 15, 16), (3, 32, 33)]  # the last spans several Triton programs
+CASES = [(3, 8, 8), (2, 9, 7), (4, 15, 16), (2, 12, 14), (3, 32, 33)]  # 14: W//2+1 = 8 fills a tile; 33: several programs
 
 
 def _check_all() -> dict:
