@@ -84,7 +84,7 @@ def _half_layout(height: int, width: int, device: str) -> tuple[torch.Tensor, to
     return at.flatten(), mirror.flatten(), cols
 
 
-def half_removed(keep: torch.Tensor, width: int) -> torch.Tensor:
+def _half_removed(keep: torch.Tensor, width: int) -> torch.Tensor:
     """(N, H, W//2+1) share of each half-spectrum entry that the loss counts: 1 - keep averaged
     with its mirror frequency. |F(-k)| = |F(k)| for a real signal, so this is exact for any keep,
     Hermitian-symmetric or not."""
@@ -176,7 +176,7 @@ class _FrequencyLoss(torch.autograd.Function):
         else:
             _, _, cols = _half_layout(h, w, str(pred.device))
             d = _magnitude(z)
-            m = None if keep is None else half_removed(keep, w)[:, None]
+            m = None if keep is None else _half_removed(keep, w)[:, None]
             if focal_alpha is not None:
                 f = d ** focal_alpha
                 f.div_(f.amax(dim=(-2, -1), keepdim=True).clamp_min_(1e-12))
