@@ -33,9 +33,9 @@ def test_flow_shards_and_logs_progress(prefect_server, tmp_path):
     import time
 
     import anyio
-    from prefect.logging.handlers import APILogHandler
+    from prefect.logging.handlers import APILogWorker
 
-    APILogHandler.flush()  # logs reach the server in batches; send what is queued
+    APILogWorker.drain_all(timeout=10)  # logs reach the server in batches; send what is queued
 
     async def logs():
         async with get_client() as client:
