@@ -39,6 +39,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--per-class", type=int, default=200, help="sample-data images per class (default 200)")
     p.add_argument("--size", type=int, default=224, help="sample-data image side (default 224)")
     p.add_argument("--workers", type=int, default=1, help="sharding workers (tar and Pillow run on one core)")
+    p.add_argument("--shard-size-mb", type=float, default=256, help="shard size (default 256, the production default)")
     p.add_argument("--split", default="train")
     args = p.parse_args(argv)
     logging.getLogger("pipeline.sharding").setLevel(logging.WARNING)
@@ -59,7 +60,7 @@ def cli(argv: list[str]) -> int:
 
         def shard(validation):
             dest = tempfile.mkdtemp(dir=tmp, prefix=validation)
-            return lambda: shard_dataset(source, dest, splits=[args.split], workers=args.workers, shard_size_mb=64, validation=validation, progress=False)
+            return lambda: shard_dataset(source, dest, splits=[args.split], workers=args.workers, shard_size_mb=args.shard_size_mb, validation=validation, progress=False)
 
         tar_out = os.path.join(tmp, "plain.tar")
 

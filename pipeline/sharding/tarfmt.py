@@ -14,10 +14,11 @@ RECORD = 20 * BLOCK  # tar pads the archive to whole records, as GNU tar does
 
 
 _PRE = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
-_POST = b"00000000000\0"  # mtime 0
+_MTIME = b"\0" + b"00000000000\0"  # ends the size field, then mtime 0
 _TAIL = b"0" + b"\0" * 100 + b"ustar  \0" + b"\0" * (64 + 16 + 167)  # type, link, magic, names, dev, prefix
-
-_CHKSUM_REST = 8 * 32 + sum(_TAIL)  # the checksum field counts as 8 spaces
+_NULS = bytes(100)
+# The checksum counts every header byte, its own 8-byte field as spaces: all but name and size are fixed.
+_CHKSUM_FIXED = sum(_PRE) + sum(_MTIME) + 8 * 32 + sum(_TAIL)
 _ZEROS = bytes(BLOCK)
 
 
@@ -29,9 +30,9 @@ def member_header(name: str, size: int) -> bytes:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
         return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
-    head = raw.ljust(100, b"\0") + _PRE + b"%011o\0" % size + _POST
-    chksum = sum(head) + _CHKSUM_REST
-    return head + b"%06o\0 " % chksum + _TAIL
+    octal = b"%011o" % size
+    chksum = _CHKSUM_FIXED + sum(raw) + sum(octal)
+    return b"".join((raw, _NULS[len(raw) :], _PRE, octal, _MTIME, b"%06o\0 " % chksum, _TAIL))
 
 
 class TarWriter:

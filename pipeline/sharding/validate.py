@@ -17,7 +17,7 @@ _ALL_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0x
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length field
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Checked:
     """A usable image (jpeg set) or a rejection (reason set)."""
 
