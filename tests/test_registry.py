@@ -15,6 +15,16 @@ from pipeline.registry import (
     IntegrityError, PromotionRefused, Ref, Registry, RegistryError, gate_decision, load_model, parse_ref,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4)
 
 
