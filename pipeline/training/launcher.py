@@ -172,7 +172,8 @@ def launch(cfg: Config, *, hostfile: str | None = None, master_addr: str | None 
     if hosts:
         if not master_addr:
             raise ConfigError("--hostfile needs --master-addr (an address of the first host that the others reach)")
-        cmd = ["deepspeed", "--hostfile", hostfile, "--master_addr", master_addr,
+        runner = Path(sys.executable).with_name("deepspeed")  # the venv's, even when not activated
+        cmd = [str(runner) if runner.exists() else "deepspeed", "--hostfile", hostfile, "--master_addr", master_addr,
                "--master_port", str(master_port or 29500), "--module", TRAINER, *args]
         code = subprocess.call(cmd)
     else:
