@@ -3,6 +3,7 @@ literal formulation. TRITON_INTERPRET must be set before triton is imported, so 
 in a fresh interpreter (this file run as a script) and print their worst differences as JSON."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 
-CASES = [(3, 8, 8), (2, 9, 7), (4, 15, 16), (2, 12, 14), (3, 32, 33)]  # 14: W//2+1 = 8 fills a tile; 33: several programs
+CASES = [(2, 9, 7), (4, 15, 16), (2, 12, 14), (3, 32, 33)]  # 14: W//2+1 = 8 fills a tile; 33: several programs
 
 
 def _check_all() -> dict:
@@ -71,17 +72,21 @@ def test_triton_kernels_in_interpreter_match_literal():
     assert all(v <= 1e-4 for v in worst.values()), worst
 
 
-def test_frequency_imports_without_triton():
+def test_cpu_path_never_imports_triton(monkeypatch):
     # CPU-only machines may lack triton: kernels.frequency must not need it for CPU tensors.
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch; from kernels import frequency as F\n"
-            "x = torch.rand(2, 3, 8, 8); out, keep = F.mask_frequencies(x, 2, torch.tensor([False, True]))\n"
-            "print(float(F.frequency_loss(out, x, keep)))\n"
-            "assert 'kernels.triton_frequency' not in sys.modules\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert float(proc.stdout) > 0
+    import torch
+
+    from kernels import frequency as F
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # any `import triton` now raises
+    monkeypatch.delitem(sys.modules, "kernels.triton_frequency", raising=False)
+    F = importlib.reload(F)  # a module-level `import triton` would fail here
+    x = torch.rand(2, 3, 8, 8)
+    out, keep = F.mask_frequencies(x, 2, torch.tensor([False, True]))
+    pred = out.clone().requires_grad_(True)
+    F.frequency_loss(pred, x, keep).backward()
+    assert pred.grad.abs().sum() > 0
+    assert "kernels.triton_frequency" not in sys.modules
 
 
 if __name__ == "__main__":
