@@ -258,6 +258,7 @@ def test_killed_run_resumes_to_identical_output(sample, tmp_path):
     assert first.exists(), "the first shard was never committed"
     assert not (dest / "train" / "manifest.json").exists(), "the run finished before it could be killed"
     partial = len(os.listdir(dest / "train" / "_work"))
+    (dest / "train" / "train-009999.tar").write_bytes(b"left by an unfinished run with other options")
     manifest = shard_dataset(sample["folder"], str(dest), splits="train", shard_size_mb=0.004, seed=1)["train"]
     assert partial < len(manifest["shards"])
     assert manifest == shard_dataset(sample["folder"], str(ref), splits="train", shard_size_mb=0.004, seed=1)["train"]

@@ -88,6 +88,7 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress) -> d
     opts = WriteOptions(options["validation"], options["max_side"])
     log.info("%s: %d images from %s (%s) -> %d shards, %d workers", split_url, len(listing.entries), source, listing.kind, len(plans), workers)
     results = _run(plans, split_url, class_of, opts, workers, cfg, log, progress)
+    _remove_extra_shards(split_url, split, len(plans), cfg)
     rejected = listing.rejected + [r for res in results for r in res.rejected]
     manifest = mf.build_manifest(split, results, listing.classes, src, options, rejected)
     st.write_bytes(st.join(split_url, mf.MANIFEST), mf.dumps(manifest), cfg)  # the commit: written last
@@ -140,6 +141,15 @@ def _remove_stale_temporaries(split_url, cfg):
     if fs.exists(path):
         for p in fs.glob(f"{path}/*.tmp-*") + fs.glob(f"{path}/{WORK_DIR}/*.tmp-*"):
             fs.rm(p)
+
+
+def _remove_extra_shards(split_url, split, count, cfg):
+    """Shards numbered past this plan, left by an unfinished run with other options."""
+    fs, path = st.filesystem(split_url, cfg)
+    for p in st.retry(lambda: fs.glob(f"{path}/{split}-*"), what=f"list {split_url}"):
+        num = p.rsplit("/", 1)[-1][len(split) + 1 :].split(".", 1)[0]
+        if num.isdigit() and int(num) >= count:
+            st.retry(lambda: fs.rm(p), what=f"remove {p}")
 
 
 def _remove_work_dir(split_url, cfg, log):
