@@ -145,7 +145,7 @@ def frequency_loss(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor 
 
 
 def _magnitude(z: torch.Tensor) -> torch.Tensor:
-    """sqrt(re^2 + im^2 + EPS) in three passes; abs() has no EPS and square().sum(-1) is slow."""
+    """sqrt(re^2 + im^2 + EPS) with in-place ops; abs() has no EPS and square().sum(-1) is slow."""
     re, im = z.real, z.imag
     return (re * re).addcmul_(im, im).add_(EPS).sqrt_()
 
