@@ -18,10 +18,11 @@ def run(cfg, backend, *, rank=0, world_size=1, micro_batch=3):
     return loader, [(loader.last_ids, b) for b in loader]
 
 
-def test_dali_matches_torch(tmp_path):
+@pytest.mark.parametrize("downscale", ["bicubic", "bilinear"])
+def test_dali_matches_torch(tmp_path, downscale):
     url = str(tmp_path / "train")
     write_split(url, [4, 5], size=(44, 36))
-    cfg = make_cfg(url, "data.workers=2")
+    cfg = make_cfg(url, "data.workers=2", f"data.downscale={downscale}")
     _, ref = run(cfg, "torch", rank=1, world_size=2, micro_batch=2)
     _, got = run(cfg, "dali", rank=1, world_size=2, micro_batch=2)
     assert [i for i, _ in got] == [i for i, _ in ref] and len(got) == 2

@@ -4,6 +4,8 @@
 (labelled batches). Backends: DALI (`dali_backend`) or pure PyTorch (`torch_backend`); the
 sample assignment, shuffling and state live in `sampling` and are shared by both.
 """
-from pipeline.data.loader import Batch, EvalLoader, TrainLoader, build_eval_loader, build_train_loader, resolve_backend
+from pipeline.data.loader import (Batch, EvalLoader, LabelledBatch, TrainLoader, build_eval_loader,
+                                  build_labelled_train_loader, build_train_loader, resolve_backend)
 
-__all__ = ["Batch", "EvalLoader", "TrainLoader", "build_eval_loader", "build_train_loader", "resolve_backend"]
+__all__ = ["Batch", "EvalLoader", "LabelledBatch", "TrainLoader", "build_eval_loader", "build_labelled_train_loader",
+           "build_train_loader", "resolve_backend"]

@@ -108,10 +108,18 @@ def to_float(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
 
 
-def train_view(data: bytes, p: SampleParams, size: int) -> torch.Tensor:
-    """Decode, crop the window, bicubic resize to size x size, flip: float (3, S, S) in [0, 1]."""
+def train_view(data: bytes, p: SampleParams, size: int, downscale: str = "bicubic") -> torch.Tensor:
+    """Decode, crop the window, resize to size x size (bicubic; `downscale` on an axis that
+    shrinks, as DALI's min_filter does), flip: float (3, S, S) in [0, 1]."""
     im = decode_rgb(data)
-    im = im.resize((size, size), Image.BICUBIC, box=(p.left, p.top, p.left + p.width, p.top + p.height))
+    box = (p.left, p.top, p.left + p.width, p.top + p.height)
+    shrink = Image.BILINEAR if downscale == "bilinear" else Image.BICUBIC
+    fx = shrink if p.width > size else Image.BICUBIC
+    fy = shrink if p.height > size else Image.BICUBIC
+    if fx == fy:
+        im = im.resize((size, size), fx, box=box)
+    else:  # one pass per axis, each with its own filter
+        im = im.resize((size, p.height), fx, box=box).resize((size, size), fy)
     if p.flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
     return to_float(im)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from functools import partial
 from typing import Iterator
 
@@ -41,26 +42,31 @@ def _corrupt_gpu(images, seeds, *, cfg):
     return list(enc), list(target), list(keep)
 
 
-def build_pipeline(cfg: Config, batch_size: int, *, num_threads: int, device: torch.device):
+def build_pipeline(cfg: Config, batch_size: int, source, *, num_threads: int, device: torch.device):
+    """source() -> the next batch as 5 lists (encoded, anchor, shape, flip, seed); StopIteration ends it."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
 
     gpu = device.type == "cuda"
     size = cfg.model.img_size
+    if gpu:
+        # torch_python_function runs in the pipeline's thread: the classic synchronous executor
+        executor = dict(device_id=device.index or 0, exec_pipelined=False, exec_async=False, prefetch_queue_depth=1)
+    else:
+        # the dynamic executor runs python functions too, and overlaps the corruption of one batch
+        # with the decoding of the next
+        executor = dict(device_id=None, exec_dynamic=True, prefetch_queue_depth=2)
 
-    # python functions run in the pipeline's own thread: the classic synchronous executor
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device.index or 0 if gpu else None,
-                  exec_pipelined=False, exec_async=False, prefetch_queue_depth=1)
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, **executor)
     def pipe():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)
-        shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)
-        flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
-        seeds = fn.external_source(name="seed", dtype=types.INT64, ndim=0)
+        encoded, anchor, shape, flip, seeds = fn.external_source(
+            source=source, num_outputs=5, batch=True,
+            dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT64])
         images = fn.decoders.image_slice(encoded, anchor, shape, device="mixed" if gpu else "cpu",
                                          output_type=types.RGB, axis_names="WH")
-        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
+        images = fn.resize(images, resize_x=size, resize_y=size, antialias=True, mag_filter=types.INTERP_CUBIC,
+                           min_filter=types.INTERP_LINEAR if cfg.data.downscale == "bilinear" else types.INTERP_CUBIC)
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[0.0] * 3,
                                           std=[255.0] * 3, mirror=flip)
         if gpu:
@@ -76,12 +82,12 @@ def build_pipeline(cfg: Config, batch_size: int, *, num_threads: int, device: to
     return p
 
 
-def _feed(p, raw: RawBatch) -> None:
-    p.feed_input("encoded", [np.frombuffer(d, dtype=np.uint8) for d in raw.data])
-    p.feed_input("anchor", [np.array([q.left, q.top], np.int32) for q in raw.params])
-    p.feed_input("shape", [np.array([q.width, q.height], np.int32) for q in raw.params])
-    p.feed_input("flip", [np.array(int(q.flip), np.int32) for q in raw.params])
-    p.feed_input("seed", [np.array(q.corruption_seed, np.int64) for q in raw.params])
+def _inputs(raw: RawBatch) -> tuple[list, ...]:
+    return ([np.frombuffer(d, dtype=np.uint8) for d in raw.data],
+            [np.array([q.left, q.top], np.int32) for q in raw.params],
+            [np.array([q.width, q.height], np.int32) for q in raw.params],
+            [np.array(int(q.flip), np.int32) for q in raw.params],
+            [np.array(q.corruption_seed, np.int64) for q in raw.params])
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
@@ -128,18 +134,32 @@ def iterate(split: Split, cfg: Config, plan, start: int, readers: int, epoch: in
                              name=f"dali-reader-{r}")
         t.start()
         threads.append(t)
-    p = build_pipeline(cfg, plan.shape[1], num_threads=max(1, d.workers), device=device)
+    fed: deque[RawBatch] = deque()  # batches handed to DALI, in order, awaiting their outputs
+    nxt = [start]
+
+    def source():
+        if nxt[0] >= len(plan):
+            raise StopIteration
+        raw = queues[(nxt[0] - start) % readers].get()
+        if isinstance(raw, BaseException):
+            raise raw
+        if raw is _DONE:
+            raise RuntimeError(f"{split.url}: a reader ended before batch {nxt[0]}")
+        nxt[0] += 1
+        fed.append(raw)
+        return _inputs(raw)
+
+    p = build_pipeline(cfg, plan.shape[1], source, num_threads=max(1, d.workers), device=device)
     try:
         for j in range(start, len(plan)):
-            raw = queues[(j - start) % readers].get()
-            if isinstance(raw, BaseException):
-                raise raw
-            _feed(p, raw)
             try:
                 enc, target, keep = p.run()
+            except StopIteration:
+                raise RuntimeError(f"{split.url}: DALI stopped before batch {j}") from None
             except RuntimeError as e:
-                keys = ", ".join(str(i) for i in raw.ids)
-                raise RuntimeError(f"{split.url}: DALI failed on batch {j} (sample ids {keys}): {e}") from e
+                ids = fed[0].ids if fed else "?"
+                raise RuntimeError(f"{split.url}: DALI failed on batch {j} (sample ids {ids}): {e}") from e
+            raw = fed.popleft()
             yield {"encoder_input": _to_torch(enc, device), "target": _to_torch(target, device),
                    "keep": _to_torch(keep, device) if cfg.corruption.kind == "mfm" else None,
                    "index": raw.index, "skipped": raw.skipped, "ids": torch.tensor(raw.ids)}

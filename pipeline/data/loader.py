@@ -25,6 +25,13 @@ class Batch(NamedTuple):
     keep: torch.Tensor | None
 
 
+class LabelledBatch(NamedTuple):
+    """A fine-tuning batch on the training device: float32 normalised images, int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
 def dali_available() -> bool:
     return importlib.util.find_spec("nvidia.dali") is not None
 
@@ -46,10 +53,13 @@ class TrainLoader:
     """
 
     def __init__(self, cfg: Config, split: Split, *, rank: int, world_size: int, micro_batch: int,
-                 device, backend: str | None = None):
+                 device, backend: str | None = None, make: Callable | None = None):
         self.cfg, self.split, self.rank = cfg, split, rank
         self.device = torch.device(device)
-        self.backend = resolve_backend(backend or cfg.data.backend)
+        # `make` (RawBatch -> {"images", "labels"}, e.g. torch_backend.SeededLabelledBatches) runs
+        # on the torch backend: it is arbitrary per-sample Python, which DALI cannot run fast
+        self.make = make
+        self.backend = "torch" if make is not None else resolve_backend(backend or cfg.data.backend)
         self.layout = Layout(world_size, micro_batch, max(1, cfg.data.workers))
         self.state = SamplerState(seed=cfg.train.seed)
         self.state.use_layout(self.layout)
@@ -97,7 +107,7 @@ class TrainLoader:
 
             return dali_backend.iterate(self.split, self.cfg, plan, start, self.layout.workers, self.epoch,
                                         device=self.device)
-        make = torch_backend.PretextBatches(self.cfg)
+        make = self.make or torch_backend.PretextBatches(self.cfg)
         return torch_backend.iterate(self.split, self.cfg, plan, start, self.layout.workers, self.epoch, make,
                                      workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda")
 
@@ -111,6 +121,10 @@ class TrainLoader:
             self.skipped_keys = (self.skipped_keys + list(out["skipped"]))[-100:]
             self.last_ids = out["ids"].tolist()
             seg.batches += 1  # counted before the yield: a state taken now resumes after this batch
+            if "labels" in out:
+                yield LabelledBatch(out["images"].to(self.device, torch.float32, non_blocking=True),
+                                    out["labels"].to(self.device, non_blocking=True))
+                continue
             yield Batch(*(None if out[k] is None else out[k].to(self.device, torch.float32, non_blocking=True)
                           for k in ("encoder_input", "target", "keep")))
         if seg.batches >= len(plan):
@@ -156,6 +170,15 @@ def build_train_loader(cfg: Config, *, rank: int, world_size: int, micro_batch: 
     """The pretraining loader of cfg.data.train for one rank (see docs/architecture.md)."""
     return TrainLoader(cfg, read_split(cfg.data.train, cfg.storage), rank=rank, world_size=world_size,
                        micro_batch=micro_batch, device=device, backend=backend)
+
+
+def build_labelled_train_loader(cfg: Config, *, rank: int, world_size: int, micro_batch: int, device,
+                                transform: Callable) -> TrainLoader:
+    """A resumable labelled loader of cfg.data.train yielding LabelledBatch: `transform` (PIL RGB
+    image -> normalised float (3, S, S)) runs per sample with that sample's own seed, so the
+    augmentation does not depend on rank, worker or resume (see SeededLabelledBatches)."""
+    return TrainLoader(cfg, read_split(cfg.data.train, cfg.storage), rank=rank, world_size=world_size,
+                       micro_batch=micro_batch, device=device, make=torch_backend.SeededLabelledBatches(transform))
 
 
 def build_eval_loader(cfg: Config, split_url: str, *, rank: int, world_size: int, batch_size: int, device,

@@ -2,9 +2,12 @@
 Pillow decode + crop/resize (bicubic) + flip, then the corruption per sample."""
 from __future__ import annotations
 
+import contextlib
+import random
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -23,7 +26,8 @@ class PretextBatches:
 
     def __call__(self, raw: RawBatch) -> dict:
         size = self.cfg.model.img_size
-        images = torch.stack([train_view(d, p, size) for d, p in zip(raw.data, raw.params)])
+        down = self.cfg.data.downscale
+        images = torch.stack([train_view(d, p, size, down) for d, p in zip(raw.data, raw.params)])
         enc, target, keep = corrupt_samples(images, self.cfg.corruption, [p.corruption_seed for p in raw.params])
         return {"encoder_input": enc, "target": target, "keep": keep}
 
@@ -45,6 +49,38 @@ class LabelledBatches:
         else:
             views = [eval_view(d, self.size) for d in raw.data]
         return {"images": normalize(torch.stack(views)), "labels": torch.tensor(raw.labels, dtype=torch.long)}
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Python, NumPy and torch RNGs seeded for the block, then put back as they were (transforms
+    such as timm's RandAugment draw from all three global RNGs)."""
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
+@dataclass
+class SeededLabelledBatches:
+    """Raw batch -> {"images", "labels"} with `transform` (PIL RGB -> normalised float (3, S, S),
+    e.g. timm's create_transform(is_training=True)), drawing each sample's randomness from its
+    own seed (mix_seed(seed, epoch, sample id)) as the pretraining views do."""
+
+    transform: Callable
+
+    def __call__(self, raw: RawBatch) -> dict:
+        views = []
+        for data, p in zip(raw.data, raw.params):
+            with seeded(p.corruption_seed):
+                views.append(self.transform(decode_rgb(data)))
+        return {"images": torch.stack(views), "labels": torch.tensor(raw.labels, dtype=torch.long)}
 
 
 class PlanDataset(IterableDataset):
