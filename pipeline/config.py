@@ -82,6 +82,9 @@ class DataConfig(Section):
     crop_scale: tuple[float, float] = (0.2, 1.0)
     prefetch_shards: int = Field(2, ge=0)
     cache_dir: str | None = None  # optional local shard cache
+    # filter when a crop is shrunk to the image size (enlarging is always bicubic): bicubic is the
+    # paper's; bilinear (antialiased) is much cheaper on CPUs, DALI's CPU resize especially
+    downscale: Literal["bicubic", "bilinear"] = "bicubic"
 
 
 class OptimConfig(Section):
