@@ -52,6 +52,13 @@ def is_local(url: str) -> bool:
 
 
 TRANSIENT = (ConnectionError, TimeoutError, OSError)
+try:  # botocore's connection errors (endpoint down, timeouts) do not derive from OSError
+    from botocore.exceptions import ConnectionError as _BotoConnectionError
+    from botocore.exceptions import HTTPClientError as _BotoHTTPClientError
+
+    TRANSIENT = (*TRANSIENT, _BotoConnectionError, _BotoHTTPClientError)
+except ImportError:  # no S3 support installed: nothing else to retry
+    pass
 
 
 def retry(fn: Callable[[], T], *, attempts: int = 5, what: str = "storage call", base_delay: float = 0.5) -> T:
