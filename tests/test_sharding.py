@@ -303,3 +303,16 @@ def test_s3_with_endpoint_restart_mid_run(sample, s3_endpoint, tmp_path, caplog)
     assert m == ref
     assert read_manifest(storage.join(url, "val")) == ref
     assert shard_dataset(sample["ilsvrc"], url, splits="val", shard_size_mb=0.004, seed=2)["val"] == ref  # no-op rerun
+
+
+def test_cli_shards_and_names_a_bad_source(sample, tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["shard", "--source", str(tmp_path), "--dest", str(tmp_path / "o")]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+    args = ["shard", "--source", sample["ilsvrc"], "--dest", str(tmp_path / "o"), "--splits", "val", "--seed", "5", "--shard-size-mb", "0.05", "--validation", "decode", "--no-progress"]
+    assert main(args) == 0
+    assert "val: 30 samples" in capsys.readouterr().out
+    m = read_manifest(str(tmp_path / "o" / "val"))
+    assert m["options"] == {"seed": 5, "shard_size_mb": 0.05, "max_side": None, "validation": "decode"}
+    assert main(["shard", "verify", str(tmp_path / "o")]) == 0

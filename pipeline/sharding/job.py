@@ -80,7 +80,11 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress) -> d
             f"asked {options}, fingerprint {src['fingerprint'][:12]}); use another --dest or delete it"
         )
     _remove_stale_temporaries(split_url, cfg)
-    plans = plan_shards(split, listing.entries, listing.classes, seed=options["seed"], shard_size_mb=options["shard_size_mb"], options=options)
+    # The tool version is part of each shard's plan digest: a newer writer never reuses older shards.
+    plans = plan_shards(
+        split, listing.entries, listing.classes, seed=options["seed"], shard_size_mb=options["shard_size_mb"],
+        options={**options, "tool": mf.tool_version()},
+    )
     class_of = {c["wnid"]: c["index"] for c in listing.classes}
     missing = sorted({e.wnid for e in listing.entries} - class_of.keys())
     if missing:
