@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample-data": ("pipeline.sample_data:cli", "build a small ImageNet-format dataset from offline photos"),
     "shard": ("pipeline.sharding.cli:cli", "shard a dataset into WebDataset tars; `mfm shard verify URL`"),
     "pretrain": ("pipeline.training.launcher:cli", "MFM pretraining with DeepSpeed"),
+    "finetune": ("pipeline.finetune:cli", "fine-tune a pretrained encoder into a classifier (DeepSpeed) -> export, metrics.json"),
     "bench": ("pipeline.benchmarks:cli", "benchmarks: mfm bench {kernels,data,shard,train}"),
     "registry": ("pipeline.registry:cli", "model registry: mfm registry {list,show,register,promote}"),
     "pull": ("pipeline.registry:pull_cli", "download a registered model, verified: mfm pull NAME@ALIAS --dest DIR"),

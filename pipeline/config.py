@@ -115,6 +115,36 @@ class TrainConfig(Section):
     loader: str = "pipeline.data:build_train_loader"  # "module:function" obeying the batch contract
 
 
+class FinetuneConfig(Section):
+    """`mfm finetune`: a classifier from a pretrained encoder (spec section 5). The recipe's
+    optimiser, schedule and drop path are the usual optim.* and model.drop_path; the
+    finetune_* presets set them. model.name / patch_size / img_size come from `init`."""
+
+    init: str | None = None  # export folder URL, or a registry ref NAME@ALIAS / NAME@vN
+    registry: str | None = None  # registry URL for refs (default: $MFM_REGISTRY)
+    num_classes: int | None = Field(None, gt=0)  # default: the train manifest's class list
+    recipe: Literal["vit", "resnet"] = "vit"  # resnet: no layer decay, no fc_norm
+    layer_decay: float | None = Field(0.8, gt=0, le=1)  # lr_scale = layer_decay ** (L + 1 - layer)
+    mixup: float = Field(0.8, ge=0)  # alpha; 0 = off
+    cutmix: float = Field(1.0, ge=0)  # alpha; 0 = off
+    mixup_prob: float = Field(1.0, ge=0, le=1)
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    randaugment: str | None = "rand-m9-mstd0.5-inc1"  # timm auto_augment string; None = off
+    reprob: float = Field(0.25, ge=0, le=1)  # random erasing probability
+    remode: Literal["pixel", "const", "rand"] = "pixel"
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop (timm's default)
+    global_pool: Literal["avg", "token"] = "avg"  # ViT: mean-pooled tokens ...
+    fc_norm: bool = True  # ... through a new norm (replaces the encoder's final norm)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.recipe == "resnet" and self.layer_decay not in (None, 1.0):
+            raise ValueError(f"finetune.layer_decay ({self.layer_decay}) is for the vit recipe; "
+                             "set finetune.layer_decay=null with finetune.recipe=resnet")
+        return self
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     corruption: CorruptionConfig = Field(default_factory=CorruptionConfig)
@@ -122,6 +152,7 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     @model_validator(mode="after")
     def _check(self):

@@ -161,14 +161,19 @@ class LaunchError(RuntimeError):
 
 
 def launch(cfg: Config, *, hostfile: str | None = None, master_addr: str | None = None,
-           master_port: int | None = None) -> RunResult:
-    """Validate, run training to the end (or resume it), and say where the results are."""
-    from pipeline.training.trainer import EXIT_NON_FINITE, encode_config
+           master_port: int | None = None, task: str | None = None) -> RunResult:
+    """Validate, run training to the end (or resume it), and say where the results are.
+    `task` ("module:function", (cfg) -> trainer.Task) trains something other than the MFM
+    pretext, e.g. "pipeline.finetune:task"."""
+    from pipeline.training.trainer import EXIT_NON_FINITE, encode_config, import_function
 
     hosts = parse_hostfile(hostfile) if hostfile else None
     world = sum(hosts.values()) if hosts else cfg.train.nprocs
     validate(cfg, world)
     args = ["--config-b64", encode_config(cfg)]
+    if task:
+        import_function(task, "task")
+        args += ["--task", task]
     if hosts:
         if not master_addr:
             raise ConfigError("--hostfile needs --master-addr (an address of the first host that the others reach)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
@@ -53,8 +53,17 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW; no weight decay on 1-D params, biases and the model's no_weight_decay() names."""
+def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float,
+                    layer_decay: float | None = None) -> torch.optim.AdamW:
+    """AdamW; no weight decay on 1-D params, biases and the model's no_weight_decay() names.
+
+    With `layer_decay` (fine-tuning), timm's layer-wise groups: group "layer i" of a model with L
+    blocks gets lr_scale = layer_decay ** (L + 1 - i) (embeddings i = 0, head L + 1), which
+    timm's schedulers multiply into every lr they set."""
+    if layer_decay is not None and layer_decay != 1.0:
+        groups = param_groups_layer_decay(model, optim.weight_decay, sorted(no_weight_decay_names(model)),
+                                          layer_decay=layer_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps)
     groups = param_groups_weight_decay(model, optim.weight_decay, no_weight_decay_names(model))
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps)
 
@@ -64,7 +73,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, lrs: L
     """Per-iteration cosine over all `epochs` with a linear warmup, as the official code
     (SimMIM's scheduler): step it with step_update(step) after every optimiser step."""
     total = optim.epochs * steps_per_epoch
-    return CosineLRScheduler(
+    scheduler = CosineLRScheduler(
         optimizer,
         t_initial=total,
         lr_min=lrs.min_lr,
@@ -73,3 +82,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, lrs: L
         cycle_limit=1,
         t_in_epochs=False,
     )
+    # Without warmup the constructor leaves the optimizer's lr as given, so step 1 would run
+    # without the groups' lr_scale (layer decay); setting step 0 now applies it.
+    scheduler.step_update(0)
+    return scheduler

@@ -18,6 +18,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -72,6 +73,45 @@ def import_function(spec: str, key: str):
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"{key}={spec!r}: {e}") from e
+
+
+def _pretrain_model(cfg: Config):
+    from pipeline.models import build_model
+
+    return build_model(cfg.model, cfg.corruption)
+
+
+def _pretrain_loader(cfg: Config, **kw):
+    return import_function(cfg.train.loader, "train.loader")(cfg, **kw)
+
+
+def _pretrain_optimizer(model, cfg: Config, lr: float):
+    return build_optimizer(model, cfg.optim, lr)
+
+
+def _pretrain_forward(engine, batch):
+    return engine(batch.encoder_input, batch.target, batch.keep)
+
+
+def _pretrain_finish(trainer: "Trainer") -> dict:
+    return {"export": ckpt.export(trainer.engine, trainer.cfg, trainer.folder, rank=trainer.ranks.rank)}
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a run trains, as the few pieces that differ between stages; the defaults are MFM
+    pretraining, `pipeline.finetune.task` gives fine-tuning. The loop, DeepSpeed, checkpoints,
+    resume and logs are the same for every task."""
+
+    build_model: Callable = _pretrain_model  # (cfg) -> nn.Module
+    build_loader: Callable = _pretrain_loader  # (cfg, *, rank, world_size, micro_batch, device) -> resumable loader
+    build_optimizer: Callable = _pretrain_optimizer  # (model, cfg, lr) -> torch optimizer
+    forward: Callable = _pretrain_forward  # (engine, batch) -> (loss, prediction)
+    finish: Callable = _pretrain_finish  # (trainer) -> dict merged into fit()'s result (collective)
+    pictures: bool = True  # the pretext pictures (input / corrupted / prediction)
+
+
+PRETRAIN = Task()
 
 
 @dataclass
@@ -129,6 +169,7 @@ class Trainer:
     last_checkpoint: str | None = None
     writer: object = None
     stats: StepStats = field(default_factory=StepStats)
+    task: Task = PRETRAIN
 
     @property
     def is_main(self) -> bool:
@@ -169,7 +210,7 @@ class Trainer:
             t = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - t
-            loss, pred = engine(batch.encoder_input, batch.target, batch.keep)
+            loss, pred = self.task.forward(engine, batch)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             losses.append(loss.detach().float())
@@ -231,15 +272,14 @@ class Trainer:
                 if self.is_main:
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                         self.log_step(loss)
-                    if self.step % cfg.picture_every == 0:
+                    if self.task.pictures and self.step % cfg.picture_every == 0:
                         self.picture(batch, pred)
                     self.writer.flush()
                 if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
                     self.save()
         finally:
             bar.close()
-        export = ckpt.export(self.engine, self.cfg, self.folder, rank=self.ranks.rank)
-        return {"step": self.step, "checkpoint": self.last_checkpoint, "export": export}
+        return {"step": self.step, "checkpoint": self.last_checkpoint, **self.task.finish(self)}
 
 
 def _truncate_metrics(path, step: int) -> None:
@@ -250,11 +290,9 @@ def _truncate_metrics(path, step: int) -> None:
     path.write_text("".join(r + "\n" for r in rows))
 
 
-def build_trainer(cfg: Config, ranks: Ranks) -> Trainer:
+def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
     import deepspeed
     from torch.utils.tensorboard import SummaryWriter
-
-    from pipeline.models import build_model
 
     plan = batch_plan(cfg, ranks.world_size)
     precision = resolve_precision(cfg.train.precision, ranks.device.type == "cuda")
@@ -267,11 +305,10 @@ def build_trainer(cfg: Config, ranks: Ranks) -> Trainer:
     # The same seed everywhere so that every rank builds the same initial model (ZeRO-3
     # partitions it without a broadcast), then a per-rank seed for everything after.
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, cfg.corruption).to(ranks.device)
+    model = task.build_model(cfg).to(ranks.device)
     seed_everything(cfg.train.seed + 1000 * ranks.rank + 1)
 
-    build_loader = import_function(cfg.train.loader, "train.loader")
-    loader = build_loader(cfg, rank=ranks.rank, world_size=ranks.world_size, micro_batch=plan.micro_batch,
+    loader = task.build_loader(cfg, rank=ranks.rank, world_size=ranks.world_size, micro_batch=plan.micro_batch,
                           device=ranks.device)
     steps_per_epoch = loader.steps_per_epoch // plan.grad_accum
     if steps_per_epoch < 1:
@@ -282,12 +319,12 @@ def build_trainer(cfg: Config, ranks: Ranks) -> Trainer:
         total = min(total, cfg.train.max_steps)
 
     lrs = scaled_lrs(cfg.optim, plan.global_batch)
-    optimizer = build_optimizer(model, cfg.optim, lrs.lr)
+    optimizer = task.build_optimizer(model, cfg, lrs.lr)
     scheduler = build_scheduler(optimizer, cfg.optim, lrs, steps_per_epoch)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(cfg, plan, precision))
 
-    trainer = Trainer(cfg, ranks, plan, engine, scheduler, loader, folder, steps_per_epoch, total)
+    trainer = Trainer(cfg, ranks, plan, engine, scheduler, loader, folder, steps_per_epoch, total, task=task)
     if resume_step is not None:
         if ranks.rank == 0:
             ckpt.sync_logs_down(folder)
@@ -307,9 +344,9 @@ def build_trainer(cfg: Config, ranks: Ranks) -> Trainer:
     return trainer
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, task: Task = PRETRAIN) -> dict:
     ranks = init_distributed()
-    trainer = build_trainer(cfg, ranks)
+    trainer = build_trainer(cfg, ranks, task)
     try:
         result = trainer.fit()
     finally:
@@ -328,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pipeline.training.trainer")
     p.add_argument("--config-b64", required=True, help="the resolved config (launcher-made)")
     p.add_argument("--local_rank", type=int, help="set by the DeepSpeed launcher; LOCAL_RANK wins")
+    p.add_argument("--task", help="module:function, (cfg) -> Task (default: MFM pretraining)")
     args = p.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
@@ -336,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = build_config(json.loads(base64.urlsafe_b64decode(args.config_b64)))
     try:
-        run(cfg)
+        run(cfg, import_function(args.task, "--task")(cfg) if args.task else PRETRAIN)
     except NonFiniteLoss as e:
         if rank == 0:
             log.error("%s", e)
