@@ -73,6 +73,8 @@ class Ref:
 def check_name(value: str, what: str = "name") -> str:
     if not _NAME_RE.match(value or ""):
         raise RegistryError(f"invalid {what} {value!r}: use letters, digits, '.', '_' and '-' (1-128 characters)")
+    if what == "alias" and re.match(r"^v\d+$", value):
+        raise RegistryError(f"invalid alias {value!r}: v<N> names a version")
     return value
 
 
@@ -472,6 +474,8 @@ class Registry:
         dest.mkdir(parents=True, exist_ok=True)
         vurl = self.version_url(target.name, target.version)
         for fname, expected in sorted(manifest["files"].items()):
+            if fname in ("", ".", "..") or "/" in fname or "\\" in fname:
+                raise IntegrityError(f"{target}: manifest lists an unsafe file name {fname!r}; refusing to pull")
             self._fetch_verified(storage.join(vurl, fname), dest / fname, expected, f"{target}: {fname}")
         (dest / MANIFEST).write_bytes(_dumps(manifest))
         return target, dest

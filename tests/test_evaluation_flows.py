@@ -23,14 +23,16 @@ def prefect_server():
 def artifact_rows(key: str) -> list[dict]:
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     async def read():
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                               sort=ArtifactSort.CREATED_DESC)
 
     found = anyio.run(read)
     assert found, f"no artifact {key}"
-    data = found[-1].data
+    data = found[0].data  # the newest version of the keyed artifact
     return json.loads(data) if isinstance(data, str) else data
 
 
@@ -62,22 +64,22 @@ def test_register_flow_promotes_through_the_gate(prefect_server, tmp_path):
     assert {"metric": "top1", "value": 0.6} in artifact_rows("mfm-register-metrics")
 
 
-def test_evaluate_flow_writes_metrics_and_artifact(prefect_server, tmp_path):
+@pytest.fixture
+def one_thread():
+    """A tiny model on a shared CPU: intra-op threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_evaluate_flow_writes_metrics_and_artifact(prefect_server, tmp_path, one_thread):
     from test_data_shards import write_split
 
     from flows.evaluate import evaluate_flow
     from pipeline.config import ModelConfig
     from pipeline.models import build_model, export_encoder
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model on a shared CPU: threads only contend
-    try:
-        _evaluate(tmp_path, write_split, evaluate_flow, ModelConfig, build_model, export_encoder)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _evaluate(tmp_path, write_split, evaluate_flow, ModelConfig, build_model, export_encoder):
     cfg = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4)
     state, config = export_encoder(build_model(cfg), cfg)
     export = write_export(str(tmp_path / "run" / "export"), state, config)
