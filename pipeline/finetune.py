@@ -168,7 +168,10 @@ def load_encoder(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, 
     if getattr(model, "fc_norm", None) is not None and not isinstance(model.fc_norm, nn.Identity):
         fresh += ("fc_norm",)
         replaced = ("norm",)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ (another patch size, width, image size)
+        raise ValueError(f"encoder weights do not fit {type(model).__name__}: {e}") from None
     missing = [k for k in result.missing_keys if k.split(".")[0] not in fresh]
     unexpected = [k for k in result.unexpected_keys if k.split(".")[0] not in replaced]
     if missing or unexpected:
