@@ -54,24 +54,47 @@ def synthetic_split(dest: str, images: int, per_shard: int, width: int, height: 
     return dest
 
 
+def _proc_cpu(pid: int | str) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def _cpu_seconds() -> float:
-    """CPU time of this process and its reaped children (DataLoader workers are joined at the end
-    of an epoch)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    """CPU time of this process and its live children (DataLoader workers), read from /proc so
+    that it can be sampled while the workers run; elsewhere only this process's own time."""
+    if not os.path.exists("/proc/self/stat"):
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    pids = {os.getpid()}
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    total = 0.0
+    for pid in pids:
+        try:
+            total += _proc_cpu(pid)
+        except OSError:  # a worker that just exited
+            pass
+    return total
 
 
 def _time(batches, batch_size: int) -> tuple[float, float]:
-    """(images/s after the first batch, CPU ms per image over the whole epoch). The CPU figure does
-    not depend on what else the machine runs: cores / (CPU s per image) is the idle-machine bound."""
-    cpu0 = _cpu_seconds()
+    """(images/s, CPU ms per image), both over the steady state after the first batch (worker
+    start-up, pipeline build). The CPU figure hardly depends on what else the machine runs:
+    cores / (CPU s per image) bounds the rate on an idle machine."""
     it = iter(batches)
-    next(it)  # start-up is not throughput
-    n, t0 = 0, time.perf_counter()
+    next(it)
+    n, t0, cpu0 = 0, time.perf_counter(), _cpu_seconds()
+    cpu1 = cpu0
     for _ in it:
         n += batch_size
+        cpu1 = _cpu_seconds()  # sampled per batch: workers exit when the epoch ends
     wall = time.perf_counter() - t0
-    return n / wall, 1000 * (_cpu_seconds() - cpu0) / (n + batch_size)
+    return n / wall, 1000 * (cpu1 - cpu0) / n
 
 
 def bench_loader(cfg, backend: str, batch: int, device: str) -> tuple[float, int]:

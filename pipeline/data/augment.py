@@ -103,14 +103,20 @@ def decode_rgb(data: bytes) -> Image.Image:
         raise CorruptSample(f"cannot decode: {e}") from None
 
 
+def to_uint8(im: Image.Image) -> torch.Tensor:
+    """PIL RGB -> uint8 (3, H, W)."""
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
 def to_float(im: Image.Image) -> torch.Tensor:
     """PIL RGB -> float32 (3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    return to_uint8(im).float().div_(255)
 
 
-def train_view(data: bytes, p: SampleParams, size: int, downscale: str = "bicubic") -> torch.Tensor:
+def train_view(data: bytes, p: SampleParams, size: int, downscale: str = "bicubic", *,
+               uint8: bool = False) -> torch.Tensor:
     """Decode, crop the window, resize to size x size (bicubic; `downscale` on an axis that
-    shrinks, as DALI's min_filter does), flip: float (3, S, S) in [0, 1]."""
+    shrinks, as DALI's min_filter does), flip: float (3, S, S) in [0, 1], or uint8 0..255."""
     im = decode_rgb(data)
     box = (p.left, p.top, p.left + p.width, p.top + p.height)
     shrink = Image.BILINEAR if downscale == "bilinear" else Image.BICUBIC
@@ -122,7 +128,7 @@ def train_view(data: bytes, p: SampleParams, size: int, downscale: str = "bicubi
         im = im.resize((size, p.height), fx, box=box).resize((size, size), fy)
     if p.flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    return to_float(im)
+    return to_uint8(im) if uint8 else to_float(im)
 
 
 def eval_resize(size: int) -> int:

@@ -125,6 +125,9 @@ class TrainLoader:
                 yield LabelledBatch(out["images"].to(self.device, torch.float32, non_blocking=True),
                                     out["labels"].to(self.device, non_blocking=True))
                 continue
+            if "views" in out:
+                yield Batch(*torch_backend.corrupt_views(out, self.cfg, self.device))
+                continue
             yield Batch(*(None if out[k] is None else out[k].to(self.device, torch.float32, non_blocking=True)
                           for k in ("encoder_input", "target", "keep")))
         if seg.batches >= len(plan):

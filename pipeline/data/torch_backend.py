@@ -20,16 +20,22 @@ from pipeline.data.shards import SampleReader, Split
 
 @dataclass
 class PretextBatches:
-    """Raw batch -> {"encoder_input", "target", "keep"} with the configured corruption."""
+    """Raw batch -> {"views": uint8 (B, 3, S, S), "seeds": the corruption seeds}. The corruption
+    runs after the batch reaches the training process (`corrupt_views`): a quarter of the bytes
+    cross from the workers, and on a GPU the FFTs run there."""
 
     cfg: Config
 
     def __call__(self, raw: RawBatch) -> dict:
-        size = self.cfg.model.img_size
-        down = self.cfg.data.downscale
-        images = torch.stack([train_view(d, p, size, down) for d, p in zip(raw.data, raw.params)])
-        enc, target, keep = corrupt_samples(images, self.cfg.corruption, [p.corruption_seed for p in raw.params])
-        return {"encoder_input": enc, "target": target, "keep": keep}
+        size, down = self.cfg.model.img_size, self.cfg.data.downscale
+        views = torch.stack([train_view(d, p, size, down, uint8=True) for d, p in zip(raw.data, raw.params)])
+        return {"views": views, "seeds": torch.tensor([p.corruption_seed for p in raw.params], dtype=torch.int64)}
+
+
+def corrupt_views(out: dict, cfg: Config, device: torch.device) -> tuple:
+    """(encoder_input, target, keep or None) on `device` from a PretextBatches output."""
+    images = out["views"].to(device, non_blocking=True).float().div_(255)
+    return corrupt_samples(images, cfg.corruption, out["seeds"].tolist())
 
 
 @dataclass
