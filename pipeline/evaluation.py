@@ -390,19 +390,23 @@ def run(model: str, data: str, *, train_data: str | None = None, corruptions: st
         overrides: Sequence[str] = (), max_batches: int | None = None, knn_k: int = 20,
         probe_epochs: int = 20, seed: int = 0) -> tuple[dict, str]:
     """What `mfm evaluate` and the `mfm-evaluate` flow do: (metrics, URL written)."""
+    import tempfile
+    from pathlib import Path
+
     from pipeline import storage
     from pipeline.config import load_config
-    from pipeline.registry import Registry, code_version, default_registry, load_export
+    from pipeline.registry import CONFIG, Registry, code_version, default_registry, load_export, model_from_folder
 
     device = device or _default_device()
+    store = load_config(preset, list(overrides)).storage  # endpoint/region for every URL below
     if "@" in model:
-        reg = Registry(registry or default_registry())
-        ref = reg.resolve(model)
-        net = reg.load_model(ref)
-        config = json.loads(storage.read_bytes(storage.join(reg.version_url(ref.name, ref.version), "config.json")))
+        reg = Registry(registry or default_registry(), store)
+        with tempfile.TemporaryDirectory(prefix="mfm-eval-") as tmp:
+            ref, folder = reg.pull(model, tmp)  # every file verified against the manifest
+            net, config = model_from_folder(folder), json.loads((Path(folder) / CONFIG).read_text())
         source, out = str(ref), out or "metrics.json"
     else:
-        net, config = load_export(model)
+        net, config = load_export(model, storage_cfg=store)
         source, out = model, out or storage.join(model, "metrics.json")
     pcfg = config.get("pretrained_cfg") or {}
     mean, std = pcfg.get("mean", IMAGENET_MEAN), pcfg.get("std", IMAGENET_STD)
@@ -428,7 +432,7 @@ def run(model: str, data: str, *, train_data: str | None = None, corruptions: st
     metrics = {"format_version": METRICS_FORMAT_VERSION, "model": source, "data": data, "train_data": train_data,
                **metrics, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "code": code_version()}
-    storage.write_bytes(out, (json.dumps(metrics, indent=2) + "\n").encode())
+    storage.write_bytes(out, (json.dumps(metrics, indent=2) + "\n").encode(), store)
     return metrics, out
 
 

@@ -595,7 +595,7 @@ def _registry_arg(p: argparse.ArgumentParser) -> None:
 def _run(fn: Callable[[], int], prog: str) -> int:
     try:
         return fn()
-    except RegistryError as e:
+    except (RegistryError, storage.ConditionalWriteUnsupported) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
 

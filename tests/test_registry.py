@@ -183,3 +183,13 @@ def test_refs_and_gate_are_pure():
     assert not gate_decision({"top1": 0.5}, {"top1": 0.5}, "top1")[0]  # a tie does not beat
     assert gate_decision({"loss": 0.1}, {"loss": 0.2}, "loss", higher_is_better=False)[0]
     assert not gate_decision({"top1": 0.9}, {}, "top1")[0]
+
+
+def test_store_without_conditional_writes_is_refused(tmp_path, capsys):
+    """fsspec's memory:// store cannot create-if-absent: registering there must fail loudly
+    rather than race silently."""
+    export = small_export(str(tmp_path / "export"), 1)
+    with pytest.raises(storage.ConditionalWriteUnsupported, match="memory://reg"):
+        Registry("memory://reg").register("m", export)
+    assert mfm(["registry", "register", "m", "--export", export, "--registry", "memory://reg2"]) == 1
+    assert "no create-if-absent write" in capsys.readouterr().err
