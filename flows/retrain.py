@@ -1,0 +1,270 @@
+"""Prefect flow `mfm-retrain`: shard -> pretrain -> fine-tune -> evaluate -> register (gated promotion).
+
+Each stage is one task run with retries for transient failures. A stage's result is persisted
+and cached under a key made of everything it depends on (the flow's inputs, the source's
+fingerprint and every earlier stage's result), so a rerun with the same inputs after a failure
+loads the finished stages from the cache and continues at the one that failed. Behind the
+cache the stages are idempotent on their own: sharding keeps a split whose manifest matches,
+pretraining resumes from the newest complete checkpoint.
+
+The stage list is data: a stage is "module:function" taking the context dict and returning the
+keys it adds. A stage whose module is not installed is skipped with a log line (fine-tuning,
+until `flows.finetune:retrain_stage` exists).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import INPUTS
+
+from pipeline import storage
+
+# Fault-injection drill: a stage named here raises InjectedFailure (retried like any
+# transient error) so that "fails, then the rerun continues here" can be rehearsed and tested.
+FAIL_ENV = "MFM_RETRAIN_FAIL_STAGE"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    function: str  # "module:function", (ctx: dict) -> dict merged into ctx
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("shard", "flows.retrain:shard_stage"),
+    Stage("pretrain", "flows.retrain:pretrain_stage"),
+    Stage("finetune", "flows.finetune:retrain_stage"),  # skipped until the fine-tune flow provides it
+    Stage("evaluate", "flows.retrain:evaluate_stage"),
+    Stage("register", "flows.retrain:register_stage"),
+)
+
+
+class InjectedFailure(RuntimeError):
+    pass
+
+
+def _config_error_types() -> tuple[type[BaseException], ...]:
+    from pipeline.config import ConfigError
+    from pipeline.registry import RegistryError
+    from pipeline.sharding import ShardingError, SourceError
+
+    # A wrong setting fails the same way every time: retrying only delays the report.
+    return (ConfigError, ShardingError, SourceError, RegistryError, ValueError, TypeError, KeyError,
+            ModuleNotFoundError, FileNotFoundError, PermissionError)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether a failed stage is worth retrying (I/O hiccups, a crashed training process)."""
+    if exc is None or isinstance(exc, _config_error_types()):
+        return False
+    from pipeline.training.launcher import LaunchError
+    from pipeline.training.trainer import EXIT_NON_FINITE
+
+    if isinstance(exc, LaunchError):
+        return exc.code != EXIT_NON_FINITE  # a diverged run diverges again from the same checkpoint
+    return True
+
+
+def retry_condition(task, task_run, state) -> bool:
+    return is_transient(state.result(raise_on_failure=False) if state.is_failed() else None)
+
+
+def _stage_function(stage: Stage):
+    module, func = stage.function.split(":")
+    try:
+        return getattr(importlib.import_module(module), func)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            return None  # the stage's own module is not there: not part of this installation
+        raise
+    except AttributeError:
+        return None
+
+
+@task(name="stage", persist_result=True, cache_policy=INPUTS, retries=2, retry_condition_fn=retry_condition)
+def run_stage(name: str, function: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Run one stage on the context; returns the keys it adds."""
+    if os.environ.get(FAIL_ENV) == name:
+        raise InjectedFailure(f"{FAIL_ENV}={name}: injected failure of stage {name!r}")
+    return _stage_function(Stage(name, function))(ctx)
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def _override_strings(overrides: dict[str, Any] | None) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
+
+
+def _storage(ctx: dict):
+    from pipeline.config import load_config
+
+    return load_config(ctx["preset"], _override_strings(ctx["overrides"])).storage
+
+
+def shard_stage(ctx: dict) -> dict:
+    from pipeline.sharding import shard_dataset
+
+    log = get_run_logger()
+    cfg = _storage(ctx)
+    current = {s: storage.exists(storage.join(ctx["shards"], s, "manifest.json"), cfg) for s in ctx["splits"]}
+    # shard_dataset keeps a split whose manifest matches the source fingerprint and options and
+    # refuses one that does not, so a manifest that was there before and survives is current.
+    manifests = shard_dataset(ctx["source"], ctx["shards"], splits=ctx["splits"], storage=cfg, progress=False,
+                              **ctx["shard_options"])
+    for split, was_there in current.items():
+        log.info("shard %s: %s", split, "manifest current, skipped" if was_there else "sharded")
+    return {"data": {s: storage.join(ctx["shards"], s) for s in manifests},
+            "manifests": {s: {"num_samples": m["num_samples"], "shards": len(m["shards"]),
+                              "fingerprint": m["source"]["fingerprint"]} for s, m in manifests.items()}}
+
+
+def pretrain_stage(ctx: dict) -> dict:
+    from dataclasses import asdict
+
+    from pipeline.config import load_config
+    from pipeline.training.launcher import launch
+
+    cfg = load_config(ctx["preset"], _override_strings(ctx["train_overrides"]))
+    result = asdict(launch(cfg))
+    get_run_logger().info("pretrain: %d checkpoints in %s, export %s", len(result["checkpoints"]),
+                          result["run_dir"], result["export"])
+    if not result["export"]:
+        raise RuntimeError(f"{result['run_dir']}: training finished without an export")
+    return {"run_dir": result["run_dir"], "checkpoints": result["checkpoints"], "export": result["export"],
+            "pretrained_export": result["export"], "pictures": result["pictures"]}
+
+
+def evaluate_stage(ctx: dict) -> dict:
+    from pipeline.evaluation import run
+
+    data_keys = [s for s in _override_strings(ctx["train_overrides"]) if s.startswith(("data.", "storage."))]
+    metrics, url = run(ctx["export"], ctx["data"]["val"], train_data=ctx["data"]["train"], preset=ctx["preset"],
+                       overrides=data_keys, **ctx["eval_options"])
+    from pipeline.registry import flatten_metrics
+
+    flat = flatten_metrics(metrics)
+    get_run_logger().info("evaluate: %s=%s -> %s", ctx["promote_metric"], flat.get(ctx["promote_metric"]), url)
+    return {"metrics": url, "headline": {k: flat[k] for k in ("top1", "top5", ctx["promote_metric"]) if k in flat}}
+
+
+def register_stage(ctx: dict) -> dict:
+    from pipeline.registry import PromotionRefused, Registry
+
+    log = get_run_logger()
+    reg = Registry(ctx["registry"], _storage(ctx))
+    ref = reg.register(ctx["registry_name"], ctx["export"], metrics_url=ctx["metrics"],
+                       data_manifest_url=storage.join(ctx["data"]["train"], "manifest.json"),
+                       run_config_url=storage.join(ctx["run_dir"], "config.yaml"))
+    out = {"model": str(ref), "promoted": None, "refused": None}
+    if ctx["promote_to"]:
+        try:
+            out["promoted"] = reg.promote(ref, ctx["promote_to"], gate_metric=ctx["promote_metric"],
+                                          higher_is_better=ctx["higher_is_better"])
+            log.info("register: %s is now %s@%s (%s)", ref, ctx["registry_name"], ctx["promote_to"], out["promoted"])
+        except PromotionRefused as e:  # a worse model stays registered, not promoted: not a failure
+            out["refused"] = str(e)
+            log.info("register: %s registered, not promoted: %s", ref, e)
+    return out
+
+
+# ---------------------------------------------------------------------------- flow
+
+
+def _abs(url: str) -> str:
+    return url if "://" in url else str(Path(url).resolve())
+
+
+def _fingerprints(source: str, splits: list[str]) -> dict[str, str]:
+    from pipeline.sharding.sources import list_split
+
+    # Part of every cache key: new or changed source files mean new shards, a new run, a new model.
+    return {s: list_split(source, s).fingerprint for s in splits}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@flow(name="mfm-retrain")
+def retrain_flow(
+    source: str,
+    store: str = "demo-out",
+    preset: str = "tiny_cpu",
+    overrides: dict[str, Any] | None = None,
+    registry_name: str = "mfm-tiny",
+    promote_metric: str = "knn.top1",
+    promote_to: str | None = "production",
+    higher_is_better: bool = True,
+    registry: str | None = None,
+    splits: list[str] | None = None,
+    shard_options: dict[str, Any] | None = None,
+    eval_options: dict[str, Any] | None = None,
+    retry_delay_seconds: float = 30.0,
+    refresh: bool = False,
+) -> dict[str, Any]:
+    """Shard `source` into `<store>/shards/<key>`, pretrain into `<store>/runs/<name>-<key>`, evaluate,
+    register in `<store>/registry` (or `registry`) and promote to `promote_to` when
+    `promote_metric` beats the current holder. Returns where everything is.
+
+    overrides: config keys (as for mfm-pretrain), e.g. {"train.max_steps": 50}.
+    shard_options / eval_options: keyword arguments of shard_dataset / pipeline.evaluation.run.
+    refresh: ignore cached stage results and run every stage again.
+    """
+    log = get_run_logger()
+    store = _abs(store)
+    splits = splits or ["train", "val"]
+    overrides = dict(overrides or {})
+    shard_options = dict(shard_options or {})
+    fingerprints = _fingerprints(_abs(source), splits)
+    # A shard folder per (source contents, options): new data is sharded beside the old shards,
+    # which a running job may still read, instead of being refused by their manifest.
+    shards = storage.join(store, "shards", _digest({"fingerprints": fingerprints, "options": shard_options}))
+    base = {"source": _abs(source), "store": store, "preset": preset, "overrides": overrides, "splits": splits,
+            "shards": shards, "shard_options": shard_options, "fingerprints": fingerprints}
+    key = _digest({k: base[k] for k in ("shards", "preset", "overrides")})
+    # A run folder per (data, config): new data starts a new run instead of resuming a finished one.
+    train_overrides = {"data.train": storage.join(shards, "train"), "data.val": storage.join(shards, "val"),
+                       "train.run_dir": storage.join(store, "runs", f"{registry_name}-{key}"), **overrides}
+    ctx: dict[str, Any] = {
+        **base, "train_overrides": train_overrides, "eval_options": dict(eval_options or {}),
+        "registry": _abs(registry) if registry else storage.join(store, "registry"),
+        "registry_name": registry_name, "promote_metric": promote_metric, "promote_to": promote_to,
+        "higher_is_better": higher_is_better,
+    }
+    options: dict[str, Any] = {"retry_delay_seconds": retry_delay_seconds, "refresh_cache": refresh}
+    if "://" not in store:  # the cache lives with the run; on object storage, Prefect's local default
+        options["result_storage"] = Path(store) / ".prefect-results"
+    states: dict[str, str] = {}
+    for stage in STAGES:
+        if _stage_function(stage) is None:
+            log.info("stage %s: %s is not installed; skipped", stage.name, stage.function)
+            states[stage.name] = "Skipped"
+            continue
+        state = run_stage.with_options(name=stage.name, task_run_name=stage.name, **options)(
+            stage.name, stage.function, ctx, return_state=True)
+        states[stage.name] = state.name
+        if state.name == "Cached":
+            log.info("stage %s: finished in an earlier run; result loaded from the cache", stage.name)
+        ctx.update(state.result())  # raises for a failed stage, failing the flow
+    result = {"shards": ctx["data"], "run_dir": ctx["run_dir"], "checkpoints": ctx["checkpoints"],
+              "export": ctx["export"], "pictures": ctx["pictures"], "metrics": ctx["metrics"],
+              "headline": ctx["headline"], "registry": ctx["registry"], "model": ctx["model"],
+              "promoted": ctx["promoted"], "refused": ctx["refused"], "stages": states}
+    create_markdown_artifact(key="mfm-retrain", description="where mfm-retrain put everything",
+                             markdown="# mfm-retrain\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in result.items()))
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(retrain_flow(*sys.argv[1:3]), indent=1))
