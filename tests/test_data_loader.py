@@ -158,3 +158,15 @@ def test_eval_loader_covers_every_sample_once(tmp_path):
                                sample_transform=lambda im: torch.zeros(3, 8, 8))
     images, _ = next(iter(custom))
     assert images.shape == (7, 3, 8, 8)
+
+
+def test_s3_with_worker_processes_and_cache(s3_endpoint, tmp_path):
+    url = f"s3://mfm-test/workers-{threading.get_ident()}/train"
+    write_split(url, [4, 3, 5])
+    cfg = make_cfg(url, "data.workers=2", f"data.cache_dir={tmp_path / 'cache'}")
+    seen = []
+    for rank in range(2):
+        loader = build_train_loader(cfg, rank=rank, world_size=2, micro_batch=2, device="cpu")
+        seen += [i for _ in loader for i in loader.last_ids]
+    assert len(seen) == len(set(seen)) == 12
+    assert len(list((tmp_path / "cache").iterdir())) == 3  # each shard cached once, whole

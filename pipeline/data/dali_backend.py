@@ -37,6 +37,7 @@ def _corrupt_cpu(images, seeds, *, cfg):
 
 def _corrupt_gpu(images, seeds, *, cfg):
     """torch_python_function body (GPU): lists of CUDA tensors in and out."""
+    seeds = torch.stack(list(seeds)).cpu().tolist()  # one device sync for the batch
     enc, target, keep = corrupt_samples(torch.stack(list(images)), cfg.corruption, [int(s) for s in seeds])
     keep = keep if keep is not None else torch.zeros(len(images), 1, 1, device=enc.device)
     return list(enc), list(target), list(keep)
@@ -52,7 +53,8 @@ def build_pipeline(cfg: Config, batch_size: int, source, *, num_threads: int, de
     size = cfg.model.img_size
     if gpu:
         # torch_python_function runs in the pipeline's thread: the classic synchronous executor
-        executor = dict(device_id=device.index or 0, exec_pipelined=False, exec_async=False, prefetch_queue_depth=1)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        executor = dict(device_id=index, exec_pipelined=False, exec_async=False, prefetch_queue_depth=1)
     else:
         # the dynamic executor runs python functions too, and overlaps the corruption of one batch
         # with the decoding of the next
@@ -72,7 +74,8 @@ def build_pipeline(cfg: Config, batch_size: int, source, *, num_threads: int, de
         if gpu:
             from nvidia.dali.plugin.pytorch.fn import torch_python_function
 
-            return tuple(torch_python_function(images, seeds, function=partial(_corrupt_gpu, cfg=cfg),
+            # a GPU function takes GPU inputs only: the seeds go up too
+            return tuple(torch_python_function(images, seeds.gpu(), function=partial(_corrupt_gpu, cfg=cfg),
                                                num_outputs=3, batch_processing=True, device="gpu"))
         return tuple(fn.python_function(images, seeds, function=partial(_corrupt_cpu, cfg=cfg), num_outputs=3,
                                         batch_processing=True))
