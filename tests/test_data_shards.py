@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.shards import SampleReader, fetch_shard, parse_shard, read_split
+import pipeline.data.shards as shards_mod
+from pipeline.data.shards import SampleReader, read_samples, read_split
 from pipeline.storage import join, write_bytes
 
 
@@ -68,9 +69,10 @@ def test_manifest_and_parse(tmp_path):
     keys = write_split(url, [3, 2])
     split = read_split(url)
     assert split.counts == [3, 2] and split.num_samples == 5
-    samples = parse_shard(fetch_shard(split.shards[1]), split.shards[1])
-    assert [s["__key__"] for s in samples] == keys[3:]
+    samples = read_samples(split.shards[1], [0, 1])
+    assert [samples[i]["__key__"] for i in (0, 1)] == keys[3:]
     assert samples[0]["cls"] == b"3" and samples[0]["jpg"][:2] == b"\xff\xd8"
+    assert list(read_samples(split.shards[0], [2])) == [2]  # only what is asked for is kept
     shard, idx = split.locate(np.array([0, 2, 3, 4]))
     assert shard.tolist() == [0, 0, 1, 1] and idx.tolist() == [0, 2, 0, 1]
 
@@ -83,7 +85,7 @@ def test_errors_name_the_file(tmp_path):
     split = read_split(url)
     bad = split.shards[0].__class__(split.shards[0].name, split.shards[0].url, 4, None)
     with pytest.raises(ValueError, match="train-000000.tar: holds 3 samples, the manifest says 4"):
-        parse_shard(fetch_shard(bad), bad)
+        read_samples(bad, [0])
 
 
 def test_reader_streams_any_order_and_caches(tmp_path):
@@ -100,3 +102,63 @@ def test_reader_streams_any_order_and_caches(tmp_path):
         os.remove(s.url)
     again = [gid for gid, _ in SampleReader(split, prefetch=0, cache_dir=str(cache)).read(order)]
     assert again == order
+
+
+class _Flaky:
+    """A file that fails once with a connection reset after `after` bytes, as a dropped
+    connection does mid-body."""
+
+    def __init__(self, f, state):
+        self.f, self.state = f, state
+
+    def read(self, n=-1):
+        if not self.state["failed"] and self.f.tell() >= self.state["after"]:
+            self.state["failed"] = True
+            raise ConnectionResetError("connection reset by peer")
+        return self.f.read(n)
+
+    def seek(self, *a):
+        self.state["seeks"].append(a[0])
+        return self.f.seek(*a)
+
+    def tell(self):
+        return self.f.tell()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_transient_error_resumes_at_byte_offset(tmp_path, monkeypatch):
+    url = str(tmp_path / "train")
+    keys = write_split(url, [6])
+    split = read_split(url)
+    real = shards_mod.filesystem
+    state = {"failed": False, "after": split.shards[0].nbytes // 2, "seeks": []}
+
+    def flaky_filesystem(u, storage=None):
+        fs, path = real(u, storage)
+
+        class FS:
+            def open(self, p, mode="rb", **kw):
+                return _Flaky(fs.open(p, mode), state)
+        return FS(), path
+
+    monkeypatch.setattr(shards_mod, "filesystem", flaky_filesystem)
+    monkeypatch.setattr(shards_mod, "retry", lambda fn, **kw: _retry_now(fn))
+    got = read_samples(split.shards[0], range(6))
+    assert state["failed"]
+    assert [got[i]["__key__"] for i in range(6)] == keys
+    resumed = [o for o in state["seeks"] if o > 0]
+    assert resumed and resumed[0] % 512 == 0 and resumed[0] < split.shards[0].nbytes  # not from byte 0
+
+
+def _retry_now(fn):
+    for _ in range(3):
+        try:
+            return fn()
+        except ConnectionError:
+            continue
+    raise AssertionError("still failing")

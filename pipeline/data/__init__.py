@@ -14,9 +14,10 @@ What holds (the modules say why):
 - `state_dict()` after k batches + `load_state_dict()` on a new loader: the same next batches,
   bit for bit. A different world size / micro batch / worker count finishes the epoch with
   the samples not consumed yet, re-dealt on the new layout; later epochs follow the new layout.
-- A shard read that fails transiently is retried whole (`shards.fetch_shard`); a sample whose
-  bytes are not an image is replaced by the next good sample of its batch, logged and counted
-  (`loader.skipped`, `loader.skipped_keys`).
+- A shard read that fails transiently resumes, with backoff, at the last whole tar member
+  (`shards.read_samples`): nothing lost, nothing repeated. A sample whose bytes are not an
+  image is replaced by the next good sample of its batch, logged and counted (`loader.skipped`,
+  `loader.skipped_keys`).
 """
 from pipeline.data.loader import (Batch, EvalLoader, LabelledBatch, TrainLoader, build_eval_loader,
                                   build_labelled_train_loader, build_train_loader, resolve_backend)

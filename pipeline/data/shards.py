@@ -1,9 +1,9 @@
-"""Reading a sharded split: the manifest, whole-shard fetches with retry and an optional local
-cache, tar parsing, and a reader that streams the samples of an id sequence with prefetch."""
+"""Reading a sharded split: the manifest, sequential tar streaming that resumes at a byte offset
+after transient errors, an optional local cache, and a reader that streams the samples of an id
+sequence with prefetch."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -97,63 +97,106 @@ def _cache_path(cache_dir: str, shard: Shard) -> str:
     return os.path.join(os.path.expanduser(cache_dir), f"{tag}-{shard.name}")
 
 
-def fetch_shard(shard: Shard, storage: StorageConfig | None = None, cache_dir: str | None = None) -> bytes:
-    """A shard's bytes, read sequentially in one go. A transient error re-fetches the whole
-    shard (with backoff), so a retried shard never yields a sample twice or loses one."""
+READ_BLOCK = 8 << 20  # readahead of a remote shard: few large sequential GETs
+
+
+def cache_shard(shard: Shard, storage: StorageConfig | None, cache_dir: str) -> str:
+    """The shard's path in the local cache, downloading it (sequentially, resuming at the byte
+    offset after a transient error) when it is not there yet."""
+    storage = storage or StorageConfig()
+    local = _cache_path(cache_dir, shard)
+    if os.path.exists(local) and (shard.nbytes is None or os.path.getsize(local) == shard.nbytes):
+        return local
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    fs, path = filesystem(shard.url, storage)
+    tmp = f"{local}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+        with open(tmp, "wb") as out:
+            def attempt():
+                with fs.open(path, "rb", block_size=READ_BLOCK) as f:
+                    f.seek(out.tell())
+                    while chunk := f.read(READ_BLOCK):
+                        out.write(chunk)
+
+            retry(_transient(attempt), attempts=storage.retries, what=f"download {shard.url}")
+        size = os.path.getsize(tmp)
+        if shard.nbytes is not None and size != shard.nbytes:
+            raise ValueError(f"{shard.url}: {size} bytes, the manifest says {shard.nbytes}")
+        os.replace(tmp, local)  # atomic: another worker reading the cache sees all or nothing
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return local
+
+
+@dataclass
+class _TarCursor:
+    """How far a shard has been read: resuming at `offset` (a member header) continues exactly."""
+
+    offset: int = 0
+    index: int = -1  # sample index of the current key
+    key: str | None = None
+    samples: dict = None
+
+
+def _scan(f, cur: _TarCursor, wanted: set[int]) -> None:
+    start = cur.offset
+    try:
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if member.isfile():
+                    base = member.name.rsplit("/", 1)[-1]
+                    key, _, ext = base.partition(".")
+                    prefix = member.name[: len(member.name) - len(base)] + key
+                    if prefix != cur.key:
+                        cur.index, cur.key = cur.index + 1, prefix
+                    if cur.index in wanted:
+                        data = tar.extractfile(member).read()
+                        if len(data) != member.size:
+                            raise TransientStorageError(f"member {member.name} cut short")
+                        cur.samples.setdefault(cur.index, {"__key__": prefix})[ext] = data
+                cur.offset = start + member.offset_data + -(-member.size // 512) * 512
+    except (tarfile.ReadError, EOFError) as e:
+        # a body cut off mid-stream reads as a damaged tar: read on from the last whole member
+        raise TransientStorageError(f"tar stream ended early at byte {cur.offset}: {e}") from e
+
+
+def read_samples(shard: Shard, wanted: Iterable[int], storage: StorageConfig | None = None,
+                 cache_dir: str | None = None) -> dict[int, dict]:
+    """The samples `wanted` (indices within the shard) as {index: {"__key__", "jpg", ...}}.
+
+    One sequential pass over the tar that keeps only the wanted samples. A transient error
+    reopens the shard at the byte offset of the last whole member, so a retry neither repeats
+    nor loses a sample. A sample is the group of consecutive members sharing a key (the name
+    up to its first dot)."""
     storage = storage or StorageConfig()
     if cache_dir:
-        local = _cache_path(cache_dir, shard)
-        if os.path.exists(local) and (shard.nbytes is None or os.path.getsize(local) == shard.nbytes):
-            with open(local, "rb") as f:
-                return f.read()
-    fs, path = filesystem(shard.url, storage)
+        fs, path = filesystem(cache_shard(shard, storage, cache_dir))
+    else:
+        fs, path = filesystem(shard.url, storage)
+    cur = _TarCursor(samples={})
+    wanted = set(wanted)
 
-    def get():
-        data = fs.cat_file(path)
-        if shard.nbytes is not None and len(data) != shard.nbytes:
-            # a cut-off body looks like success to some clients: fetch again
-            raise TransientStorageError(f"{shard.url}: got {len(data)} bytes, manifest says {shard.nbytes}")
-        return data
+    def attempt():
+        with fs.open(path, "rb", block_size=READ_BLOCK) as f:
+            f.seek(cur.offset)
+            if cur.offset and not f.read(512).strip(b"\0"):
+                return  # cut off just before the end-of-archive blocks: nothing left to read
+            f.seek(cur.offset)
+            _scan(f, cur, wanted)
 
-    data = retry(_transient(get), attempts=storage.retries, what=f"read {shard.url}")
-    if cache_dir:
-        os.makedirs(os.path.expanduser(cache_dir), exist_ok=True)
-        tmp = f"{local}.tmp-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, local)  # atomic: another worker reading the cache sees all or nothing
-    return data
-
-
-def parse_shard(data: bytes, shard: Shard) -> list[dict]:
-    """The samples of a tar in order: {"__key__": key, "jpg": bytes, "cls": bytes, ...}.
-    A sample is the group of consecutive members sharing a key (the name up to its first dot)."""
-    samples: list[dict] = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                prefix = member.name[: len(member.name) - len(base)] + key
-                if not samples or samples[-1]["__key__"] != prefix:
-                    samples.append({"__key__": prefix})
-                samples[-1][ext] = tar.extractfile(member).read()
-    except tarfile.TarError as e:
-        raise ValueError(f"{shard.url}: not a readable tar: {e}") from e
-    if len(samples) != shard.samples:
-        raise ValueError(f"{shard.url}: holds {len(samples)} samples, the manifest says {shard.samples}")
-    return samples
+    retry(_transient(attempt), attempts=storage.retries, what=f"read {shard.url}")
+    if cur.index + 1 != shard.samples:
+        raise ValueError(f"{shard.url}: holds {cur.index + 1} samples, the manifest says {shard.samples}")
+    return cur.samples
 
 
 class SampleReader:
     """Streams the samples of a sequence of ids, in that order.
 
-    Shards are fetched in the order the ids first need them, `prefetch` shards ahead on a
+    Shards are streamed in the order the ids first need them, `prefetch` shards ahead on a
     background thread. Only the samples the sequence asks for are kept, and each is dropped once
-    handed out, so memory holds at most the in-flight shards plus the samples a shuffle window
-    spreads over them.
+    handed out: memory holds the wanted samples of the in-flight shards, never a whole shard.
     """
 
     def __init__(self, split: Split, storage: StorageConfig | None = None, *, prefetch: int = 2,
@@ -179,7 +222,8 @@ class SampleReader:
             nonlocal nxt
             while nxt < len(sequence) and len(inflight) <= self.prefetch:
                 shard = self.split.shards[sequence[nxt]]
-                inflight.append((sequence[nxt], pool.submit(fetch_shard, shard, self.storage, self.cache_dir)))
+                inflight.append((sequence[nxt], pool.submit(read_samples, shard, wanted[sequence[nxt]], self.storage,
+                                                            self.cache_dir)))
                 nxt += 1
 
         pending: dict[tuple[int, int], dict] = {}
@@ -189,11 +233,9 @@ class SampleReader:
                 while s not in loaded:
                     top_up()
                     si, fut = inflight.popleft()
-                    samples = parse_shard(fut.result(), self.split.shards[si])
-                    for j in wanted[si]:
-                        pending[(si, j)] = samples[j]
+                    for j, sample in fut.result().items():
+                        pending[(si, j)] = sample
                     loaded.add(si)
-                    del samples
                 top_up()
                 yield gid, pending.pop((s, i))
         finally:
