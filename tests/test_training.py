@@ -1,10 +1,13 @@
-"""Pretraining end to end: real DeepSpeed processes (2 ranks, gloo, ZeRO-2) through `mfm pretrain`.
+"""Pretraining end to end: real DeepSpeed processes (2 ranks, gloo, ZeRO-2) through `mfm pretrain`,
+fed by the real loader (pipeline.data, torch backend) from sample shards (pipeline.sample_data ->
+pipeline.sharding).
 
 The runs are slow to start, so one uninterrupted local run and one killed-and-restarted run on
 the S3 endpoint are shared between the assertions."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_training_data import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -24,8 +26,9 @@ pytestmark = pytest.mark.slow
 
 def _overrides(data: str, run_dir: str, **extra) -> list[str]:
     values = {
-        "train.nprocs": 2, "train.zero_stage": 2, "data.train": data, "train.run_dir": run_dir,
-        "train.loader": "test_training_data:build_train_loader", "data.batch_size": 16,
+        "train.nprocs": 2, "train.zero_stage": 2, "data.train": f"{data}/train", "data.val": f"{data}/val",
+        "train.run_dir": run_dir,
+        "data.backend": "torch", "data.workers": 0, "data.batch_size": 16,
         "train.max_steps": STEPS, "train.checkpoint_every": 2, "train.keep_last": 2, "train.log_every": 1,
         "train.picture_every": 4, "optim.base_lr": 1.5e-2, "optim.warmup_epochs": 0, **extra,
     }
@@ -55,12 +58,21 @@ def _finish(proc: subprocess.Popen, timeout: float = 400) -> str:
 
 
 def _losses(metrics: str) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, metrics.splitlines()) if r}
+    return {r["step"]: r["loss"] for r in map(json.loads, metrics.splitlines()) if "loss" in r}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
-    return write_manifest(tmp_path_factory.mktemp("data") / "train")
+    """80 training images (10 classes x 8, 32 px): 5 steps of 16 per epoch, so 8 steps cross an
+    epoch; 20 val images. Returns the shards' folder (train/, val/)."""
+    from pipeline import sample_data
+    from pipeline.sharding import shard_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    sample = sample_data.build(str(root / "sample"), per_class=8, size=32)
+    manifests = shard_dataset(sample["folder"], str(root / "shards"), shard_size_mb=1)
+    assert manifests["train"]["num_samples"] == 80 and manifests["val"]["num_samples"] == 20
+    return str(root / "shards")
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +85,16 @@ def local_run(tmp_path_factory, data):
 
 def test_two_rank_zero2_run_learns_and_writes_its_run_folder(local_run):
     run_dir, out = local_run
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    all_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in all_rows if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    losses = [r["loss"] for r in rows]
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    # Learning, measured where data noise cannot hide it: the same val images and masks
+    val = {r["step"]: r["val_loss"] for r in all_rows if "val_loss" in r}
+    assert sorted(val) == [0, 2, 4, 6, 8]
+    # (a strict fall at every checkpoint: equal values would mean the weights never moved)
+    assert [val[s] for s in sorted(val)] == sorted(val.values(), reverse=True) and len(set(val.values())) == 5, val
+    assert val[8] < 0.995 * val[0], val
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
     assert all(r["grad_norm"] is not None and r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1 for r in rows)
     # lr: scaled by 16/512 and decaying along the cosine from the first step (no warmup here)
     assert rows[0]["lr"] <= 1.5e-2 * 16 / 512 and rows[-1]["lr"] < rows[0]["lr"]
@@ -88,7 +106,7 @@ def test_two_rank_zero2_run_learns_and_writes_its_run_folder(local_run):
     assert {"client-rank0.pt", "client-rank1.pt", "mp_rank_00_model_states.pt"} <= set(marker["files"])
     assert all((run_dir / "step-8" / f).exists() for f in marker["files"])
     client = torch.load(run_dir / "step-8" / "client-rank1.pt", weights_only=True)
-    assert client["step"] == 8 and client["loader"] == {"epoch": 0, "position": 8}
+    assert client["step"] == 8 and client["loader"]["epoch"] == 1 and client["loader"]["segments"][-1]["batches"] == 3
     import matplotlib.image
 
     for step in (4, 8):
@@ -159,8 +177,10 @@ def test_killed_run_on_s3_resumes_exactly(s3_endpoint, tmp_path, data, local_run
     ("data.batch_size=20", "data.batch_size (20) must be divisible by world size (2) x train.grad_accum (3) = 6"),
     ("model.name=no_such_model_xyz", "model.name='no_such_model_xyz' is not a timm model"),
     ("data.train=/nonexistent/shards/train", "data.train='/nonexistent/shards/train': no manifest.json"),
+    ("train.loader=no_such_module:build", "train.loader='no_such_module:build': No module named 'no_such_module'"),
 ])
 def test_bad_config_is_refused_before_any_process_starts(tmp_path, data, override, message, capsys, monkeypatch):
+    data = f"{data}/train"
     from pipeline.cli import main
     from pipeline.training import launcher
 
@@ -177,3 +197,16 @@ def test_bad_config_is_refused_before_any_process_starts(tmp_path, data, overrid
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data):
+    run_dir = tmp_path / "run"
+    # An absurd lr: AdamW moves every weight by ~lr in step 1, so step 2's loss overflows.
+    args = _overrides(data, str(run_dir), **{"train.nprocs": 1, "data.batch_size": 8, "train.checkpoint_every": 1,
+                                             "optim.base_lr": 1e30, "train.max_steps": 4})
+    proc = _pretrain(args, _env(tmp_path / "staging"))
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 3, out[-4000:]
+    assert "non-finite loss" in out and "at step 2" in out and f"Last good checkpoint: {run_dir}/step-1" in out
+    assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-1"]
+    assert (run_dir / "step-1" / "COMPLETE").exists() and not (run_dir / "export").exists()

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,7 +109,9 @@ def spawn_local(module: str, args: list[str], nprocs: int, *, env: dict | None =
             if p.poll() is None:
                 p.send_signal(signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Only the main thread may set handlers (a Prefect task may run elsewhere); PDEATHSIG covers that case.
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         code = 0
         while any(p.poll() is None for p in procs):

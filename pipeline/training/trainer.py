@@ -93,6 +93,23 @@ def _pretrain_forward(engine, batch):
     return engine(batch.encoder_input, batch.target, batch.keep)
 
 
+def _pretrain_val_batch(cfg: Config, ranks: "Ranks", size: int):
+    """One batch of data.val per rank (evaluation views), corrupted once with a fixed seed."""
+    from pipeline import storage
+    from pipeline.corruptions import corrupt
+    from pipeline.data import Batch, build_eval_loader
+
+    if not cfg.data.val or not storage.exists(storage.join(cfg.data.val, "manifest.json"), cfg.storage):
+        return None
+    loader = build_eval_loader(cfg, cfg.data.val, rank=ranks.rank, world_size=ranks.world_size, batch_size=size,
+                               device="cpu")
+    images = next(iter(loader), (None,))[0]
+    if images is None or len(images) == 0:
+        return None
+    g = torch.Generator().manual_seed(cfg.train.seed * 7919 + ranks.rank)
+    return Batch(*(None if t is None else t.to(ranks.device) for t in corrupt(images, cfg.corruption, g)))
+
+
 def _pretrain_finish(trainer: "Trainer") -> dict:
     return {"export": ckpt.export(trainer.engine, trainer.cfg, trainer.folder, rank=trainer.ranks.rank)}
 
@@ -109,9 +126,10 @@ class Task:
     forward: Callable = _pretrain_forward  # (engine, batch) -> (loss, prediction)
     finish: Callable = _pretrain_finish  # (trainer) -> dict merged into fit()'s result (collective)
     pictures: bool = True  # the pretext pictures (input / corrupted / prediction)
+    val_batch: Callable | None = None  # (cfg, ranks, micro_batch) -> a fixed batch for `forward`, or None
 
 
-PRETRAIN = Task()
+PRETRAIN = Task(val_batch=_pretrain_val_batch)
 
 
 @dataclass
@@ -168,6 +186,7 @@ class Trainer:
     step: int = 0
     last_checkpoint: str | None = None
     writer: object = None
+    val_batch: object = None  # fixed inputs (and masks): its loss moves only with the model
     stats: StepStats = field(default_factory=StepStats)
     task: Task = PRETRAIN
 
@@ -224,7 +243,24 @@ class Trainer:
         self.stats.waiting += waited
         return total.item() / self.ranks.world_size, (batch, pred)
 
-    def log_step(self, loss: float) -> None:
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Collective: loss on the fixed val batch, pooled over ranks (None without one)."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.ranks.device)
+        if self.val_batch is not None:
+            self.engine.eval()
+            loss, _ = self.task.forward(self.engine, self.val_batch)
+            self.engine.train()
+            n = len(self.val_batch[0])
+            total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=total.device)
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item() if total[1] > 0 else None
+
+    def log_row(self, row: dict) -> None:
+        with open(self.folder.local / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def log_step(self, loss: float, val_loss: float | None = None) -> None:
         s = self.stats
         grad_norm = self.engine.get_global_grad_norm()
         row = {
@@ -237,12 +273,14 @@ class Trainer:
             "data_wait": s.waiting / s.seconds if s.seconds else None,
             "time": time.time(),
         }
+        if val_loss is not None:
+            row["val_loss"] = val_loss
         s.reset()
-        with open(self.folder.local / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm"),
+        self.log_row(row)
+        for key, tag in (("loss", "train/loss"), ("val_loss", "val/loss"), ("lr", "train/lr"),
+                         ("grad_norm", "train/grad_norm"),
                          ("images_per_s", "perf/images_per_s"), ("data_wait", "perf/data_wait_share")):
-            if row[key] is not None:
+            if row.get(key) is not None:
                 self.writer.add_scalar(tag, row[key], self.step)
         log.info("step %d/%d loss %.4f lr %.3g grad_norm %s %.1f img/s data wait %.0f%%", self.step,
                  self.total_steps, loss, row["lr"], "-" if row["grad_norm"] is None else f"{row['grad_norm']:.3f}",
@@ -263,19 +301,26 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.is_main and sys.stderr.isatty()))
         try:
+            if self.step == 0:
+                val_loss = self.validate()
+                if self.is_main and val_loss is not None:
+                    self.log_row({"step": 0, "val_loss": val_loss, "time": time.time()})
+                    self.writer.add_scalar("val/loss", val_loss, 0)
             while self.step < self.total_steps:
                 loss, (batch, pred) = self.train_step(batches)
                 if not math.isfinite(loss):
                     raise NonFiniteLoss(self.step, loss, self.last_checkpoint)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
+                checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps
+                val_loss = self.validate() if checkpoint else None
                 if self.is_main:
-                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                        self.log_step(loss)
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps or val_loss is not None:
+                        self.log_step(loss, val_loss)
                     if self.task.pictures and self.step % cfg.picture_every == 0:
                         self.picture(batch, pred)
                     self.writer.flush()
-                if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
+                if checkpoint:
                     self.save()
         finally:
             bar.close()
@@ -324,7 +369,8 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(cfg, plan, precision))
 
-    trainer = Trainer(cfg, ranks, plan, engine, scheduler, loader, folder, steps_per_epoch, total, task=task)
+    trainer = Trainer(cfg, ranks, plan, engine, scheduler, loader, folder, steps_per_epoch, total, task=task,
+                      val_batch=task.val_batch(cfg, ranks, plan.micro_batch) if task.val_batch else None)
     if resume_step is not None:
         if ranks.rank == 0:
             ckpt.sync_logs_down(folder)
