@@ -63,7 +63,7 @@ class TrainLoader:
         self.layout = Layout(world_size, micro_batch, max(1, cfg.data.workers))
         self.state = SamplerState(seed=cfg.train.seed)
         self.state.use_layout(self.layout)
-        full = len(epoch_order(split.counts, seed=0, epoch=0, shuffle_buffer=0, shuffle=False))
+        full = split.num_samples
         self.steps_per_epoch = full // (world_size * micro_batch)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{split.url}: {full} samples are fewer than one global batch "

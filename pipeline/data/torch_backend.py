@@ -1,5 +1,6 @@
 """The pure-PyTorch backend: DataLoader workers, each a reader of its run of the rank's batches,
-Pillow decode + crop/resize (bicubic) + flip, then the corruption per sample."""
+Pillow decode + crop/resize (bicubic) + flip to uint8; the corruption (each sample's own seed)
+then runs in the training process, on its device."""
 from __future__ import annotations
 
 import contextlib
