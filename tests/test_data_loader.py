@@ -82,6 +82,22 @@ def test_resume_is_exact(tmp_path, workers):
             assert torch.equal(u, v)
 
 
+def test_state_saved_after_the_last_batch_resumes_at_the_next_epoch(tmp_path):
+    url = str(tmp_path / "train")
+    write_split(url, [5, 4], size=(40, 30))
+    cfg = make_cfg(url)
+    ref = build_train_loader(cfg, rank=0, world_size=1, micro_batch=3, device="cpu")
+    list(ref)
+    want = epoch_ids(ref)  # epoch 1
+    a = build_train_loader(cfg, rank=0, world_size=1, micro_batch=3, device="cpu")
+    for _ in a:
+        state = a.state_dict()  # as a trainer checkpointing inside its loop would
+    b = build_train_loader(cfg, rank=0, world_size=1, micro_batch=3, device="cpu")
+    b.load_state_dict(state)
+    assert b.epoch == 1 and b.batches_left == 3
+    assert epoch_ids(b) == want
+
+
 def test_world_size_change_continues_the_epoch(tmp_path):
     url = str(tmp_path / "train")
     write_split(url, [9, 8, 7], size=(40, 30))

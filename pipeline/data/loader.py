@@ -100,6 +100,17 @@ class TrainLoader:
         st.use_layout(self.layout)  # a new world size / batch / workers finishes the epoch on the new layout
         self.state = st
         self.skipped = int(state.get("skipped", 0))
+        self._roll()
+
+    def _roll(self) -> np.ndarray:
+        """The current plan, first moving to the next epoch when nothing is left of this one (a
+        state saved after an epoch's last batch, or a layout change with less than a global
+        batch left), so that iterating never yields an empty epoch."""
+        plan = self._plan()
+        if self.state.segments[-1].batches >= len(plan):
+            self.state.next_epoch()
+            plan = self._plan()
+        return plan
 
     def _outputs(self, plan: np.ndarray, start: int) -> Iterator[dict]:
         if self.backend == "dali":
@@ -112,7 +123,7 @@ class TrainLoader:
                                      workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda")
 
     def __iter__(self) -> Iterator[Batch]:
-        plan = self._plan()
+        plan = self._roll()
         seg = self.state.segments[-1]
         for out in self._outputs(plan, seg.batches):
             if out["index"] != seg.batches:
