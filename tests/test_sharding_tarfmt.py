@@ -1,4 +1,5 @@
 """The hand-built tar headers are the ones tarfile writes, and the tar reads back."""
+import hashlib
 import io
 import tarfile
 
@@ -41,3 +42,17 @@ def test_sample_json_is_json_dumps(file):
 
     meta = {"file": file, "wnid": "n01", "class": 3, "width": 10, "height": 20}
     assert sample_json(file, "n01", 3, 10, 20) == json.dumps(meta).encode()
+
+
+@pytest.mark.parametrize("key", ["n01440764_10026", "k" * 94, "k" * 95])
+def test_add_image_matches_add_sample(key):  # keys of 95 and 96 characters: the last fast one, the first GNU one
+    parts = [("cls", b"12"), ("jpg", b"\xff\xd8" + b"\x07" * 1000), ("json", b'{"a": 1}')]
+    a, b = io.BytesIO(), io.BytesIO()
+    ta, tb = TarWriter(a, chunk=1024), TarWriter(b)  # a small chunk: flushes mid-shard too
+    for i in range(3):
+        ta.add_sample(f"{key}{i}", parts)
+        tb.add_image(f"{key}{i}", *(d for _, d in parts))
+    ta.close()
+    tb.close()
+    assert a.getvalue() == b.getvalue() and ta.index() == tb.index()
+    assert ta.sha.hexdigest() == tb.sha.hexdigest() == hashlib.sha256(a.getvalue()).hexdigest()

@@ -14,6 +14,7 @@ import os
 import re
 import tarfile
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -28,8 +29,7 @@ class SourceError(ValueError):
     """The source is not one we can read; the message names the path."""
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):  # a tuple, not a frozen dataclass: built twice per image while listing
     key: str  # stable sample key (file stem, made unique and dot-free)
     file: str  # original name, relative to the source
     wnid: str
@@ -79,19 +79,18 @@ def list_split(source: str, split: str) -> Listing:
 
 
 def fingerprint(entries: list[Entry]) -> str:
-    h = hashlib.sha256()
-    for name, size in sorted((e.file, e.size) for e in entries):
-        h.update(f"{name}\t{size}\n".encode())
-    return h.hexdigest()
+    return hashlib.sha256("".join(f"{name}\t{size}\n" for name, size in sorted((e.file, e.size) for e in entries)).encode()).hexdigest()
+
+
+_NOT_KEY = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def assign_keys(entries: list[Entry]) -> list[Entry]:
     """Keys are file stems without dots (webdataset splits names at the first dot); where
     stems collide (ImageFolder sets often reuse 0001.jpg per class) the class is prefixed."""
     def stem(e: Entry) -> str:
-        base = os.path.basename(e.file)
-        base = base.rsplit(".", 1)[0] if "." in base else base
-        return re.sub(r"[^A-Za-z0-9_-]", "_", base)
+        base = e.file.rpartition("/")[2]
+        return _NOT_KEY.sub("_", base.rpartition(".")[0] if "." in base else base)
 
     stems = [stem(e) for e in entries]
     counts: dict[str, int] = {}
@@ -99,7 +98,7 @@ def assign_keys(entries: list[Entry]) -> list[Entry]:
         counts[s] = counts.get(s, 0) + 1
     out, seen = [], set()
     for e, s in sorted(zip(entries, stems), key=lambda p: p[0].file):
-        key = s if counts[s] == 1 else re.sub(r"[^A-Za-z0-9_-]", "_", f"{e.wnid}_{s}")
+        key = s if counts[s] == 1 else _NOT_KEY.sub("_", f"{e.wnid}_{s}")
         base, n = key, 1
         while key in seen:
             key, n = f"{base}_{n}", n + 1
@@ -155,18 +154,34 @@ def _list_folder(source: str, split: str) -> Listing:
     wnids = {c.name for s in _folder_splits(source) for c in os.scandir(os.path.join(source, s)) if c.is_dir()}
     entries, rejected = [], []
     for cls in sorted(c.name for c in os.scandir(root) if c.is_dir()):
-        for dirpath, dirnames, files in os.walk(os.path.join(root, cls)):
-            dirnames.sort()
-            for name in sorted(files):
-                full = os.path.join(dirpath, name)
-                rel = full[len(root) + 1 :]
-                if name.startswith("."):
-                    continue
-                if os.path.splitext(name)[1].lower() not in IMAGE_EXTS:
-                    rejected.append({"file": rel, "reason": "not an image file extension"})
-                    continue
-                entries.append(Entry("", rel, cls, os.path.getsize(full), full))
+        for f in _walk_files(os.path.join(root, cls)):
+            name = f.name
+            if name.startswith("."):
+                continue
+            rel = f.path[len(root) + 1 :]
+            dot = name.rfind(".")  # os.path.splitext for a name without leading dots
+            if (name[dot:].lower() if dot > 0 else "") not in IMAGE_EXTS:
+                rejected.append({"file": rel, "reason": "not an image file extension"})
+                continue
+            entries.append(Entry("", rel, cls, f.stat().st_size, f.path))
     return Listing("folder", source, split, entries, class_table(wnids, _synset_names(source)), rejected=rejected)
+
+
+def _walk_files(top: str):
+    """The files under `top` in os.walk's order and by its rules (sorted, unreadable folders
+    and links to folders skipped), as DirEntry: one stat per file, none per folder."""
+    files, dirs = [], []
+    try:
+        with os.scandir(top) as it:
+            for d in it:
+                (dirs if d.is_dir() else files).append(d)
+    except OSError:
+        return
+    files.sort(key=lambda d: d.name)
+    yield from files
+    for d in sorted(dirs, key=lambda d: d.name):
+        if not d.is_symlink():
+            yield from _walk_files(d.path)
 
 
 # --- ILSVRC2012 archives ---------------------------------------------------------------------

@@ -36,44 +36,61 @@ class JpegHeader:
     components: int
 
 
-def jpeg_header(data: bytes) -> JpegHeader | None:
-    """The frame header of a JPEG, walking the marker segments; None when there is none."""
-    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
+def _frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(sof, width, height, components) of the frame header, walking the marker segments.
+
+    A plain tuple and local names only: this runs once per image on the default path."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
-    i, n = 2, len(data)
+    i = 2
     while i + 4 <= n:
         if data[i] != 0xFF:
             return None
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
-            continue
-        if marker in _STANDALONE:
+        elif marker in _STANDALONE:
             i += 2
-            continue
-        if marker in (0xD9, 0xDA):  # EOI or start of scan before any frame header
+        elif marker == 0xD9 or marker == 0xDA:  # EOI or start of scan before any frame header
             return None
-        length = (data[i + 2] << 8) | data[i + 3]
-        if marker in _ALL_SOF:
+        elif marker in _ALL_SOF:
             if i + 10 > n:
                 return None
-            height = (data[i + 5] << 8) | data[i + 6]
-            width = (data[i + 7] << 8) | data[i + 8]
-            return JpegHeader(marker, width, height, data[i + 9])
-        i += 2 + length
+            return marker, (data[i + 7] << 8) | data[i + 8], (data[i + 5] << 8) | data[i + 6], data[i + 9]
+        else:
+            i += 2 + ((data[i + 2] << 8) | data[i + 3])
     return None
+
+
+def jpeg_header(data: bytes) -> JpegHeader | None:
+    """The frame header of a JPEG, walking the marker segments; None when there is none."""
+    f = _frame(data)
+    return None if f is None else JpegHeader(*f)
+
+
+def clean_size(data: bytes, max_side: int | None) -> tuple[int, int] | None:
+    """(width, height) when `data` can be kept as it is, without decoding it; else None."""
+    f = _frame(data)
+    if f is None:
+        return None
+    sof, w, h, comps = f
+    if sof not in _CLEAN_SOF or comps != 3 or not w or not h:
+        return None
+    # Truncated files would decode with grey padding; NUL padding after EOI is harmless. The
+    # endswith test first: rstrip copies the whole file.
+    if not data.endswith(b"\xff\xd9") and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return None
+    if max_side and (w > max_side or h > max_side):
+        return None
+    return w, h
 
 
 def structural_ok(data: bytes, max_side: int | None) -> JpegHeader | None:
     """The header when `data` can be kept as it is, without decoding it."""
-    h = jpeg_header(data)
-    if h is None or h.sof not in _CLEAN_SOF or h.components != 3 or not h.width or not h.height:
+    if clean_size(data, max_side) is None:
         return None
-    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):  # truncated: the decoder would pad with grey
-        return None
-    if max_side and max(h.width, h.height) > max_side:
-        return None
-    return h
+    return jpeg_header(data)
 
 
 def check_image(data: bytes, validation: str = "structural", max_side: int | None = None) -> Checked:
@@ -83,9 +100,9 @@ def check_image(data: bytes, validation: str = "structural", max_side: int | Non
     if not data:
         return Checked(None, reason="empty file")
     if validation == "structural":
-        h = structural_ok(data, max_side)
-        if h is not None:
-            return Checked(data, h.width, h.height)
+        size = clean_size(data, max_side)
+        if size is not None:
+            return Checked(data, *size)
     return _decode(data, max_side)
 
 
@@ -103,7 +120,7 @@ def _decode(data: bytes, max_side: int | None) -> Checked:
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
         return Checked(None, reason=f"corrupt or truncated: {type(e).__name__}: {e}")
     too_big = bool(max_side) and max(img.size) > max_side
-    if fmt == "JPEG" and img.mode == "RGB" and not too_big and structural_ok(data, None) is not None:
+    if fmt == "JPEG" and img.mode == "RGB" and not too_big and clean_size(data, None) is not None:
         return Checked(data, img.width, img.height)
     try:
         img = _to_rgb(img)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ from pipeline.config import StorageConfig
 from pipeline.sharding.plan import ShardPlan
 from pipeline.sharding.sources import read_entry
 from pipeline.sharding.tarfmt import TarWriter
-from pipeline.sharding.validate import check_image
+from pipeline.sharding.validate import check_image, clean_size
 
 WORK_DIR = "_work"
 
@@ -68,15 +69,32 @@ def committed(plan: ShardPlan, split_url: str, cfg: StorageConfig | None) -> Sha
     return rec
 
 
+# What json.dumps (ensure_ascii) leaves as it is inside quotes: printable ASCII except quote and backslash.
+_PLAIN = re.compile(r'[ !#-\[\]-~]*')
+
+
 def sample_json(file: str, wnid: str, cls: int, width: int, height: int) -> bytes:
     """json.dumps of the sample's metadata, byte for byte, without the encoder's per-call setup."""
-    return f'{{"file": {json.dumps(file)}, "wnid": {json.dumps(wnid)}, "class": {cls}, "width": {width}, "height": {height}}}'.encode()
+    return _json_head(file) + _json_tail(wnid, cls) % (width, height)
+
+
+def _json_head(file: str) -> bytes:
+    if _PLAIN.fullmatch(file):
+        return f'{{"file": "{file}"'.encode()
+    return f'{{"file": {json.dumps(file)}'.encode()
+
+
+def _json_tail(wnid: str, cls: int) -> bytes:
+    # A format filled per image with (width, height): the wnid's own '%' are escaped.
+    return f', "wnid": {json.dumps(wnid).replace("%", "%%")}, "class": {cls}, "width": %d, "height": %d}}'.encode()
 
 
 def write_samples(plan: ShardPlan, fileobj, class_of: dict[str, int], opts: WriteOptions) -> tuple[TarWriter, list[dict], int]:
     """Fill one tar from the plan's sources; bad images are listed, never raised."""
     tw = TarWriter(fileobj)
     rejected, reencoded, handles = [], 0, {}
+    structural, max_side = opts.validation == "structural", opts.max_side
+    per_class: dict[str, tuple[bytes, bytes]] = {}  # wnid -> (.cls bytes, .json tail format)
     try:
         for e in plan.entries:
             try:
@@ -84,13 +102,21 @@ def write_samples(plan: ShardPlan, fileobj, class_of: dict[str, int], opts: Writ
             except OSError as err:
                 rejected.append({"file": e.file, "reason": f"unreadable: {err}"})
                 continue
-            c = check_image(data, opts.validation, opts.max_side)
-            if c.jpeg is None:
-                rejected.append({"file": e.file, "reason": c.reason})
-                continue
-            reencoded += c.reencoded
-            cls = class_of[e.wnid]
-            tw.add_sample(e.key, [("cls", str(cls).encode()), ("jpg", c.jpeg), ("json", sample_json(e.file, e.wnid, cls, c.width, c.height))])
+            # Clean JPEGs, nearly every image, are checked here; the rest go through check_image.
+            size = clean_size(data, max_side) if structural else None
+            if size is None:
+                c = check_image(data, opts.validation, max_side)
+                if c.jpeg is None:
+                    rejected.append({"file": e.file, "reason": c.reason})
+                    continue
+                reencoded += c.reencoded
+                data, size = c.jpeg, (c.width, c.height)
+            wnid = e.wnid
+            pc = per_class.get(wnid)
+            if pc is None:
+                cls = class_of[wnid]
+                pc = per_class[wnid] = (str(cls).encode(), _json_tail(wnid, cls))
+            tw.add_image(e.key, pc[0], data, _json_head(e.file) + pc[1] % size)
     finally:
         for f in handles.values():
             f.close()
