@@ -84,7 +84,14 @@ class TrainLoader:
         return self.batches_left
 
     def _plan(self) -> np.ndarray:
-        return rank_plan(self.split.counts, self.state, self.rank, shuffle_buffer=self.cfg.data.shuffle_buffer)
+        # the plan depends on the epoch and the earlier segments only: recompute when those change
+        key = (self.state.seed, self.state.epoch, tuple((s.layout, s.batches) for s in self.state.segments[:-1]),
+               self.state.segments[-1].layout)
+        if getattr(self, "_plan_key", None) != key:
+            self._plan_cached = rank_plan(self.split.counts, self.state, self.rank,
+                                          shuffle_buffer=self.cfg.data.shuffle_buffer)
+            self._plan_key = key
+        return self._plan_cached
 
     def state_dict(self) -> dict:
         return {**self.state.to_dict(), "num_samples": self.split.num_samples, "skipped": self.skipped}
