@@ -8,13 +8,14 @@ cache the stages are idempotent on their own: sharding keeps a split whose manif
 pretraining resumes from the newest complete checkpoint.
 
 The stage list is data: a stage is "module:function" taking the context dict and returning the
-keys it adds. A stage whose module is not installed is skipped with a log line (fine-tuning,
-until `flows.finetune:retrain_stage` exists).
+keys it adds, plus the module it needs; a stage whose module is not installed is skipped with a
+log line, as is fine-tuning when `finetune_preset` is None.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -36,14 +37,15 @@ FAIL_ENV = "MFM_RETRAIN_FAIL_STAGE"
 class Stage:
     name: str
     function: str  # "module:function", (ctx: dict) -> dict merged into ctx
+    requires: str | None = None  # a module that must be installed, else the stage is skipped
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("shard", "flows.retrain:shard_stage"),
-    Stage("pretrain", "flows.retrain:pretrain_stage"),
-    Stage("finetune", "flows.finetune:retrain_stage"),  # skipped until the fine-tune flow provides it
-    Stage("evaluate", "flows.retrain:evaluate_stage"),
-    Stage("register", "flows.retrain:register_stage"),
+    Stage("shard", "flows.retrain:shard_stage", "pipeline.sharding"),
+    Stage("pretrain", "flows.retrain:pretrain_stage", "pipeline.training"),
+    Stage("finetune", "flows.retrain:finetune_stage", "pipeline.finetune"),
+    Stage("evaluate", "flows.retrain:evaluate_stage", "pipeline.evaluation"),
+    Stage("register", "flows.retrain:register_stage", "pipeline.registry"),
 )
 
 
@@ -77,16 +79,16 @@ def retry_condition(task, task_run, state) -> bool:
     return is_transient(state.result(raise_on_failure=False) if state.is_failed() else None)
 
 
+def _installed(module: str | None) -> bool:
+    try:
+        return module is None or importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
 def _stage_function(stage: Stage):
     module, func = stage.function.split(":")
-    try:
-        return getattr(importlib.import_module(module), func)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            return None  # the stage's own module is not there: not part of this installation
-        raise
-    except AttributeError:
-        return None
+    return getattr(importlib.import_module(module), func)
 
 
 @task(name="stage", persist_result=True, cache_policy=INPUTS, retries=2, retry_condition_fn=retry_condition)
@@ -140,15 +142,36 @@ def pretrain_stage(ctx: dict) -> dict:
     if not result["export"]:
         raise RuntimeError(f"{result['run_dir']}: training finished without an export")
     return {"run_dir": result["run_dir"], "checkpoints": result["checkpoints"], "export": result["export"],
-            "pretrained_export": result["export"], "pictures": result["pictures"]}
+            "pretrained_export": result["export"], "model_run_dir": result["run_dir"], "pictures": result["pictures"]}
+
+
+def _data_and_storage(overrides: dict[str, Any]) -> dict[str, Any]:
+    # Loader and storage settings apply to every stage; model/optim/train keys are pretraining's.
+    return {k: v for k, v in overrides.items() if k.startswith(("data.", "storage."))}
+
+
+def finetune_stage(ctx: dict) -> dict:
+    from pipeline.config import load_config
+    from pipeline.finetune import launch
+
+    overrides = {**_data_and_storage(ctx["train_overrides"]), "finetune.init": ctx["pretrained_export"],
+                 "train.run_dir": ctx["run_dir"] + "-finetune", **ctx["finetune_overrides"]}
+    result = launch(load_config(ctx["finetune_preset"], _override_strings(overrides)))
+    get_run_logger().info("finetune: top1 %.4f on %s; export %s", result.metrics["top1"], ctx["data"]["val"],
+                          result.export)
+    if not result.export:
+        raise RuntimeError(f"{result.run_dir}: fine-tuning finished without an export")
+    return {"export": result.export, "model_run_dir": result.run_dir, "finetune_metrics": result.metrics_url}
 
 
 def evaluate_stage(ctx: dict) -> dict:
     from pipeline.evaluation import run
 
-    data_keys = [s for s in _override_strings(ctx["train_overrides"]) if s.startswith(("data.", "storage."))]
+    data_keys = _override_strings(_data_and_storage(ctx["train_overrides"]))
+    # Beside the evaluated run, not in its export/: fine-tuning keeps its own export/metrics.json.
+    out = storage.join(ctx["model_run_dir"], "evaluation", "metrics.json")
     metrics, url = run(ctx["export"], ctx["data"]["val"], train_data=ctx["data"]["train"], preset=ctx["preset"],
-                       overrides=data_keys, **ctx["eval_options"])
+                       overrides=data_keys, out=out, **ctx["eval_options"])
     from pipeline.registry import flatten_metrics
 
     flat = flatten_metrics(metrics)
@@ -200,6 +223,8 @@ def retrain_flow(
     store: str = "demo-out",
     preset: str = "tiny_cpu",
     overrides: dict[str, Any] | None = None,
+    finetune_preset: str | None = "finetune_tiny_cpu",
+    finetune_overrides: dict[str, Any] | None = None,
     registry_name: str = "mfm-tiny",
     promote_metric: str = "knn.top1",
     promote_to: str | None = "production",
@@ -211,11 +236,13 @@ def retrain_flow(
     retry_delay_seconds: float = 30.0,
     refresh: bool = False,
 ) -> dict[str, Any]:
-    """Shard `source` into `<store>/shards/<key>`, pretrain into `<store>/runs/<name>-<key>`, evaluate,
-    register in `<store>/registry` (or `registry`) and promote to `promote_to` when
+    """Shard `source` into `<store>/shards/<key>`, pretrain into `<store>/runs/<name>-<key>`,
+    fine-tune into `...-finetune` (finetune_preset None: skipped), evaluate the resulting model,
+    register it in `<store>/registry` (or `registry`) and promote it to `promote_to` when
     `promote_metric` beats the current holder. Returns where everything is.
 
-    overrides: config keys (as for mfm-pretrain), e.g. {"train.max_steps": 50}.
+    overrides: config keys (as for mfm-pretrain), e.g. {"train.max_steps": 50}; their data.* and
+    storage.* keys apply to fine-tuning and evaluation too. finetune_overrides: fine-tuning's own.
     shard_options / eval_options: keyword arguments of shard_dataset / pipeline.evaluation.run.
     refresh: ignore cached stage results and run every stage again.
     """
@@ -238,15 +265,18 @@ def retrain_flow(
         **base, "train_overrides": train_overrides, "eval_options": dict(eval_options or {}),
         "registry": _abs(registry) if registry else storage.join(store, "registry"),
         "registry_name": registry_name, "promote_metric": promote_metric, "promote_to": promote_to,
-        "higher_is_better": higher_is_better,
+        "higher_is_better": higher_is_better, "finetune_preset": finetune_preset,
+        "finetune_overrides": dict(finetune_overrides or {}),
     }
     options: dict[str, Any] = {"retry_delay_seconds": retry_delay_seconds, "refresh_cache": refresh}
     if "://" not in store:  # the cache lives with the run; on object storage, Prefect's local default
         options["result_storage"] = Path(store) / ".prefect-results"
     states: dict[str, str] = {}
     for stage in STAGES:
-        if _stage_function(stage) is None:
-            log.info("stage %s: %s is not installed; skipped", stage.name, stage.function)
+        why = (f"{stage.requires} is not installed" if not _installed(stage.requires)
+               else "finetune_preset is None" if stage.name == "finetune" and not finetune_preset else None)
+        if why:
+            log.info("stage %s: skipped (%s)", stage.name, why)
             states[stage.name] = "Skipped"
             continue
         state = run_stage.with_options(name=stage.name, task_run_name=stage.name, **options)(
@@ -256,7 +286,8 @@ def retrain_flow(
             log.info("stage %s: finished in an earlier run; result loaded from the cache", stage.name)
         ctx.update(state.result())  # raises for a failed stage, failing the flow
     result = {"shards": ctx["data"], "run_dir": ctx["run_dir"], "checkpoints": ctx["checkpoints"],
-              "export": ctx["export"], "pictures": ctx["pictures"], "metrics": ctx["metrics"],
+              "pretrained_export": ctx["pretrained_export"],
+              "finetune_run_dir": ctx["model_run_dir"] if "finetune_metrics" in ctx else None, "export": ctx["export"], "pictures": ctx["pictures"], "metrics": ctx["metrics"],
               "headline": ctx["headline"], "registry": ctx["registry"], "model": ctx["model"],
               "promoted": ctx["promoted"], "refused": ctx["refused"], "stages": states}
     create_markdown_artifact(key="mfm-retrain", description="where mfm-retrain put everything",

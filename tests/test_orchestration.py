@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 TINY = {"data.backend": "torch", "data.workers": 0, "data.batch_size": 8, "train.nprocs": 1,
         "train.max_steps": 2, "train.checkpoint_every": 1, "train.picture_every": 2, "train.log_every": 1,
         "optim.warmup_epochs": 0}
+FINETUNE = {"train.max_steps": 1, "train.checkpoint_every": 1, "train.log_every": 1, "optim.warmup_epochs": 0}
 
 
 def _free_port() -> int:
@@ -142,6 +143,7 @@ def test_retrain_fails_at_a_stage_and_the_rerun_continues_there(server, sample, 
 
     store = tmp_path / "store"
     kwargs = dict(source=sample, store=str(store), preset="tiny_cpu", overrides=TINY, registry_name="mfm-test",
+                  finetune_preset="finetune_tiny_cpu", finetune_overrides=FINETUNE,
                   shard_options={"shard_size_mb": 1}, retry_delay_seconds=0,
                   eval_options={"corruptions": "contrast", "severities": "3", "probe_epochs": 2,
                                 "device": "cpu", "batch_size": 8})
@@ -156,9 +158,9 @@ def test_retrain_fails_at_a_stage_and_the_rerun_continues_there(server, sample, 
 
         manifests = sorted(store.glob("shards/*/*/manifest.json"))
         markers = sorted(store.glob("runs/*/step-*/COMPLETE"))
-        exports = sorted(store.glob("runs/*/export/model.safetensors"))
-        assert len(manifests) == 2 and markers and len(exports) == 1
-        assert not list(store.glob("runs/*/export/metrics.json")) and not (store / "registry").exists()
+        exports = sorted(store.glob("runs/*/export/model.safetensors"))  # pretrained, fine-tuned
+        assert len(manifests) == 2 and len(markers) == 3 and len(exports) == 2
+        assert not list(store.glob("runs/*/evaluation")) and not (store / "registry").exists()
         before = {p: p.stat().st_mtime_ns for p in [*manifests, *markers, *exports]}
 
         async def evaluate_runs(client):
@@ -171,17 +173,23 @@ def test_retrain_fails_at_a_stage_and_the_rerun_continues_there(server, sample, 
         assert _read(server, evaluate_runs) == [3]
 
         result = retrain_flow(**kwargs)
-        assert result["stages"] == {"shard": "Cached", "pretrain": "Cached", "finetune": "Skipped",
+        assert result["stages"] == {"shard": "Cached", "pretrain": "Cached", "finetune": "Cached",
                                     "evaluate": "Completed", "register": "Completed"}
         assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing re-sharded or retrained
         assert result["model"] == "mfm-test@v1" and result["promoted"]
-        assert Path(result["metrics"]).exists() and result["export"] == str(exports[0].parent)
+        assert {result["export"], result["pretrained_export"]} == {str(p.parent) for p in exports}
+        assert result["export"] == result["finetune_run_dir"] + "/export" and result["finetune_run_dir"].endswith("-finetune")
+        metrics = json.loads(Path(result["metrics"]).read_text())
+        assert metrics["model"] == result["export"] and metrics["classifier"] == "head"
         assert Registry(result["registry"]).alias_version("mfm-test", "production") == 1
 
         # Same inputs once more (a scheduled run with no new data): all cached, no new version.
         again = retrain_flow(**kwargs)
-        assert set(again["stages"].values()) == {"Cached", "Skipped"} and again["model"] == "mfm-test@v1"
+        assert set(again["stages"].values()) == {"Cached"} and again["model"] == "mfm-test@v1"
         assert Registry(result["registry"]).versions("mfm-test") == [1]
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)  # deliver this process's queued logs while the server is up
 
 
 def test_config_errors_are_not_retried():
