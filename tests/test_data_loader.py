@@ -134,6 +134,38 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path, caplog):
     assert loader.state_dict()["skipped"] == 1
 
 
+def _broken_png() -> bytes:
+    """A PNG whose header reads but whose pixel data does not inflate."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    start = data.index(b"IDAT") + 8
+    data[start:start + 200] = bytes(200)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_body_that_does_not_decode_is_skipped(tmp_path, monkeypatch, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    import test_data_shards
+
+    real = test_data_shards.jpeg
+    monkeypatch.setattr(test_data_shards, "jpeg", lambda i, size=32: _broken_png() if i == 2 else real(i, size))
+    url = str(tmp_path / "train")
+    write_split(url, [4])
+    loader = build_train_loader(make_cfg(url, "data.shuffle_buffer=0", "data.workers=1"), rank=0, world_size=1,
+                                micro_batch=4, device="cpu", backend=backend)
+    (batch,) = list(loader)
+    assert loader.skipped == 1 and loader.skipped_keys[0].startswith("train-000000.tar/s00002: cannot decode")
+    assert batch.target.shape == (4, 3, 32, 32) and torch.isfinite(batch.target).all()
+
+
 def test_s3_endpoint_restart_mid_epoch(s3_endpoint, caplog):
     url = f"s3://mfm-test/restart-{threading.get_ident()}/train"
     write_split(url, [3] * 6)
@@ -186,3 +218,15 @@ def test_s3_with_worker_processes_and_cache(s3_endpoint, tmp_path):
         seen += [i for _ in loader for i in loader.last_ids]
     assert len(seen) == len(set(seen)) == 12
     assert len(list((tmp_path / "cache").iterdir())) == 3  # each shard cached once, whole
+
+
+def test_a_view_that_fails_late_is_filled_from_the_batch():
+    from pipeline.data.reading import RawBatch
+    from pipeline.data.torch_backend import fill_gaps
+
+    raw = RawBatch(7, [1, 2, 3], [], [], [])
+    a, c = torch.zeros(1), torch.ones(1)
+    assert fill_gaps([a, None, c], raw) == [a, c, c]
+    assert fill_gaps([None, a, None], raw) == [a, a, a]
+    with pytest.raises(ValueError, match="every sample of batch 7"):
+        fill_gaps([None, None, None], raw)

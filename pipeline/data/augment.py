@@ -50,12 +50,21 @@ def image_bytes(sample: dict) -> bytes:
 
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the header; raises CorruptSample for bytes no decoder would take.
-    A JPEG must also end with its EOI marker: that catches truncated files without decoding."""
+    A JPEG must also end with its EOI marker: that catches truncated files without decoding (a
+    damaged JPEG body decodes, to wrong pixels, in both Pillow and DALI)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             size, fmt = im.size, im.format
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad bytes
         raise CorruptSample(f"unreadable image header: {e}") from None
+    if fmt != "JPEG":
+        # rare (the sharder writes JPEGs) and, unlike a damaged JPEG body, fatal to DALI's
+        # decoder: decode it once here
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+        except Exception as e:  # noqa: BLE001
+            raise CorruptSample(f"cannot decode: {e}") from None
     if fmt == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         raise CorruptSample("truncated JPEG (no EOI marker)")
     if min(size) < 1:

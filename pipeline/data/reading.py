@@ -27,6 +27,7 @@ class RawBatch:
     params: list[SampleParams]
     labels: list[int]
     skipped: list[str] = field(default_factory=list)  # "shard/key: reason"
+    names: list[str] = field(default_factory=list)  # "shard/key" of each slot's bytes, for messages
 
 
 def _label(sample: dict) -> int:
@@ -35,6 +36,10 @@ def _label(sample: dict) -> int:
         return int(raw) if raw is not None else -1
     except ValueError:
         return -1
+
+
+def _name(split: Split, gid: int, sample: dict) -> str:
+    return f"{split.shards[int(split.locate(np.array([gid]))[0][0])].name}/{sample.get('__key__')}"
 
 
 def raw_batches(split: Split, plan: np.ndarray, batch_indices: range, reader: SampleReader, *,
@@ -48,10 +53,9 @@ def raw_batches(split: Split, plan: np.ndarray, batch_indices: range, reader: Sa
         for gid, sample in entries:
             try:
                 data = image_bytes(sample)
-                good.append((gid, data, image_size(data), _label(sample)))
+                good.append((gid, data, image_size(data), _label(sample), _name(split, gid, sample)))
             except CorruptSample as e:
-                shard = split.shards[int(split.locate(np.array([gid]))[0][0])].name
-                msg = f"{shard}/{sample.get('__key__')}: {e}"
+                msg = f"{_name(split, gid, sample)}: {e}"
                 log.warning("skipping corrupt sample %s", msg)
                 skipped.append(msg)
                 good.append(None)
@@ -63,7 +67,8 @@ def raw_batches(split: Split, plan: np.ndarray, batch_indices: range, reader: Sa
             src = good[pos]
             if src is None:  # the next good sample of the batch, wrapping around
                 src = next(g for g in good[pos + 1:] + good[:pos] if g is not None)
-            _, data, (w, h), label = src
+            _, data, (w, h), label, name = src
+            batch.names.append(name)
             batch.ids.append(gid)
             batch.data.append(data)
             batch.params.append(sample_params(seed, epoch, gid, w, h, scale))

@@ -4,6 +4,7 @@ then runs in the training process, on its device."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -13,10 +14,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import Config
-from pipeline.data.augment import corrupt_samples, decode_rgb, eval_view, normalize, train_view
+from pipeline.data.augment import CorruptSample, corrupt_samples, decode_rgb, eval_view, normalize, train_view
 from pipeline.data.reading import RawBatch, raw_batches
 from pipeline.data.sampling import reader_batches
 from pipeline.data.shards import SampleReader, Split
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,8 +32,27 @@ class PretextBatches:
 
     def __call__(self, raw: RawBatch) -> dict:
         size, down = self.cfg.model.img_size, self.cfg.data.downscale
-        views = torch.stack([train_view(d, p, size, down, uint8=True) for d, p in zip(raw.data, raw.params)])
-        return {"views": views, "seeds": torch.tensor([p.corruption_seed for p in raw.params], dtype=torch.int64)}
+        views = []
+        for i, (d, p) in enumerate(zip(raw.data, raw.params)):
+            try:
+                views.append(train_view(d, p, size, down, uint8=True))
+            except CorruptSample as e:  # a header that reads but a body that does not decode
+                name = raw.names[i] if i < len(raw.names) else f"sample {raw.ids[i]}"
+                log.warning("skipping corrupt sample %s: %s", name, e)
+                raw.skipped.append(f"{name}: {e}")
+                views.append(None)
+        views = fill_gaps(views, raw)
+        return {"views": torch.stack(views),
+                "seeds": torch.tensor([p.corruption_seed for p in raw.params], dtype=torch.int64)}
+
+
+def fill_gaps(views: list, raw: RawBatch) -> list:
+    """Each failed slot takes the next good view of the batch (its own corruption seed stays)."""
+    if all(v is None for v in views):
+        raise ValueError(f"every sample of batch {raw.index} is corrupt: {raw.skipped}")
+    n = len(views)
+    return [v if v is not None else next(views[(i + k) % n] for k in range(1, n) if views[(i + k) % n] is not None)
+            for i, v in enumerate(views)]
 
 
 def corrupt_views(out: dict, cfg: Config, device: torch.device) -> tuple:
