@@ -81,3 +81,19 @@ def test_max_side_downscales_only_large_images():
 def test_unknown_validation_mode_is_named():
     with pytest.raises(ValueError, match="'fast'"):
         check_image(b"x", "fast")
+
+
+def test_decoding_threads_keep_the_plan_order_and_the_bytes(tmp_path):
+    from pipeline.sharding.images import checked_images
+    from pipeline.sharding.sources import Entry
+
+    blobs = [_bytes(_img(size=(20 + i, 10))) for i in range(9)] + [b"not an image", _bytes(_img("L"))]
+    entries = []
+    for i, b in enumerate(blobs):
+        (tmp_path / f"{i}.jpg").write_bytes(b)
+        entries.append(Entry(f"k{i}", f"{i}.jpg", "n01", len(b), str(tmp_path / f"{i}.jpg")))
+    entries.append(Entry("gone", "gone.jpg", "n01", 5, str(tmp_path / "gone.jpg")))
+    one = list(checked_images(entries, "decode", None, threads=1))
+    assert list(checked_images(entries, "decode", None, threads=3)) == one
+    assert [e.key for e, *_ in one] == [e.key for e in entries]
+    assert [r[1] is None for r in one] == [False] * 9 + [True, False, True]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -89,7 +90,7 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress) -> d
     missing = sorted({e.wnid for e in listing.entries} - class_of.keys())
     if missing:
         raise SourceError(f"{source}: split {split!r} has images of classes not in the class list: {missing[:5]}")
-    opts = WriteOptions(options["validation"], options["max_side"])
+    opts = WriteOptions(options["validation"], options["max_side"], _decode_threads(options["validation"], workers))
     log.info("%s: %d images from %s (%s) -> %d shards, %d workers", split_url, len(listing.entries), source, listing.kind, len(plans), workers)
     results = _run(plans, split_url, class_of, opts, workers, cfg, log, progress)
     _remove_extra_shards(split_url, split, len(plans), cfg)
@@ -103,6 +104,15 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress) -> d
         sum(r.reencoded for r in results), len(rejected),
     )
     return manifest
+
+
+def _decode_threads(validation: str, workers: int) -> int:
+    """Decoding threads per worker: the CPUs this process may use, shared among the workers
+    (Pillow decodes without the GIL). Structural checks are Python: one thread."""
+    if validation != "decode":
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // workers)
 
 
 def _run(plans, split_url, class_of, opts, workers, cfg, log, progress):

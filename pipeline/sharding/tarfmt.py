@@ -7,6 +7,7 @@ format of DALI's wds2idx, version v1.2) needs no second pass over the tar.
 from __future__ import annotations
 
 import hashlib
+import os
 import tarfile
 
 BLOCK = 512
@@ -44,18 +45,39 @@ _SUM = {ext: sum(b"." + ext.encode()) for ext in ("cls", "jpg", "json")}
 CHUNK = 4 << 20  # buffered bytes per write and hash update: few calls, bounded memory
 
 
+def _writeback_starter():
+    """sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE) where libc has it (Linux): starts
+    writing a range to disk and returns at once; elsewhere a no-op."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        fn.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return lambda fd, offset, n: None
+    return lambda fd, offset, n: fn(fd, offset, n, 2)
+
+
+start_writeback = _writeback_starter()
+
+
 class TarWriter:
     """Write samples to a binary file object, hashing and counting as it goes.
 
-    Members are built in a buffer that goes out (written and hashed) CHUNK bytes at a time."""
+    Members are built in a buffer that goes out (written and hashed) CHUNK bytes at a time.
+    sync: fileobj is a file that will be fsynced; each chunk starts going to disk as it is
+    written, so that fsync waits only for the tail. (A thread writing and hashing chunks beside
+    the per-image Python measured no faster: the GIL hand-offs cost what the overlap saved.)"""
 
-    def __init__(self, fileobj, chunk: int = CHUNK):
+    def __init__(self, fileobj, chunk: int = CHUNK, sync: bool = False):
         self.f = fileobj
         self.sha = hashlib.sha256()
         self.index_rows: list[str] = []
         self.buf = bytearray()
         self.flushed = 0
         self.chunk = chunk
+        self.sync = sync
 
     @property
     def pos(self) -> int:
@@ -65,6 +87,9 @@ class TarWriter:
         buf = self.buf
         self.f.write(buf)
         self.sha.update(buf)
+        if self.sync:
+            self.f.flush()
+            start_writeback(self.f.fileno(), self.flushed, len(buf))
         self.flushed += len(buf)
         self.buf = bytearray()
 

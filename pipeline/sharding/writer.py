@@ -17,9 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pipeline import storage
 from pipeline.config import StorageConfig
 from pipeline.sharding.plan import ShardPlan
-from pipeline.sharding.sources import read_entry
+from pipeline.sharding.images import checked_images
 from pipeline.sharding.tarfmt import TarWriter
-from pipeline.sharding.validate import check_image, clean_size
 
 WORK_DIR = "_work"
 
@@ -41,6 +40,7 @@ class ShardResult:
 class WriteOptions:
     validation: str = "structural"
     max_side: int | None = None
+    threads: int = 1  # decoding threads (decode validation); no effect on the bytes written
 
 
 def sidecar_url(split_url: str, shard_name: str) -> str:
@@ -89,37 +89,24 @@ def _json_tail(wnid: str, cls: int) -> bytes:
     return f', "wnid": {json.dumps(wnid).replace("%", "%%")}, "class": {cls}, "width": %d, "height": %d}}'.encode()
 
 
-def write_samples(plan: ShardPlan, fileobj, class_of: dict[str, int], opts: WriteOptions) -> tuple[TarWriter, list[dict], int]:
-    """Fill one tar from the plan's sources; bad images are listed, never raised."""
-    tw = TarWriter(fileobj)
-    rejected, reencoded, handles = [], 0, {}
-    structural, max_side = opts.validation == "structural", opts.max_side
+def write_samples(plan: ShardPlan, fileobj, class_of: dict[str, int], opts: WriteOptions, sync: bool = False) -> tuple[TarWriter, list[dict], int]:
+    """Fill one tar from the plan's sources; bad images are listed, never raised.
+
+    sync: fileobj is a file to be fsynced: start writing it to disk while the shard is built."""
+    tw = TarWriter(fileobj, sync=sync)
+    rejected, reencoded = [], 0
     per_class: dict[str, tuple[bytes, bytes]] = {}  # wnid -> (.cls bytes, .json tail format)
-    try:
-        for e in plan.entries:
-            try:
-                data = read_entry(e, handles)
-            except OSError as err:
-                rejected.append({"file": e.file, "reason": f"unreadable: {err}"})
-                continue
-            # Clean JPEGs, nearly every image, are checked here; the rest go through check_image.
-            size = clean_size(data, max_side) if structural else None
-            if size is None:
-                c = check_image(data, opts.validation, max_side)
-                if c.jpeg is None:
-                    rejected.append({"file": e.file, "reason": c.reason})
-                    continue
-                reencoded += c.reencoded
-                data, size = c.jpeg, (c.width, c.height)
-            wnid = e.wnid
-            pc = per_class.get(wnid)
-            if pc is None:
-                cls = class_of[wnid]
-                pc = per_class[wnid] = (str(cls).encode(), _json_tail(wnid, cls))
-            tw.add_image(e.key, pc[0], data, _json_head(e.file) + pc[1] % size)
-    finally:
-        for f in handles.values():
-            f.close()
+    for e, data, size, reenc in checked_images(plan.entries, opts.validation, opts.max_side, opts.threads):
+        if data is None:
+            rejected.append({"file": e.file, "reason": size})
+            continue
+        reencoded += reenc
+        wnid = e.wnid
+        pc = per_class.get(wnid)
+        if pc is None:
+            cls = class_of[wnid]
+            pc = per_class[wnid] = (str(cls).encode(), _json_tail(wnid, cls))
+        tw.add_image(e.key, pc[0], data, _json_head(e.file) + pc[1] % size)
     tw.close()
     return tw, rejected, reencoded
 
@@ -132,7 +119,7 @@ def write_shard(plan: ShardPlan, split_url: str, class_of: dict[str, int], opts:
     tar_url = storage.join(split_url, plan.name)
     if storage.is_local(tar_url):
         with storage.atomic_open(tar_url, cfg) as f:
-            tw, rejected, reencoded = write_samples(plan, f, class_of, opts)
+            tw, rejected, reencoded = write_samples(plan, f, class_of, opts, sync=True)
     else:
         # Build locally, then upload with retries: an interrupted upload is redone from the
         # finished file instead of re-reading and re-encoding every image.
