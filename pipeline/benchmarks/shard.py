@@ -50,7 +50,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--source", help="an ImageFolder dataset (default: build `mfm sample-data` in a temp dir)")
     p.add_argument("--per-class", type=int, default=200, help="sample-data images per class (default 200)")
     p.add_argument("--size", type=int, default=224, help="sample-data image side (default 224)")
-    p.add_argument("--workers", type=int, default=1, help="sharding workers (tar and Pillow run on one core)")
+    p.add_argument("--workers", type=int, default=None, help="sharding workers (default: the CPUs available, as `mfm shard`; tar and Pillow use one core)")
     p.add_argument("--shard-size-mb", type=float, default=256, help="shard size (default 256, the production default)")
     p.add_argument("--split", default="train")
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds (default 3)")
@@ -59,6 +59,9 @@ def cli(argv: list[str]) -> int:
     logging.getLogger("pipeline.sharding").setLevel(logging.WARNING)
 
     from pipeline.sharding import shard_dataset
+    from pipeline.sharding.job import available_cpus
+
+    args.workers = args.workers or available_cpus()
 
     with tempfile.TemporaryDirectory(prefix="mfm-bench-shard-") as tmp:
         source = args.source
@@ -74,8 +77,10 @@ def cli(argv: list[str]) -> int:
 
         def shard(validation):
             dest = tempfile.mkdtemp(dir=tmp, prefix=validation)
+            dests.append(dest)
             return lambda: shard_dataset(source, dest, splits=[args.split], workers=args.workers, shard_size_mb=args.shard_size_mb, validation=validation, progress=False)
 
+        dests: list[str] = []
         tar_out = os.path.join(tmp, "plain.tar")
 
         def tar_fsync():
@@ -97,12 +102,21 @@ def cli(argv: list[str]) -> int:
         for _ in range(max(1, args.repeat)):
             for name, fn in methods.items():
                 runs[name].append(_timed(fn))
+        from pipeline.sharding import read_manifest
+
+        shards = len(read_manifest(os.path.join(dests[0], args.split))["shards"])
 
     n, mb = len(files), total / 1e6
     best = {name: min(w for w, _ in r) for name, r in runs.items()}
     cpu = {name: min(c for _, c in r) for name, r in runs.items()}
-    print(f"{n} images, {mb:.1f} MB from {source}/{args.split}; sharding with {args.workers} worker(s); "
-          f"{args.repeat} interleaved rounds, best wall and least CPU of each\n")
+    used = min(args.workers, shards)
+    print(f"{n} images, {mb:.1f} MB from {source}/{args.split} -> {shards} shard(s); {args.workers} worker(s) asked, "
+          f"{used} used{' (in this process)' if used == 1 else ''}; {args.repeat} interleaved rounds, best wall and least CPU of each")
+    if not args.skip_decode:
+        from pipeline.sharding.job import _decode_threads
+
+        print(f"decode validation: {_decode_threads('decode', used)} decoding thread(s) per worker; the Pillow baseline uses one")
+    print()
     print(f"{'method':<26} {'wall s':>7} {'images/s':>9} {'MB/s':>7} {'CPU s':>7} {'CPU us/image':>13}")
     for name in methods:
         s, c = best[name], cpu[name]

@@ -13,7 +13,7 @@ def _shard_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="folder with ILSVRC2012_img_{train,val}.tar (+ labels) or <split>/<class>/<image>")
     p.add_argument("--dest", required=True, help="output URL: a path or s3://bucket/prefix")
     p.add_argument("--splits", default=None, help="comma-separated (default: train,val where present)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: the CPUs available; a split of one shard runs in this process)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size-mb", type=float, default=256)
     p.add_argument("--max-side", type=int, default=None, help="re-encode images whose longer side exceeds PX")
@@ -28,10 +28,11 @@ def cli(argv: list[str]) -> int:
         return verify_cli(argv[1:])
     args = _shard_parser().parse_args(argv)
     from pipeline.sharding import ShardingError, SourceError, shard_dataset
+    from pipeline.sharding.job import available_cpus
 
     try:
         manifests = shard_dataset(
-            args.source, args.dest, splits=args.splits, workers=args.workers, seed=args.seed,
+            args.source, args.dest, splits=args.splits, workers=args.workers or available_cpus(), seed=args.seed,
             shard_size_mb=args.shard_size_mb, max_side=args.max_side, validation=args.validation,
             progress=False if args.no_progress else None,
         )

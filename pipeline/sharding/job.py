@@ -90,7 +90,7 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress) -> d
     missing = sorted({e.wnid for e in listing.entries} - class_of.keys())
     if missing:
         raise SourceError(f"{source}: split {split!r} has images of classes not in the class list: {missing[:5]}")
-    opts = WriteOptions(options["validation"], options["max_side"], _decode_threads(options["validation"], workers))
+    opts = WriteOptions(options["validation"], options["max_side"], _decode_threads(options["validation"], min(workers, len(plans))))
     log.info("%s: %d images from %s (%s) -> %d shards, %d workers", split_url, len(listing.entries), source, listing.kind, len(plans), workers)
     results = _run(plans, split_url, class_of, opts, workers, cfg, log, progress)
     _remove_extra_shards(split_url, split, len(plans), cfg)
@@ -109,10 +109,12 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress) -> d
 def _decode_threads(validation: str, workers: int) -> int:
     """Decoding threads per worker: the CPUs this process may use, shared among the workers
     (Pillow decodes without the GIL). Structural checks are Python: one thread."""
-    if validation != "decode":
-        return 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // workers)
+    return max(1, available_cpus() // workers) if validation == "decode" else 1
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _run(plans, split_url, class_of, opts, workers, cfg, log, progress):
