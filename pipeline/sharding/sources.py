@@ -114,10 +114,13 @@ def read_entry(e: Entry, handles: dict | None = None) -> bytes:
         # of a small file); the loop still reads a file that grew since it was listed.
         fd = os.open(e.path, os.O_RDONLY)
         try:
-            chunks = [os.read(fd, e.size + 1)]
-            while len(chunks[-1]) > 0 and sum(map(len, chunks)) > e.size:
-                chunks.append(os.read(fd, 1 << 20))
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            data = os.read(fd, e.size + 1)
+            if len(data) > e.size:  # the file grew since it was listed: read it to the end
+                chunks = [data]
+                while chunk := os.read(fd, 1 << 20):
+                    chunks.append(chunk)
+                data = b"".join(chunks)
+            return data
         finally:
             os.close(fd)
     if handles is None:

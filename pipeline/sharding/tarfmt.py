@@ -41,7 +41,18 @@ def member_header(name: str, size: int) -> bytes:
 # instead of three headers and a join: per-image Python is most of the sharder's time.
 _SAMPLE = b"".join(b"%b." + ext + b"%b" + _PRE + b"%b" + _MTIME + b"%06o\0 " + _TAIL + b"%b%b" for ext in (b"cls", b"jpg", b"json"))
 assert b"%" not in _PRE + _MTIME + _TAIL  # they are spliced into format strings
-_SUM = {ext: sum(b"." + ext.encode()) for ext in ("cls", "jpg", "json")}
+
+
+def _small_sizes(ext: bytes) -> list[tuple[bytes, int, bytes]]:
+    """size -> (octal size field, checksum of everything but the key, padding) for the small
+    .cls and .json members: a lookup instead of three steps per image."""
+    fixed = _CHKSUM_FIXED + sum(b"." + ext)
+    return [(b"%011o" % n, fixed + sum(b"%011o" % n), _ZEROS[: -n % BLOCK]) for n in range(_SMALL)]
+
+
+_SMALL = 2 * BLOCK
+_CLS_SIZE, _JSON_SIZE = _small_sizes(b"cls"), _small_sizes(b"json")
+_JPG_FIXED = _CHKSUM_FIXED + sum(b".jpg")
 CHUNK = 4 << 20  # buffered bytes per write and hash update: few calls, bounded memory
 
 
@@ -114,21 +125,24 @@ class TarWriter:
         kb = key.encode()
         k = len(kb)
         nc, nj, nm = len(cls), len(jpeg), len(meta)
-        if k > 95 or nj >= 8**11:  # a long name or a huge file: tarfile's GNU extensions
+        if k > 95 or nj >= 8**11 or nc >= _SMALL or nm >= _SMALL:  # long names, big files: the general path
             return self.add_sample(key, [("cls", cls), ("jpg", jpeg), ("json", meta)])
-        ks = sum(kb) + _CHKSUM_FIXED
-        oc, oj, om = b"%011o" % nc, b"%011o" % nj, b"%011o" % nm
-        pc, pj, pm = -nc % BLOCK, -nj % BLOCK, -nm % BLOCK
-        pos = self.flushed + len(self.buf)
-        jpos = pos + 2 * BLOCK + nc + pc  # data offsets, as the index records them
+        ks = sum(kb)
+        oc, sc, zc = _CLS_SIZE[nc]
+        om, sm, zm = _JSON_SIZE[nm]
+        oj = b"%011o" % nj
+        pj = -nj % BLOCK
+        buf = self.buf
+        pos = self.flushed + len(buf)
+        jpos = pos + 2 * BLOCK + nc + len(zc)  # data offsets, as the index records them
         mpos = jpos + nj + pj + BLOCK
-        self.buf += _SAMPLE % (
-            kb, _NULS[k + 4 :], oc, ks + _SUM["cls"] + sum(oc), cls, _ZEROS[:pc],
-            kb, _NULS[k + 4 :], oj, ks + _SUM["jpg"] + sum(oj), jpeg, _ZEROS[:pj],
-            kb, _NULS[k + 5 :], om, ks + _SUM["json"] + sum(om), meta, _ZEROS[:pm],
+        buf += _SAMPLE % (
+            kb, _NULS[k + 4 :], oc, ks + sc, cls, zc,
+            kb, _NULS[k + 4 :], oj, ks + _JPG_FIXED + sum(oj), jpeg, _ZEROS[:pj],
+            kb, _NULS[k + 5 :], om, ks + sm, meta, zm,
         )
         self.index_rows.append(f"cls {pos + BLOCK} {nc} {key}.cls jpg {jpos} {nj} {key}.jpg json {mpos} {nm} {key}.json")
-        if len(self.buf) >= self.chunk:
+        if len(buf) >= self.chunk:
             self._flush()
 
     def close(self) -> None:
