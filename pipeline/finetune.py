@@ -53,6 +53,18 @@ def _registry(cfg: Config):
     return Registry(cfg.finetune.registry or default_registry(), cfg.storage)
 
 
+def started_from(cfg: Config) -> str | None:
+    """The pinned init of a run that already has a complete checkpoint in train.run_dir: its
+    weights come from there, so its lineage stays what it started from even if an alias moved."""
+    import yaml
+
+    fs, path = storage.filesystem(cfg.train.run_dir, cfg.storage)
+    config_url = storage.join(cfg.train.run_dir, "config.yaml")
+    if not fs.glob(f"{path}/step-*/COMPLETE") or not storage.exists(config_url, cfg.storage):
+        return None
+    return ((yaml.safe_load(storage.read_bytes(config_url, cfg.storage)) or {}).get("finetune") or {}).get("init")
+
+
 def resolve_init(cfg: Config) -> tuple[str, dict]:
     """(pinned init, its timm config.json): a ref's alias becomes the version it points at now,
     so that every rank (and a later resume) loads the same weights."""
@@ -108,6 +120,12 @@ def prepare(cfg: Config, world_size: int | None = None) -> Config:
     from pipeline.training.optim import batch_plan
 
     ft = cfg.finetune
+    before = started_from(cfg)
+    if before and before != ft.init:
+        log.warning("%s continues from finetune.init=%s (recorded at its start), not %s",
+                    cfg.train.run_dir, before, ft.init)
+        cfg = cfg.model_copy(update={"finetune": ft.model_copy(update={"init": before})})
+        ft = cfg.finetune
     init, export = resolve_init(cfg)
     arch = export.get("architecture")
     if not arch:
