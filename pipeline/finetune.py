@@ -230,7 +230,11 @@ def _loader(cfg: Config, *, rank: int, world_size: int, micro_batch: int, device
 def _optimizer(model: nn.Module, cfg: Config, lr: float):
     from pipeline.training.optim import build_optimizer
 
-    decay = cfg.finetune.layer_decay if cfg.finetune.recipe == "vit" else None
+    ft = cfg.finetune
+    # No layer decay is layer_decay 1.0, not None: build_optimizer's plain path hands the no-decay
+    # names to timm 1.0's weight_decay_exclude_1d argument, so it decays biases and norms of a
+    # ResNet and pos_embed / cls_token of a ViT; the layer-decay groups exclude them as specified.
+    decay = ft.layer_decay if ft.recipe == "vit" and ft.layer_decay else 1.0
     return build_optimizer(model, cfg.optim, lr, layer_decay=decay)
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import save
 
 from pipeline import storage
 from pipeline.config import load_config
-from pipeline.finetune import build_classifier, load_encoder, train_transform
+from pipeline.finetune import _optimizer, build_classifier, load_encoder, train_transform
 from pipeline.models import build_model, export_encoder
 
 
@@ -172,3 +172,20 @@ def test_odd_micro_batch_with_mixup_is_refused(tmp_path, no_launch, capsys):
             "--set", "train.nprocs=2", "--set", "data.batch_size=6", "--set", f"train.run_dir={tmp_path / 'run'}"]
     assert main(args) == 2
     assert "the micro batch (data.batch_size 6 / 2 ranks / 1) = 3 must be even" in capsys.readouterr().err
+
+
+def test_resnet_recipe_loads_the_encoder_and_trains_plain_groups():
+    from pipeline.training.optim import scaled_lrs
+
+    cfg = load_config("finetune_resnet50", ["model.name=resnet18", "model.img_size=32", "finetune.num_classes=10"])
+    state, _ = export_encoder(build_model(cfg.model), cfg.model)
+    model = build_classifier(cfg)
+    keys = load_encoder(model, state)
+    assert {k.split(".")[0] for k in keys["new"]} == {"fc"} and not keys["dropped"]
+    assert torch.equal(model.conv1.weight, state["conv1.weight"]) and model.fc.out_features == 10
+    opt = _optimizer(model, cfg, scaled_lrs(cfg.optim, 64).lr)
+    assert {g["lr_scale"] for g in opt.param_groups} == {1.0}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in opt.param_groups:  # no decay on biases and batch norms, the recipe's decay elsewhere
+        assert {p.ndim > 1 for p in g["params"]} == {g["weight_decay"] == cfg.optim.weight_decay}, \
+            [names[id(p)] for p in g["params"]]

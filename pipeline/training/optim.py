@@ -59,8 +59,8 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float,
 
     With `layer_decay` (fine-tuning), timm's layer-wise groups: group "layer i" of a model with L
     blocks gets lr_scale = layer_decay ** (L + 1 - i) (embeddings i = 0, head L + 1), which
-    timm's schedulers multiply into every lr they set."""
-    if layer_decay is not None and layer_decay != 1.0:
+    timm's schedulers multiply into every lr they set; 1.0 gives every group scale 1."""
+    if layer_decay is not None:
         groups = param_groups_layer_decay(model, optim.weight_decay, sorted(no_weight_decay_names(model)),
                                           layer_decay=layer_decay)
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps)
