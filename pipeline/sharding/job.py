@@ -140,13 +140,27 @@ def _run(plans, split_url, class_of, opts, workers, cfg, log, progress):
         else:
             # spawn, not fork: the caller may run threads (Prefect, an S3 client) that fork would copy mid-state.
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(min(workers, len(plans)), mp_context=ctx) as pool:
+            with ProcessPoolExecutor(min(workers, len(plans)), mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(write_shard, p, split_url, class_of, opts, cfg): i for i, p in enumerate(plans)}
                 for fut in as_completed(futures):
                     done(futures[fut], fut.result())
     finally:
         bar.close()
     return results
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: a killed run takes its workers with it (Linux), so orphans cannot
+    go on writing into a destination that the rerun is cleaning up and resuming."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # died before prctl took effect
+        os._exit(1)
 
 
 def _remove_stale_temporaries(split_url, cfg):
