@@ -55,3 +55,20 @@ def test_dali_resume_is_exact_and_skips_corrupt(tmp_path):
     assert [i for i, _ in got] == [i for i, _ in want[1:]]
     for (_, x), (_, y) in zip(got, want[1:]):
         assert torch.equal(x.encoder_input, y.encoder_input) and torch.equal(x.target, y.target)
+
+
+def test_batched_mfm_corruption_matches_per_sample():
+    """corrupt_samples masks an mfm batch in one call (the DALI CPU path's main cost); it must give
+    each sample exactly what corrupt() gives it alone with the sample's seed."""
+    from pipeline.config import CorruptionConfig
+    from pipeline.corruptions import corrupt
+    from pipeline.data.augment import corrupt_samples
+
+    cfg = CorruptionConfig(kind="mfm", radius=4)
+    images = torch.rand(6, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    seeds = [11, 12, 13, 14, 15, 16]
+    enc, target, keep = corrupt_samples(images, cfg, seeds)
+    for i, s in enumerate(seeds):
+        e, t, k = corrupt(images[i:i + 1], cfg, torch.Generator().manual_seed(s))
+        assert torch.equal(enc[i:i + 1], e) and torch.equal(target[i:i + 1], t) and torch.equal(keep[i:i + 1], k)
+    assert 0 < keep.flatten(1).mean(1).gt(0.5).sum() < 6  # both low- and high-pass draws occur
