@@ -1,7 +1,8 @@
 """The DALI backend: reader threads feed encoded bytes and per-sample params through
-fn.external_source; DALI decodes only the crop window (decoders.image_slice, "mixed" on a GPU),
-resizes it bicubic, flips, scales to float CHW [0, 1], and runs the pretext corruption inline
-as a python function over pipeline.corruptions.corrupt.
+fn.external_source; DALI decodes only the crop window (decoders.image_slice, "mixed" on a GPU).
+On a GPU DALI resizes it bicubic, flips, scales to float CHW [0, 1] and runs the pretext
+corruption as a torch python function over pipeline.corruptions.corrupt; on a CPU one python
+function resizes with Pillow, flips and corrupts (see _views_cpu).
 
 The crop windows, flips and corruption seeds are the ones the torch backend uses
 (pipeline.data.augment.sample_params), so both backends agree up to decoder/resize rounding
@@ -9,6 +10,7 @@ and a resumed run reproduces its batches exactly.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections import deque
@@ -17,9 +19,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipeline.config import Config
-from pipeline.data.augment import corrupt_samples
+from pipeline.data.augment import corrupt_samples, resize_view
 from pipeline.data.reading import RawBatch, raw_batches
 from pipeline.data.sampling import reader_batches
 from pipeline.data.shards import SampleReader, Split
@@ -27,11 +30,27 @@ from pipeline.data.shards import SampleReader, Split
 _DONE = object()
 
 
-def _corrupt_cpu(images, seeds, *, cfg):
-    """python_function body (CPU): lists of numpy arrays in and out."""
-    batch = torch.stack([torch.from_numpy(np.asarray(im)) for im in images])
-    enc, target, keep = corrupt_samples(batch, cfg.corruption, [int(s) for s in seeds])
-    keep = keep if keep is not None else torch.zeros(len(images), 1, 1)  # placeholder: the loader hands None
+def _views_cpu(windows, flips, seeds, *, cfg, threads: int):
+    """python_function body (CPU): the decoded crop windows (HWC uint8, ragged) -> resized, flipped,
+    corrupted. Pillow's fixed-point resize costs under half of DALI's float CPU resize and is the
+    torch backend's own (augment.resize_view); the FFTs run on `threads` torch threads, the cores
+    DALI's decoding threads leave (more only wait for each other on a busy CPU)."""
+    size, n = cfg.model.img_size, len(windows)
+    batch = torch.empty(n, 3, size, size)
+    planes = batch.numpy()
+    for i, (window, flip) in enumerate(zip(windows, flips)):
+        view = resize_view(Image.fromarray(np.asarray(window)), size, cfg.data.downscale)
+        if int(flip):
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        planes[i] = np.asarray(view).transpose(2, 0, 1)
+    batch.div_(255)
+    before = torch.get_num_threads()  # per calling thread, and the default of threads started later
+    torch.set_num_threads(threads)
+    try:
+        enc, target, keep = corrupt_samples(batch, cfg.corruption, [int(s) for s in seeds])
+    finally:
+        torch.set_num_threads(before)
+    keep = keep if keep is not None else torch.zeros(n, 1, 1)  # placeholder: the loader hands None
     return [t.numpy() for t in enc], [t.numpy() for t in target], [t.numpy() for t in keep]
 
 
@@ -67,18 +86,20 @@ def build_pipeline(cfg: Config, batch_size: int, source, *, num_threads: int, de
             dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT64])
         images = fn.decoders.image_slice(encoded, anchor, shape, device="mixed" if gpu else "cpu",
                                          output_type=types.RGB, axis_names="WH")
+        if not gpu:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = max(1, cores - num_threads)
+            return tuple(fn.python_function(images, flip, seeds, num_outputs=3, batch_processing=True,
+                                            function=partial(_views_cpu, cfg=cfg, threads=threads)))
         images = fn.resize(images, resize_x=size, resize_y=size, antialias=True, mag_filter=types.INTERP_CUBIC,
                            min_filter=types.INTERP_LINEAR if cfg.data.downscale == "bilinear" else types.INTERP_CUBIC)
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[0.0] * 3,
                                           std=[255.0] * 3, mirror=flip)
-        if gpu:
-            from nvidia.dali.plugin.pytorch.fn import torch_python_function
+        from nvidia.dali.plugin.pytorch.fn import torch_python_function
 
-            # a GPU function takes GPU inputs only: the seeds go up too
-            return tuple(torch_python_function(images, seeds.gpu(), function=partial(_corrupt_gpu, cfg=cfg),
-                                               num_outputs=3, batch_processing=True, device="gpu"))
-        return tuple(fn.python_function(images, seeds, function=partial(_corrupt_cpu, cfg=cfg), num_outputs=3,
-                                        batch_processing=True))
+        # a GPU function takes GPU inputs only: the seeds go up too
+        return tuple(torch_python_function(images, seeds.gpu(), function=partial(_corrupt_gpu, cfg=cfg),
+                                           num_outputs=3, batch_processing=True, device="gpu"))
 
     p = pipe()
     p.build()
