@@ -11,6 +11,7 @@ import argparse
 import io
 import os
 import resource
+import statistics
 import tempfile
 import time
 
@@ -110,12 +111,24 @@ def bench_loader(cfg, backend: str, batch: int, device: str) -> tuple[float, int
     return _time(batches(), batch)
 
 
-def bench_pil_baseline(cfg, split_url: str, batch: int, workers: int, device: str) -> tuple[float, int]:
+def corruption_threads(workers: int) -> int:
+    """The torch threads the DALI CPU path gives its corruption: the cores its decoding threads
+    leave (see dali_backend._views_cpu)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - workers)
+
+
+def bench_pil_baseline(cfg, split_url: str, batch: int, workers: int, device: str, *,
+                       tuned: bool = True) -> tuple[float, int]:
     """The plain way: webdataset tar streaming, PIL decode, torchvision RandomResizedCrop (bicubic)
-    + flip + ToTensor in DataLoader workers, corruption on each batch."""
+    + flip + ToTensor in DataLoader workers, corruption on each batch in this process. `tuned`:
+    the corruption the DALI path runs (corrupt_samples, per-sample seeds) on as many torch
+    threads as it gets, so that the comparison is of the loaders; else corrupt() with torch's
+    default threads, as a plain script would."""
     import webdataset as wds
     from torchvision import transforms as T
 
+    from pipeline.data.augment import corrupt_samples
     from pipeline.data.shards import read_split
 
     split = read_split(split_url, cfg.storage)
@@ -126,13 +139,23 @@ def bench_pil_baseline(cfg, split_url: str, batch: int, workers: int, device: st
           .decode("pil").to_tuple("jpg").map_tuple(tf).batched(batch, partial=False))
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
     gen = torch.Generator().manual_seed(0)
+    threads = corruption_threads(workers) if tuned and not device.startswith("cuda") else torch.get_num_threads()
 
     def batches():
-        for (images,) in loader:
-            enc, target, keep = corrupt(images.to(device), cfg.corruption, gen)
-            yield enc
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for (images,) in loader:
+                if tuned:
+                    seeds = torch.randint(0, 2**62, (len(images),), generator=gen).tolist()
+                    enc, target, keep = corrupt_samples(images.to(device), cfg.corruption, seeds)
+                else:
+                    enc, target, keep = corrupt(images.to(device), cfg.corruption, gen)
+                yield enc
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        finally:
+            torch.set_num_threads(before)
     return _time(batches(), batch)
 
 
@@ -145,7 +168,8 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers / DALI reader+decode threads")
     p.add_argument("--kind", default="mfm", choices=["mfm", "sr", "deblur", "denoise"])
-    p.add_argument("--backends", default="pil,torch,dali", help="comma list of pil,torch,dali")
+    p.add_argument("--backends", default="pil,torch,dali", help="comma list of pil,pil-plain,torch,dali")
+    p.add_argument("--repeat", type=int, default=1, help="interleaved rounds (default 1)")
     p.add_argument("--downscale", default="bicubic,bilinear", help="comma list: filters for shrinking crops")
     args = p.parse_args(argv)
 
@@ -158,35 +182,47 @@ def cli(argv: list[str]) -> int:
         url = synthetic_split(os.path.join(tmp.name, "train"), args.images, 128, w, h)
     from pipeline.data.loader import dali_available
 
-    runs = []  # (device, downscale, backend, img/s, images)
+    names = args.backends.split(",")
+    runs = {}  # (device, downscale, backend) -> [(img/s, CPU ms/img)] per round
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        for down in args.downscale.split(","):
-            cfg = load_config(None, [f"data.train={url}", f"model.img_size={args.size}", f"corruption.kind={args.kind}",
-                                     f"data.workers={args.workers}", "data.shuffle_buffer=256",
-                                     f"data.downscale={down}"])
-            for name in args.backends.split(","):
-                if name == "dali" and not dali_available():
-                    print("dali: not installed, skipped")
-                    continue
-                if name == "pil":
-                    rate, cpu = bench_pil_baseline(cfg, url, args.batch, args.workers, device)
-                else:
-                    rate, cpu = bench_loader(cfg, name, args.batch, device)
-                runs.append((device, down, name, rate, cpu))
-                print(f"  {name} ({device}, {down} downscale): {rate:.1f} img/s, {cpu:.1f} CPU ms/img", flush=True)
-    base = {(dev, down): rate for dev, down, name, rate, _ in runs if name == "pil"}
+    for rnd in range(args.repeat):
+        for device in devices:
+            for down in args.downscale.split(","):
+                cfg = load_config(None, [f"data.train={url}", f"model.img_size={args.size}",
+                                         f"corruption.kind={args.kind}", f"data.workers={args.workers}",
+                                         "data.shuffle_buffer=256", f"data.downscale={down}"])
+                # the backends of a round run back to back, so that a change in the machine's load
+                # between rounds moves them together
+                for name in names:
+                    if name == "dali" and not dali_available():
+                        continue
+                    if name in ("pil", "pil-plain"):
+                        rate, cpu = bench_pil_baseline(cfg, url, args.batch, args.workers, device,
+                                                       tuned=name == "pil")
+                    else:
+                        rate, cpu = bench_loader(cfg, name, args.batch, device)
+                    runs.setdefault((device, down, name), []).append((rate, cpu))
+                    print(f"  round {rnd + 1}: {name} ({device}, {down} downscale): {rate:.1f} img/s, "
+                          f"{cpu:.1f} CPU ms/img", flush=True)
+    if "dali" in names and not dali_available():
+        print("dali: not installed, skipped")
     print(f"\nimages/s: decode + RandomResizedCrop({args.size}) + flip + {args.kind}, batch {args.batch}, "
-          f"workers {args.workers}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+          f"workers {args.workers}, {os.cpu_count()} CPUs, {args.repeat} interleaved rounds (medians)")
     print("img/s: wall clock (depends on the machine's load); CPU ms/img: all our processes' CPU time per image;")
-    print(f"idle bound: {os.cpu_count()} cores / CPU time per image. Ratios are against pil with the same filter.")
-    cpu_base = {(dev, down): cpu for dev, down, name, _, cpu in runs if name == "pil"}
-    print(f"{'loader':<8} {'device':<6} {'downscale':<9} {'img/s':>8} {'vs pil':>7} {'CPU ms/img':>11} {'idle img/s':>11} {'vs pil':>7}")
-    for dev, down, name, rate, cpu in runs:
-        key = (dev, down)
-        ratio = f"{rate / base[key]:.2f}x" if key in base else "-"
-        cratio = f"{cpu_base[key] / cpu:.2f}x" if key in cpu_base else "-"
-        print(f"{name:<8} {dev:<6} {down:<9} {rate:>8.1f} {ratio:>7} {cpu:>11.1f} {1000 * os.cpu_count() / cpu:>11.1f} {cratio:>7}")
+    print(f"idle bound: {os.cpu_count()} cores / CPU time per image. Ratios: median over rounds of the ratio to "
+          "pil in the same round, same filter.")
+    print(f"pil: the corruption as the DALI path runs it ({corruption_threads(args.workers)} torch threads on a CPU); "
+          f"pil-plain: corrupt() on torch's default {torch.get_num_threads()} threads")
+    med = statistics.median
+    print(f"{'loader':<10} {'device':<6} {'downscale':<9} {'img/s':>8} {'vs pil':>7} {'CPU ms/img':>11} "
+          f"{'idle img/s':>11} {'vs pil':>7}")
+    for (dev, down, name), rs in runs.items():
+        base = runs.get((dev, down, "pil"))
+        rate, cpu = med(r for r, _ in rs), med(c for _, c in rs)
+        ratio = f"{med(r / b for (r, _), (b, _) in zip(rs, base)):.2f}x" if base else "-"
+        cratio = f"{med(b / c for (_, c), (_, b) in zip(rs, base)):.2f}x" if base else "-"
+        print(f"{name:<10} {dev:<6} {down:<9} {rate:>8.1f} {ratio:>7} {cpu:>11.1f} {1000 * os.cpu_count() / cpu:>11.1f} "
+              f"{cratio:>7}")
     if tmp is not None:
         tmp.cleanup()
     return 0
