@@ -38,14 +38,18 @@ class Stage:
     name: str
     function: str  # "module:function", (ctx: dict) -> dict merged into ctx
     requires: str | None = None  # a module that must be installed, else the stage is skipped
+    # Flow parameters only this stage reads: they join its input (and cache key) but not the
+    # earlier stages', so changing e.g. eval_options re-runs evaluation, not training.
+    params: tuple[str, ...] = ()
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("shard", "flows.retrain:shard_stage", "pipeline.sharding"),
     Stage("pretrain", "flows.retrain:pretrain_stage", "pipeline.training"),
-    Stage("finetune", "flows.retrain:finetune_stage", "pipeline.finetune"),
-    Stage("evaluate", "flows.retrain:evaluate_stage", "pipeline.evaluation"),
-    Stage("register", "flows.retrain:register_stage", "pipeline.registry"),
+    Stage("finetune", "flows.retrain:finetune_stage", "pipeline.finetune", ("finetune_preset", "finetune_overrides")),
+    Stage("evaluate", "flows.retrain:evaluate_stage", "pipeline.evaluation", ("eval_options", "promote_metric")),
+    Stage("register", "flows.retrain:register_stage", "pipeline.registry",
+          ("registry", "registry_name", "promote_metric", "promote_to", "higher_is_better")),
 )
 
 
@@ -176,7 +180,9 @@ def evaluate_stage(ctx: dict) -> dict:
 
     flat = flatten_metrics(metrics)
     get_run_logger().info("evaluate: %s=%s -> %s", ctx["promote_metric"], flat.get(ctx["promote_metric"]), url)
-    return {"metrics": url, "headline": {k: flat[k] for k in ("top1", "top5", ctx["promote_metric"]) if k in flat}}
+    # The digest puts the report's contents (not just its URL) into the register stage's cache key.
+    return {"metrics": url, "metrics_digest": _digest(metrics),
+            "headline": {k: flat[k] for k in ("top1", "top5", ctx["promote_metric"]) if k in flat}}
 
 
 def register_stage(ctx: dict) -> dict:
@@ -261,13 +267,11 @@ def retrain_flow(
     # A run folder per (data, config): new data starts a new run instead of resuming a finished one.
     train_overrides = {"data.train": storage.join(shards, "train"), "data.val": storage.join(shards, "val"),
                        "train.run_dir": storage.join(store, "runs", f"{registry_name}-{key}"), **overrides}
-    ctx: dict[str, Any] = {
-        **base, "train_overrides": train_overrides, "eval_options": dict(eval_options or {}),
-        "registry": _abs(registry) if registry else storage.join(store, "registry"),
-        "registry_name": registry_name, "promote_metric": promote_metric, "promote_to": promote_to,
-        "higher_is_better": higher_is_better, "finetune_preset": finetune_preset,
-        "finetune_overrides": dict(finetune_overrides or {}),
-    }
+    ctx: dict[str, Any] = {**base, "train_overrides": train_overrides}
+    params = {"eval_options": dict(eval_options or {}), "promote_metric": promote_metric,
+              "registry": _abs(registry) if registry else storage.join(store, "registry"),
+              "registry_name": registry_name, "promote_to": promote_to, "higher_is_better": higher_is_better,
+              "finetune_preset": finetune_preset, "finetune_overrides": dict(finetune_overrides or {})}
     options: dict[str, Any] = {"retry_delay_seconds": retry_delay_seconds, "refresh_cache": refresh}
     if "://" not in store:  # the cache lives with the run; on object storage, Prefect's local default
         options["result_storage"] = Path(store) / ".prefect-results"
@@ -279,8 +283,9 @@ def retrain_flow(
             log.info("stage %s: skipped (%s)", stage.name, why)
             states[stage.name] = "Skipped"
             continue
+        inputs = {**ctx, **{k: params[k] for k in stage.params}}
         state = run_stage.with_options(name=stage.name, task_run_name=stage.name, **options)(
-            stage.name, stage.function, ctx, return_state=True)
+            stage.name, stage.function, inputs, return_state=True)
         states[stage.name] = state.name
         if state.name == "Cached":
             log.info("stage %s: finished in an earlier run; result loaded from the cache", stage.name)
@@ -288,7 +293,7 @@ def retrain_flow(
     result = {"shards": ctx["data"], "run_dir": ctx["run_dir"], "checkpoints": ctx["checkpoints"],
               "pretrained_export": ctx["pretrained_export"],
               "finetune_run_dir": ctx["model_run_dir"] if "finetune_metrics" in ctx else None, "export": ctx["export"], "pictures": ctx["pictures"], "metrics": ctx["metrics"],
-              "headline": ctx["headline"], "registry": ctx["registry"], "model": ctx["model"],
+              "headline": ctx["headline"], "registry": params["registry"], "model": ctx["model"],
               "promoted": ctx["promoted"], "refused": ctx["refused"], "stages": states}
     create_markdown_artifact(key="mfm-retrain", description="where mfm-retrain put everything",
                              markdown="# mfm-retrain\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in result.items()))

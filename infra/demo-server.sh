@@ -5,7 +5,8 @@
 # preset on sample data, waits for it, prints where the results are, and stops everything.
 #
 # Environment: PYTHON (default .venv/bin/python), DEMO_STORE (default demo-out),
-# DEMO_PER_CLASS (sample images per class, default 40), DEMO_OVERRIDES / DEMO_EVAL (JSON),
+# DEMO_PER_CLASS (sample images per class, default 40), DEMO_OVERRIDES / DEMO_FINETUNE /
+# DEMO_EVAL (JSON: pretraining and fine-tuning config keys, pipeline.evaluation.run options),
 # DEMO_KEEP_SERVER=1 to leave the server and worker running (the UI at the printed URL).
 set -euo pipefail
 
@@ -16,6 +17,7 @@ BIN=$(dirname "$PY")
 STORE=$(realpath -m "${DEMO_STORE:-demo-out}")
 OVERRIDES=${DEMO_OVERRIDES:-'{"train.max_steps": 60, "train.checkpoint_every": 20, "train.picture_every": 20}'}
 EVAL=${DEMO_EVAL:-'{"corruptions": "gaussian_noise,contrast", "severities": "3", "probe_epochs": 10}'}
+FINETUNE=${DEMO_FINETUNE:-'{"train.max_steps": 40, "train.checkpoint_every": 20}'}
 POOL=mfm-process
 
 export PREFECT_HOME="$STORE/prefect-home"
@@ -30,7 +32,11 @@ mkdir -p "$PREFECT_HOME" "$LOGS"
 PIDS=()
 stop() {
     [[ "${DEMO_KEEP_SERVER:-0}" == 1 ]] && { echo "server and worker left running: ${PIDS[*]} (kill -- -PID)"; return; }
-    # Each was started in its own session: signal the whole group (server workers, flow runs).
+    # Each was started in its own session: signal the whole group. The worker starts each flow
+    # run in a group of its own (and training ranks die with their flow run): those first.
+    for pid in "${PIDS[@]}"; do
+        for child in $(pgrep -P "$pid" || true); do kill -TERM -- "-$child" 2>/dev/null || true; done
+    done
     for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
@@ -38,6 +44,7 @@ stop() {
     done
 }
 trap stop EXIT
+trap 'exit 130' INT TERM  # so that Ctrl-C and kill also stop the server and worker
 
 echo "== Prefect server on $PREFECT_API_URL (log: $LOGS/server.log)"
 setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" >"$LOGS/server.log" 2>&1 &
@@ -70,7 +77,7 @@ fi
 echo "== prefect deployment run 'mfm-retrain/local'"
 "$BIN/prefect" deployment run 'mfm-retrain/local' \
     --param source="$SAMPLE/folder" --param store="$STORE" --param preset=tiny_cpu \
-    --param overrides="$OVERRIDES" --param eval_options="$EVAL" --watch
+    --param overrides="$OVERRIDES" --param finetune_overrides="$FINETUNE" --param eval_options="$EVAL" --watch
 
 echo "== results"
 "$PY" - <<'PY'

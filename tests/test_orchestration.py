@@ -35,7 +35,19 @@ def _free_port() -> int:
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop a process started with start_new_session, and everything it started."""
+    """Stop a process started with start_new_session, and everything it started (a process
+    worker starts each flow run in a process group of its own)."""
+    import psutil
+
+    try:
+        groups = {os.getpgid(c.pid) for c in psutil.Process(proc.pid).children(recursive=True)} - {proc.pid}
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        groups = set()
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -187,6 +199,13 @@ def test_retrain_fails_at_a_stage_and_the_rerun_continues_there(server, sample, 
         again = retrain_flow(**kwargs)
         assert set(again["stages"].values()) == {"Cached"} and again["model"] == "mfm-test@v1"
         assert Registry(result["registry"]).versions("mfm-test") == [1]
+
+        # Another evaluation: only the stages that read eval_options run again; the new version
+        # ties on the gate metric, so it is registered but not promoted, and the flow succeeds.
+        other = retrain_flow(**{**kwargs, "eval_options": {**kwargs["eval_options"], "corruptions": "none"}})
+        assert other["stages"] == {**result["stages"], "evaluate": "Completed", "register": "Completed"}
+        assert other["model"] == "mfm-test@v2" and other["promoted"] is None and "does not beat" in other["refused"]
+        assert Registry(result["registry"]).alias_version("mfm-test", "production") == 1
         from prefect.logging.handlers import APILogWorker
 
         APILogWorker.drain_all(timeout=10)  # deliver this process's queued logs while the server is up
