@@ -113,9 +113,9 @@ def cli(argv: list[str]) -> int:
     print(f"{n} images, {mb:.1f} MB from {source}/{args.split} -> {shards} shard(s); {args.workers} worker(s) asked, "
           f"{used} used{' (in this process)' if used == 1 else ''}; {args.repeat} interleaved rounds, best wall and least CPU of each")
     if not args.skip_decode:
-        from pipeline.sharding.job import _decode_threads
+        from pipeline.sharding.job import decode_threads
 
-        print(f"decode validation: {_decode_threads('decode', used)} decoding thread(s) per worker; the Pillow baseline uses one")
+        print(f"decode validation: {decode_threads('decode', used)} decoding thread(s) per worker; the Pillow baseline uses one")
     print()
     print(f"{'method':<26} {'wall s':>7} {'images/s':>9} {'MB/s':>7} {'CPU s':>7} {'CPU us/image':>13}")
     for name in methods:

@@ -90,7 +90,7 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress) -> d
     missing = sorted({e.wnid for e in listing.entries} - class_of.keys())
     if missing:
         raise SourceError(f"{source}: split {split!r} has images of classes not in the class list: {missing[:5]}")
-    opts = WriteOptions(options["validation"], options["max_side"], _decode_threads(options["validation"], min(workers, len(plans))))
+    opts = WriteOptions(options["validation"], options["max_side"], decode_threads(options["validation"], min(workers, len(plans))))
     log.info("%s: %d images from %s (%s) -> %d shards, %d workers", split_url, len(listing.entries), source, listing.kind, len(plans), workers)
     results = _run(plans, split_url, class_of, opts, workers, cfg, log, progress)
     _remove_extra_shards(split_url, split, len(plans), cfg)
@@ -106,7 +106,7 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress) -> d
     return manifest
 
 
-def _decode_threads(validation: str, workers: int) -> int:
+def decode_threads(validation: str, workers: int) -> int:
     """Decoding threads per worker: the CPUs this process may use, shared among the workers
     (Pillow decodes without the GIL). Structural checks are Python: one thread."""
     return max(1, available_cpus() // workers) if validation == "decode" else 1
