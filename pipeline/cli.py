@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "registry": ("pipeline.registry:cli", "model registry: mfm registry {list,show,register,promote}"),
     "pull": ("pipeline.registry:pull_cli", "download a registered model, verified: mfm pull NAME@ALIAS --dest DIR"),
     "evaluate": ("pipeline.evaluation:cli", "top-1/5, corruption robustness, k-NN, linear probe -> metrics.json"),
+    "experiment": ("pipeline.experiment:cli", "mfm experiment pretext-comparison: pretexts vs random init on Fashion-MNIST -> table, plot"),
     # A string, resolved only when run: pipeline does not import flows/.
     "deploy": ("flows.deploy:cli", "Prefect deployments on a work pool: mfm deploy [--pool NAME] [--kubernetes]"),
 }

@@ -28,6 +28,9 @@ class ModelConfig(Section):
     img_size: int = Field(224, gt=0)
     patch_size: int | None = Field(None, gt=0)  # ViT only: override the name's patch size
     drop_path: float = Field(0.0, ge=0, lt=1)
+    # extra timm create_model arguments (e.g. {depth: 4, embed_dim: 96, num_heads: 3}) for
+    # CPU-sized encoders; exported in model_args, so fine-tuning and evaluation rebuild the same shape
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def stride(self) -> int | None:

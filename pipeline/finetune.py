@@ -145,7 +145,8 @@ def prepare(cfg: Config, world_size: int | None = None) -> Config:
     if not storage.exists(storage.join(cfg.data.val, "manifest.json"), cfg.storage):
         raise ConfigError(f"data.val={cfg.data.val!r}: no manifest.json there (shard the data first: mfm shard)")
     data = cfg.model_dump(mode="json")
-    data["model"].update(name=arch, img_size=int(size), patch_size=args.get("patch_size"))
+    data["model"].update(name=arch, img_size=int(size), patch_size=args.get("patch_size"),
+                         timm_kwargs={k: v for k, v in args.items() if k not in ("img_size", "patch_size", "global_pool", "fc_norm")})
     data["finetune"].update(init=init, num_classes=num_classes)
     out = build_config(data)
     plan = batch_plan(out, world_size or out.train.nprocs)

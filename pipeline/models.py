@@ -29,6 +29,7 @@ def encoder_args(cfg: ModelConfig) -> dict:
             args["patch_size"] = cfg.patch_size
     if cfg.drop_path:
         args["drop_path_rate"] = cfg.drop_path
+    args.update(cfg.timm_kwargs)
     return args
 
 

@@ -136,15 +136,16 @@ def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def build(dest: str, *, per_class: int | None = None, size: int = 64, with_bad_files: bool = False, source: str = "auto") -> dict:
+def build(dest: str, *, per_class: int | None = None, size: int = 64, with_bad_files: bool = False, source: str = "auto",
+          per_class_val: int | None = None) -> dict:
     """Write DIR/folder and DIR/ilsvrc; returns a summary (counts, source, paths)."""
     use_fashion = source == "fashion-mnist" or (source == "auto" and fashion_mnist_available())
     if use_fashion:
         n_train = per_class or 200
-        classes, train, val = fashion_mnist(n_train, max(1, n_train // 4))
+        classes, train, val = fashion_mnist(n_train, per_class_val or max(1, n_train // 4))
     else:
         n_train = per_class or 300
-        classes, train, val = skimage_photos(n_train, max(1, n_train // 4))
+        classes, train, val = skimage_photos(n_train, per_class_val or max(1, n_train // 4))
     names = dict(classes)
     mapping = "".join(f"{w} {n}\n" for w, n in classes)
 
@@ -198,10 +199,12 @@ def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mfm sample-data", description=__doc__.split("\n\n")[0])
     p.add_argument("--dest", required=True, help="output folder (gets folder/ and ilsvrc/)")
     p.add_argument("--per-class", type=int, default=None, help="train images per class (val gets a quarter); default 200")
+    p.add_argument("--per-class-val", type=int, default=None, help="val images per class (default: a quarter of --per-class)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--bad-files", action="store_true", help=f"add deliberately broken files to the first train class: {', '.join(BAD_FILES)}")
     p.add_argument("--source", choices=["auto", "fashion-mnist", "skimage"], default="auto")
     args = p.parse_args(argv)
-    s = build(args.dest, per_class=args.per_class, size=args.size, with_bad_files=args.bad_files, source=args.source)
+    s = build(args.dest, per_class=args.per_class, size=args.size, with_bad_files=args.bad_files, source=args.source,
+              per_class_val=args.per_class_val)
     print(f"{s['source']}: {s['classes']} classes, {s['train']} train / {s['val']} val images -> {s['folder']}, {s['ilsvrc']}")
     return 0
