@@ -265,10 +265,26 @@ class ClassifierStep:
 
     def __call__(self, engine, batch):
         images, labels = batch
+        if not engine.module.training:  # the trainer's fixed val batch: hard labels, nothing mixed
+            logits = engine(images.to(_dtype(engine)))
+            return nn.functional.cross_entropy(logits.float(), labels), logits
         if self.mixup is not None:
             images, labels = self.mixup(images, labels)  # draws from NumPy's RNG, saved with each checkpoint
         logits = engine(images.to(_dtype(engine)))
         return self.loss(logits.float(), labels), logits
+
+
+def _val_batch(cfg: Config, ranks, size: int):
+    """One fixed batch of data.val per rank (evaluation views): its loss, logged at every
+    checkpoint, moves only with the model."""
+    from pipeline.data import LabelledBatch, build_eval_loader
+
+    loader = build_eval_loader(cfg, cfg.data.val, rank=ranks.rank, world_size=ranks.world_size, batch_size=size,
+                               device="cpu")
+    images, labels = next(iter(loader), (None, None))
+    if images is None or not len(images):
+        return None
+    return LabelledBatch(images.to(ranks.device), labels.to(ranks.device))
 
 
 def _dtype(engine) -> torch.dtype:
@@ -361,7 +377,7 @@ def task(cfg: Config):
     from pipeline.training.trainer import Task
 
     return Task(build_model=_model, build_loader=_loader, build_optimizer=_optimizer,
-                forward=ClassifierStep.from_config(cfg), finish=_finish, pictures=False)
+                forward=ClassifierStep.from_config(cfg), finish=_finish, pictures=False, val_batch=_val_batch)
 
 
 # ---------------------------------------------------------------------------- launch and CLI

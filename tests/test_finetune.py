@@ -137,8 +137,12 @@ def test_flow_resumes_the_cut_short_run(pipeline_run, resumed, s3_endpoint):
     assert not any(k.startswith("step-3/") for k in keys)  # the half-written folder was dropped
     assert {"step-2/COMPLETE", "step-4/COMPLETE", "export/model.safetensors", "export/config.json",
             "metrics.json"} <= keys
-    rows = [json.loads(r) for r in storage.read_bytes(f"{run_dir}/metrics.jsonl").decode().splitlines()]
+    logged = [json.loads(r) for r in storage.read_bytes(f"{run_dir}/metrics.jsonl").decode().splitlines()]
+    rows = [r for r in logged if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # the fixed val batch's loss (hard labels, no mixing) at the start and at every checkpoint
+    assert [r["step"] for r in logged if "val_loss" in r] == [0, 2, 4]
+    assert all(0 < r["val_loss"] < 10 for r in logged if "val_loss" in r)
     # the warmup carries on across the restart: lr = 2e-3 x 16/512 x step/5 (the head's group, scale 1)
     peak = 2e-3 * BATCH / 512
     assert [r["lr"] for r in rows] == pytest.approx([peak * s / WARMUP_STEPS for s in (1, 2, 3, 4)])
