@@ -157,7 +157,7 @@ def _die_with_parent(parent: int) -> None:
         import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # not Linux
         return
     if os.getppid() != parent:  # died before prctl took effect
         os._exit(1)

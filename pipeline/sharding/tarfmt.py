@@ -65,7 +65,7 @@ def _writeback_starter():
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
         fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
         fn.restype = ctypes.c_int
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no such call (macOS), or no CDLL(None) (Windows)
         return lambda fd, offset, n: None
     return lambda fd, offset, n: fn(fd, offset, n, 2)
 
