@@ -64,7 +64,7 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float,
         groups = param_groups_layer_decay(model, optim.weight_decay, sorted(no_weight_decay_names(model)),
                                           layer_decay=layer_decay)
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps)
-    groups = param_groups_weight_decay(model, optim.weight_decay, no_weight_decay_names(model))
+    groups = param_groups_weight_decay(model, optim.weight_decay, no_weight_decay_list=no_weight_decay_names(model))
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps)
 
 
