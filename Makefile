@@ -1,4 +1,4 @@
-# Two entry points: `make demo` and `make test`. Both build .venv once and refresh it only
+# Two entry points: `make demo` and `make test` (and `make demo-server`). Both build .venv once and refresh it only
 # when pyproject.toml changes (the stamp file is named after its hash).
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,8 +9,10 @@ export DS_BUILD_OPS := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export OMP_NUM_THREADS ?= 2
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# Prefect's ephemeral server migrates its database on first start: slow on a 2-core machine.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo demo-server test clean
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -25,6 +27,9 @@ $(STAMP): pyproject.toml
 
 demo: venv
 	$(BIN)/mfm demo
+
+demo-server: venv
+	bash infra/demo-server.sh
 
 test: venv
 	$(BIN)/python -m pytest

@@ -8,7 +8,7 @@ import sys
 # name -> ("module:function", one-line help). Each function takes argv (list[str]) -> exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("pipeline.cli:config_cli", "show a resolved config: mfm config show PRESET [--set k=v]"),
-    "demo": ("pipeline.demo:cli", "run the main job on the embedded defaults"),
+    "demo": ("flows.demo:cli", "run the main job (mfm-retrain, tiny CPU preset) on the embedded defaults"),
     "sample-data": ("pipeline.sample_data:cli", "build a small ImageNet-format dataset from offline photos"),
     "shard": ("pipeline.sharding.cli:cli", "shard a dataset into WebDataset tars; `mfm shard verify URL`"),
     "pretrain": ("pipeline.training.launcher:cli", "MFM pretraining with DeepSpeed"),

@@ -287,7 +287,7 @@ class Trainer:
                  row["images_per_s"] or 0, 100 * (row["data_wait"] or 0))
 
     def picture(self, batch, pred) -> None:
-        from pipeline.training.pictures import save_picture
+        from pipeline.pictures import save_picture
 
         path = self.folder.local / "pictures" / f"step-{self.step}.png"
         fig = save_picture(path, batch.target, batch.encoder_input, pred, step=self.step)
