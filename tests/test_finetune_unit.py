@@ -189,3 +189,12 @@ def test_resnet_recipe_loads_the_encoder_and_trains_plain_groups():
     for g in opt.param_groups:  # no decay on biases and batch norms, the recipe's decay elsewhere
         assert {p.ndim > 1 for p in g["params"]} == {g["weight_decay"] == cfg.optim.weight_decay}, \
             [names[id(p)] for p in g["params"]]
+
+
+def test_randaugment_survives_its_strongest_posterize():
+    """rand-m9-mstd0.5-inc1 can draw posterize to 0 bits; a Pillow that refuses it kills training."""
+    from PIL import Image
+    from timm.data.auto_augment import posterize
+
+    out = posterize(Image.new("RGB", (8, 8), (200, 100, 50)), 0)
+    assert out.getpixel((0, 0)) == (0, 0, 0)
