@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not sample_data.fashion_mnist_available(), reaso
 
 ARGS = ["--pretexts", "mfm,denoise", "--seeds", "0", "--fractions", "0.5", "--per-class", "8",
         "--per-class-test", "4", "--pretrain-steps", "2", "--finetune-steps", "2", "--pretrain-batch", "16",
-        "--finetune-batch", "8", "--probe-epochs", "2", "--knn-k", "5"]
+        "--finetune-batch", "8", "--probe-epochs", "2"]
 
 
 def test_comparison_end_to_end_then_rerun_skips_finished_runs(tmp_path, caplog, capsys):
@@ -69,6 +69,20 @@ def test_comparison_end_to_end_then_rerun_skips_finished_runs(tmp_path, caplog, 
     # results made with other settings are never mixed in
     with pytest.raises(ValueError, match="pretrain_steps"):
         run_experiment(Settings(**{**vars(s), "pretrain_steps": 3}))
+
+    # the Prefect flow of the same name: same settings, so every run is found finished
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.experiment import pretext_comparison_flow
+
+    caplog.clear()
+    with prefect_test_harness(server_startup_timeout=120):
+        means = pretext_comparison_flow(out=str(out), pretexts=["mfm", "denoise"], seeds=[0], fractions=[0.5],
+                                        pretrain_steps=2, finetune_steps=2, per_class=8, per_class_test=4,
+                                        pretrain_batch=16, finetune_batch=8, probe_epochs=2)
+    assert not [r for r in caplog.records if r.getMessage().startswith("run ")]
+    top1 = 100 * json.loads((res / "finetune-mfm-s0-50pct.json").read_text())["top1"]
+    assert list(means) == arms and means["mfm"]["finetune_50pct"] == round(top1, 2)
 
 
 def test_finetune_randaugment_never_draws_a_posterize_pillow_refuses():
