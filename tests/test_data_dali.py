@@ -72,3 +72,17 @@ def test_batched_mfm_corruption_matches_per_sample():
         e, t, k = corrupt(images[i:i + 1], cfg, torch.Generator().manual_seed(s))
         assert torch.equal(enc[i:i + 1], e) and torch.equal(target[i:i + 1], t) and torch.equal(keep[i:i + 1], k)
     assert 0 < keep.flatten(1).mean(1).gt(0.5).sum() < 6  # both low- and high-pass draws occur
+
+
+def test_dali_batches_outlive_later_runs(tmp_path):
+    """The CPU batches are DALI's own output buffers (no copy): they must stay intact while the
+    pipeline runs on."""
+    url = str(tmp_path / "train")
+    write_split(url, [4, 4, 4], size=(40, 30))
+    cfg = make_cfg(url, "data.workers=2")
+    loader = build_train_loader(cfg, rank=0, world_size=1, micro_batch=2, device="cpu", backend="dali")
+    held = [(b.encoder_input, b.encoder_input.clone(), b.target, b.target.clone()) for b in loader]
+    assert len(held) == 6
+    for e, e0, t, t0 in held:
+        assert torch.equal(e, e0) and torch.equal(t, t0)
+    assert not torch.equal(held[0][0], held[-1][0])
