@@ -221,8 +221,8 @@ def cli(argv: list[str]) -> int:
         rate, cpu = med(r for r, _ in rs), med(c for _, c in rs)
         ratio = f"{med(r / b for (r, _), (b, _) in zip(rs, base)):.2f}x" if base else "-"
         cratio = f"{med(b / c for (_, c), (_, b) in zip(rs, base)):.2f}x" if base else "-"
-        print(f"{name:<10} {dev:<6} {down:<9} {rate:>8.1f} {ratio:>7} {cpu:>11.1f} {1000 * os.cpu_count() / cpu:>11.1f} "
-              f"{cratio:>7}")
+        print(f"{name:<10} {dev:<6} {down:<9} {rate:>8.1f} {ratio:>7} {cpu:>11.1f} "
+              f"{1000 * os.cpu_count() / cpu:>11.1f} {cratio:>7}")
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -132,7 +132,8 @@ def resize_view(im: Image.Image, size: int, downscale: str = "bicubic", box=None
     fy = shrink if height > size else Image.BICUBIC
     if fx == fy:
         return im.resize((size, size), fx, box=box)
-    return im.resize((size, height), fx, box=box).resize((size, size), fy)  # one pass per axis, each with its own filter
+    # one pass per axis, each with its own filter
+    return im.resize((size, height), fx, box=box).resize((size, size), fy)
 
 
 def train_view(data: bytes, p: SampleParams, size: int, downscale: str = "bicubic", *,
