@@ -1,8 +1,9 @@
 """The DALI backend: reader threads feed encoded bytes and per-sample params through
 fn.external_source; DALI decodes only the crop window (decoders.image_slice, "mixed" on a GPU).
 On a GPU DALI resizes it bicubic, flips, scales to float CHW [0, 1] and runs the pretext
-corruption as a torch python function over pipeline.corruptions.corrupt; on a CPU one python
-function resizes with Pillow, flips and corrupts (see _views_cpu).
+corruption as a torch python function over pipeline.corruptions.corrupt; on a CPU a python
+function resizes with Pillow and flips (_views_cpu), and the corruption runs as each batch is
+taken (_corrupt_cpu) while DALI decodes ahead.
 
 The crop windows, flips and corruption seeds are the ones the torch backend uses
 (pipeline.data.augment.sample_params), so both backends agree up to decoder/resize rounding
@@ -30,28 +31,30 @@ from pipeline.data.shards import SampleReader, Split
 _DONE = object()
 
 
-def _views_cpu(windows, flips, seeds, *, cfg, threads: int):
-    """python_function body (CPU): the decoded crop windows (HWC uint8, ragged) -> resized, flipped,
-    corrupted. Pillow's fixed-point resize costs under half of DALI's float CPU resize and is the
-    torch backend's own (augment.resize_view); the FFTs run on `threads` torch threads, the cores
-    DALI's decoding threads leave (more only wait for each other on a busy CPU)."""
-    size, n = cfg.model.img_size, len(windows)
-    batch = torch.empty(n, 3, size, size)
-    planes = batch.numpy()
+def _views_cpu(windows, flips, *, size: int, downscale: str):
+    """python_function body (CPU): the decoded crop windows (HWC uint8, ragged) -> resized and
+    flipped uint8 (3, S, S). Pillow's fixed-point resize costs under half of DALI's float CPU
+    resize and is the torch backend's own (augment.resize_view). The corruption runs on the
+    consumer's side (_corrupt_cpu): DALI copies what a python function returns, and uint8 views
+    are a ninth of the bytes of the float encoder input, target and mask."""
+    views = np.empty((len(windows), 3, size, size), np.uint8)
     for i, (window, flip) in enumerate(zip(windows, flips)):
-        view = resize_view(Image.fromarray(np.asarray(window)), size, cfg.data.downscale)
+        view = resize_view(Image.fromarray(np.asarray(window)), size, downscale)
         if int(flip):
             view = view.transpose(Image.FLIP_LEFT_RIGHT)
-        planes[i] = np.asarray(view).transpose(2, 0, 1)
-    batch.div_(255)
+        views[i] = np.asarray(view).transpose(2, 0, 1)
+    return list(views)
+
+
+def _corrupt_cpu(views: torch.Tensor, seeds: list[int], cfg: Config, threads: int):
+    """The corruption of a CPU batch, on `threads` torch threads: the cores DALI's decoding threads,
+    which run on meanwhile, leave (more only wait for each other on a busy CPU)."""
     before = torch.get_num_threads()  # per calling thread, and the default of threads started later
     torch.set_num_threads(threads)
     try:
-        enc, target, keep = corrupt_samples(batch, cfg.corruption, [int(s) for s in seeds])
+        return corrupt_samples(views.float().div_(255), cfg.corruption, seeds)
     finally:
         torch.set_num_threads(before)
-    keep = keep if keep is not None else torch.zeros(n, 1, 1)  # placeholder: the loader hands None
-    return [t.numpy() for t in enc], [t.numpy() for t in target], [t.numpy() for t in keep]
 
 
 def _corrupt_gpu(images, seeds, *, cfg):
@@ -63,7 +66,8 @@ def _corrupt_gpu(images, seeds, *, cfg):
 
 
 def build_pipeline(cfg: Config, batch_size: int, source, *, num_threads: int, device: torch.device):
-    """source() -> the next batch as 5 lists (encoded, anchor, shape, flip, seed); StopIteration ends it."""
+    """source() -> the next batch as lists (encoded, anchor, shape, flip, and on a GPU seed); StopIteration
+    ends it."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -81,16 +85,15 @@ def build_pipeline(cfg: Config, batch_size: int, source, *, num_threads: int, de
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, **executor)
     def pipe():
-        encoded, anchor, shape, flip, seeds = fn.external_source(
-            source=source, num_outputs=5, batch=True,
-            dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT64])
+        # the CPU path corrupts outside DALI: its source has no seeds
+        dtypes = [types.UINT8, types.INT32, types.INT32, types.INT32] + ([types.INT64] if gpu else [])
+        inputs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, dtype=dtypes)
+        encoded, anchor, shape, flip = inputs[:4]
         images = fn.decoders.image_slice(encoded, anchor, shape, device="mixed" if gpu else "cpu",
                                          output_type=types.RGB, axis_names="WH")
         if not gpu:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            threads = max(1, cores - num_threads)
-            return tuple(fn.python_function(images, flip, seeds, num_outputs=3, batch_processing=True,
-                                            function=partial(_views_cpu, cfg=cfg, threads=threads)))
+            return fn.python_function(images, flip, batch_processing=True,
+                                      function=partial(_views_cpu, size=size, downscale=cfg.data.downscale))
         images = fn.resize(images, resize_x=size, resize_y=size, antialias=True, mag_filter=types.INTERP_CUBIC,
                            min_filter=types.INTERP_LINEAR if cfg.data.downscale == "bilinear" else types.INTERP_CUBIC)
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[0.0] * 3,
@@ -98,7 +101,7 @@ def build_pipeline(cfg: Config, batch_size: int, source, *, num_threads: int, de
         from nvidia.dali.plugin.pytorch.fn import torch_python_function
 
         # a GPU function takes GPU inputs only: the seeds go up too
-        return tuple(torch_python_function(images, seeds.gpu(), function=partial(_corrupt_gpu, cfg=cfg),
+        return tuple(torch_python_function(images, inputs[4].gpu(), function=partial(_corrupt_gpu, cfg=cfg),
                                            num_outputs=3, batch_processing=True, device="gpu"))
 
     p = pipe()
@@ -173,21 +176,27 @@ def iterate(split: Split, cfg: Config, plan, start: int, readers: int, epoch: in
             raise RuntimeError(f"{split.url}: a reader ended before batch {nxt[0]}")
         nxt[0] += 1
         fed.append(raw)
-        return _inputs(raw)
+        return _inputs(raw) if device.type == "cuda" else _inputs(raw)[:4]
 
     p = build_pipeline(cfg, plan.shape[1], source, num_threads=max(1, d.workers), device=device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores - max(1, d.workers))
     try:
         for j in range(start, len(plan)):
             try:
-                enc, target, keep = p.run()
+                outs = p.run()
             except StopIteration:
                 raise RuntimeError(f"{split.url}: DALI stopped before batch {j}") from None
             except RuntimeError as e:
                 ids = fed[0].ids if fed else "?"
                 raise RuntimeError(f"{split.url}: DALI failed on batch {j} (sample ids {ids}): {e}") from e
             raw = fed.popleft()
-            yield {"encoder_input": _to_torch(enc, device), "target": _to_torch(target, device),
-                   "keep": _to_torch(keep, device) if cfg.corruption.kind == "mfm" else None,
+            if device.type == "cuda":
+                enc, target, keep = (_to_torch(o, device) for o in outs)
+            else:
+                enc, target, keep = _corrupt_cpu(_to_torch(outs[0], device), [q.corruption_seed for q in raw.params],
+                                                 cfg, threads)
+            yield {"encoder_input": enc, "target": target, "keep": keep if cfg.corruption.kind == "mfm" else None,
                    "index": raw.index, "skipped": raw.skipped, "ids": torch.tensor(raw.ids)}
     finally:
         stop.set()
