@@ -21,13 +21,15 @@ def pretext_comparison_flow(
     pretrain_batch: int = Settings.pretrain_batch,
     finetune_batch: int = Settings.finetune_batch,
     probe_epochs: int = Settings.probe_epochs,
+    pretrain_set: list[str] | None = None,
+    finetune_set: list[str] | None = None,
 ) -> dict:
     """Run (or continue) the comparison; publishes the table as an artifact, returns the means."""
     d = Settings()
     s = Settings(out=out, pretexts=pretexts or d.pretexts, seeds=seeds or d.seeds, fractions=fractions or d.fractions,
                  pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, per_class=per_class,
                  per_class_test=per_class_test, pretrain_batch=pretrain_batch, finetune_batch=finetune_batch,
-                 probe_epochs=probe_epochs)
+                 probe_epochs=probe_epochs, pretrain_set=pretrain_set or [], finetune_set=finetune_set or [])
     summary = run_experiment(s)
     from pathlib import Path
 

@@ -56,6 +56,10 @@ class Settings:
     probe_epochs: int = 20
     knn_k: int = 20
     workers: int = 0  # loader workers per run; 0 keeps the two cores for compute
+    # config overrides applied last (e.g. optim.lr_base_batch=64 to stop the lr scaling down with a
+    # small batch); part of the settings, so results made with other overrides are never mixed in
+    pretrain_set: list[str] = field(default_factory=list)
+    finetune_set: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         bad = [p for p in self.pretexts if p not in PRETEXTS]
@@ -144,7 +148,7 @@ def pretrain(s: Settings, data: dict, pretext: str, seed: int) -> dict:
                  f"data.workers={s.workers}", f"data.batch_size={s.pretrain_batch}", f"train.run_dir={run_dir}",
                  f"train.seed={seed}", f"train.checkpoint_every={max(50, s.pretrain_steps // 3)}",
                  "train.keep_last=1", f"train.picture_every={s.pretrain_steps}", "train.log_every=25",
-                 *_schedule(s.pretrain_steps, 10 * s.per_class, s.pretrain_batch)]
+                 *_schedule(s.pretrain_steps, 10 * s.per_class, s.pretrain_batch), *s.pretrain_set]
     cfg = load_config("tiny_cpu", overrides)
     if pretext == RANDOM:
         export = random_init_export(cfg, run_dir)
@@ -199,7 +203,8 @@ def finetune(s: Settings, data: dict, pretext: str, seed: int, ref: str, fractio
                  f"data.train={data['labelled'][fraction]}", f"data.val={data['test']}", "data.backend=torch",
                  f"data.workers={s.workers}", f"data.batch_size={batch}", f"train.run_dir={run_dir}",
                  f"train.seed={seed}", f"train.checkpoint_every={max(50, s.finetune_steps // 2)}", "train.keep_last=1",
-                 "train.log_every=25", f"finetune.randaugment={RANDAUGMENT}", *_schedule(s.finetune_steps, 10 * n, batch)]
+                 "train.log_every=25", f"finetune.randaugment={RANDAUGMENT}", *_schedule(s.finetune_steps, 10 * n, batch),
+                 *s.finetune_set]
     result = launch(load_config("finetune_tiny_cpu", overrides))
     return {k: result.metrics[k] for k in ("top1", "top5", "num_samples")} | {
         "run_dir": run_dir, "labels_per_class": n, "batch_size": batch}
@@ -365,6 +370,9 @@ def command_line(s: Settings) -> str:
         v = getattr(s, f.name)
         if v != getattr(d, f.name):
             flag = "--" + f.name.replace("_", "-")
+            if f.name in ("pretrain_set", "finetune_set"):
+                parts += [f"{flag} {item}" for item in v]
+                continue
             parts.append(f"{flag} {','.join(map(str, v)) if isinstance(v, list) else json.dumps(v) if isinstance(v, dict) else v}")
     return " ".join(parts)
 
@@ -391,6 +399,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-epochs", type=int, default=d.probe_epochs)
     p.add_argument("--knn-k", type=int, default=d.knn_k)
     p.add_argument("--workers", type=int, default=d.workers, help="loader workers per run")
+    p.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every pretraining run (repeatable)")
+    p.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every fine-tuning run (repeatable)")
     return p
 
 
