@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 # Settings sized for about 10 minutes on 2 cores.
-PRETRAIN = {"train.max_steps": 60, "train.checkpoint_every": 20, "train.picture_every": 20}
+PRETRAIN = {"optim.epochs": 10, "optim.warmup_epochs": 1, "train.max_steps": 60, "train.checkpoint_every": 20,
+            "train.picture_every": 20}
 FINETUNE = {"train.max_steps": 40, "train.checkpoint_every": 20}
 EVALUATE = {"corruptions": "gaussian_noise,contrast", "severities": "3", "probe_epochs": 10}
 
