@@ -407,15 +407,11 @@ def launch(cfg: Config, *, hostfile: str | None = None, master_addr: str | None 
 
 
 def cli(argv: list[str]) -> int:
-    from pipeline.training.launcher import LaunchError
+    from pipeline.training.launcher import LaunchError, add_launch_arguments
 
     p = argparse.ArgumentParser(prog="mfm finetune", description=__doc__.split("\n\n")[0],
                                 epilog="e.g. mfm finetune --config finetune_vit_b16 --set finetune.init=vit_b16_mfm@production")
-    p.add_argument("--config", required=True, help="preset name or YAML file (finetune_*)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--hostfile", help="DeepSpeed hostfile for a multi-node run ('host slots=N' lines)")
-    p.add_argument("--master-addr", help="address of the first host (multi-node)")
-    p.add_argument("--master-port", type=int, help="rendezvous port (multi-node; default 29500)")
+    add_launch_arguments(p, config_help="preset name or YAML file (finetune_*)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     try:

@@ -81,21 +81,28 @@ def retry(fn: Callable[[], T], *, attempts: int = 5, what: str = "storage call",
 
 
 @contextlib.contextmanager
+def _local_atomic(path: str, mode: str) -> Iterator:
+    """Write under a temporary name, fsync, then rename over `path` (atomic on POSIX)."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
 def atomic_open(url: str, storage: StorageConfig | None = None, mode: str = "wb") -> Iterator:
     """Open for writing; the file appears under `url` only if the block completes."""
     fs, path = filesystem(url, storage)
     if isinstance(fs, LocalFileSystem):
         fs.makedirs(fs._parent(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, mode) as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with _local_atomic(path, mode) as f:
+            yield f
     else:
         # An S3 object becomes visible only when its upload is committed; on error it is discarded.
         f = fs.open(path, mode, autocommit=False)
@@ -264,14 +271,6 @@ def _local_swap(path: str, data: bytes, token: str) -> bool:
             return False
         if _local_token(current) != token:
             return False
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with _local_atomic(path, "wb") as f:
+            f.write(data)
         return True

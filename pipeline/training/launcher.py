@@ -195,14 +195,19 @@ def launch(cfg: Config, *, hostfile: str | None = None, master_addr: str | None 
     return run_result(cfg)
 
 
-def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mfm pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="preset name or YAML file")
+def add_launch_arguments(p: argparse.ArgumentParser, *, config_help: str) -> None:
+    """The arguments every launched stage takes (pretrain, finetune)."""
+    p.add_argument("--config", required=True, help=config_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--hostfile", help="DeepSpeed hostfile for a multi-node run ('host slots=N' lines)")
     p.add_argument("--master-addr", help="address of the first host (multi-node)")
     p.add_argument("--master-port", type=int, help="rendezvous port (multi-node; default 29500)")
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mfm pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_launch_arguments(p, config_help="preset name or YAML file")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     try:
