@@ -75,8 +75,8 @@ def test_batched_mfm_corruption_matches_per_sample():
 
 
 def test_dali_batches_outlive_later_runs(tmp_path):
-    """The CPU batches are DALI's own output buffers (no copy): they must stay intact while the
-    pipeline runs on."""
+    """DALI's CPU outputs are taken without a copy: the batches must stay intact while the pipeline
+    runs on."""
     url = str(tmp_path / "train")
     write_split(url, [4, 4, 4], size=(40, 30))
     cfg = make_cfg(url, "data.workers=2")

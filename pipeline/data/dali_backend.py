@@ -125,8 +125,8 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:
         out = torch.empty(t.shape(), dtype=torch.float32, device=device)
         feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
         return out
-    # no copy (a copy cost ~1 ms per image and output here): the dynamic executor of the CPU
-    # pipeline gives each run fresh buffers, owned by the returned objects, which the array keeps
+    # no copy: the CPU views are made float before the next run (and the dynamic executor gives each
+    # run fresh buffers, owned by the returned objects, in any case)
     return torch.from_numpy(np.asarray(tl.as_tensor()))
 
 
