@@ -241,7 +241,8 @@ def _check_settings(s: Settings) -> None:
     want = s.result_keys()
     if path.exists():
         have = json.loads(path.read_text())
-        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        default = Settings().result_keys()  # a setting added later counts as its default in older results
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k, default.get(k)))
         if diff:
             raise ValueError(f"{s.out} holds results made with other settings ({', '.join(diff)}): "
                              "use another --out or remove it")
