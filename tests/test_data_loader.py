@@ -168,7 +168,8 @@ def test_body_that_does_not_decode_is_skipped(tmp_path, monkeypatch, backend):
 
 def test_s3_endpoint_restart_mid_epoch(s3_endpoint, caplog):
     url = f"s3://mfm-test/restart-{threading.get_ident()}/train"
-    write_split(url, [3] * 6)
+    # More shards than the reader can fetch ahead of the consumer, so the outage is met mid-epoch.
+    write_split(url, [3] * 30)
     cfg = make_cfg(url, "data.prefetch_shards=0", "data.shuffle_buffer=0", "storage.retries=6")
     build = lambda: build_train_loader(cfg, rank=0, world_size=1, micro_batch=3, device="cpu")  # noqa: E731
     ref = build()
@@ -180,13 +181,18 @@ def test_s3_endpoint_restart_mid_epoch(s3_endpoint, caplog):
     s3_endpoint.stop()  # each batch needs a new shard: the next fetch meets the outage
     restart = threading.Timer(5, s3_endpoint.start)  # longer than s3fs's and botocore's own retries
     restart.start()
-    with caplog.at_level(logging.WARNING, logger="pipeline.storage"):
-        got += [(loader.last_ids, b.target) for b in it]
+    # Whichever layer meets the outage retries it: ours, s3fs's or botocore's (their own retries
+    # can outlast 5 s when their random backoff draws long).
+    for name, level in (("pipeline.storage", logging.WARNING), ("s3fs", logging.DEBUG),
+                        ("botocore.retries.standard", logging.DEBUG)):
+        caplog.set_level(level, logger=name)
+    got += [(loader.last_ids, b.target) for b in it]
     restart.join()
-    assert len(got) == len(want) == 6
+    assert len(got) == len(want) == 30
     assert [g[0] for g in got] == [w[0] for w in want]
     assert all(torch.equal(g[1], w[1]) for g, w in zip(got, want))
-    assert "retry 1/6" in caplog.text  # the outage was met and retried, not avoided
+    # the outage was met and retried, not avoided by reading ahead
+    assert any(m in caplog.text for m in ("retry 1/6", "Retryable error", "Retry needed"))
 
 
 def test_eval_loader_covers_every_sample_once(tmp_path):
