@@ -9,19 +9,15 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from pipeline.config import load_config
+from pipeline.config import load_config, override_strings
 from pipeline.finetune import launch
 
-
-def _override_strings(overrides: dict[str, Any] | None) -> list[str]:
-    # JSON is YAML, so each value reaches the config exactly as typed (strings stay strings).
-    return [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
 
 
 @task(name="finetune")
 def finetune_task(preset: str, overrides: dict[str, Any] | None, hostfile: str | None,
                   master_addr: str | None) -> dict:
-    cfg = load_config(preset, _override_strings(overrides))
+    cfg = load_config(preset, override_strings(overrides))
     return asdict(launch(cfg, hostfile=hostfile, master_addr=master_addr))
 
 

@@ -27,6 +27,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS
 
 from pipeline import storage
+from pipeline.config import override_strings
 
 # Fault-injection drill: a stage named here raises InjectedFailure (retried like any
 # transient error) so that "fails, then the rerun continues here" can be rehearsed and tested.
@@ -106,14 +107,11 @@ def run_stage(name: str, function: str, ctx: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- stages
 
 
-def _override_strings(overrides: dict[str, Any] | None) -> list[str]:
-    return [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
-
 
 def _storage(ctx: dict):
     from pipeline.config import load_config
 
-    return load_config(ctx["preset"], _override_strings(ctx["overrides"])).storage
+    return load_config(ctx["preset"], override_strings(ctx["overrides"])).storage
 
 
 def shard_stage(ctx: dict) -> dict:
@@ -139,7 +137,7 @@ def pretrain_stage(ctx: dict) -> dict:
     from pipeline.config import load_config
     from pipeline.training.launcher import launch
 
-    cfg = load_config(ctx["preset"], _override_strings(ctx["train_overrides"]))
+    cfg = load_config(ctx["preset"], override_strings(ctx["train_overrides"]))
     result = asdict(launch(cfg))
     get_run_logger().info("pretrain: %d checkpoints in %s, export %s", len(result["checkpoints"]),
                           result["run_dir"], result["export"])
@@ -160,7 +158,7 @@ def finetune_stage(ctx: dict) -> dict:
 
     overrides = {**_data_and_storage(ctx["train_overrides"]), "finetune.init": ctx["pretrained_export"],
                  "train.run_dir": ctx["run_dir"] + "-finetune", **ctx["finetune_overrides"]}
-    result = launch(load_config(ctx["finetune_preset"], _override_strings(overrides)))
+    result = launch(load_config(ctx["finetune_preset"], override_strings(overrides)))
     get_run_logger().info("finetune: top1 %.4f on %s; export %s", result.metrics["top1"], ctx["data"]["val"],
                           result.export)
     if not result.export:
@@ -171,7 +169,7 @@ def finetune_stage(ctx: dict) -> dict:
 def evaluate_stage(ctx: dict) -> dict:
     from pipeline.evaluation import run
 
-    data_keys = _override_strings(_data_and_storage(ctx["train_overrides"]))
+    data_keys = override_strings(_data_and_storage(ctx["train_overrides"]))
     # Beside the evaluated run, not in its export/: fine-tuning keeps its own export/metrics.json.
     out = storage.join(ctx["model_run_dir"], "evaluation", "metrics.json")
     metrics, url = run(ctx["export"], ctx["data"]["val"], train_data=ctx["data"]["train"], preset=ctx["preset"],

@@ -5,6 +5,7 @@ key=value` overrides, then validated once. Errors name the dotted key that is wr
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -220,6 +221,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
     return key.strip().split("."), value
+
+
+def override_strings(overrides: dict[str, Any] | None) -> list[str]:
+    """{"optim.base_lr": 1e-3} (flow parameters) -> ["optim.base_lr=0.001"]. JSON is YAML, so
+    each value reaches the config exactly as typed (strings stay strings)."""
+    return [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

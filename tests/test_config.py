@@ -76,3 +76,10 @@ def test_cli_config_show_round_trips(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "model.foo: unknown key" in bad.stderr
     assert yaml.safe_load(out)["model"]["name"] == "vit_base_patch16_224"
+
+
+def test_flow_parameters_become_typed_overrides():
+    from pipeline.config import override_strings
+
+    cfg = load_config("tiny_cpu", override_strings({"train.run_dir": "123", "optim.betas": [0.8, 0.9], "train.max_steps": 7}))
+    assert cfg.train.run_dir == "123" and cfg.optim.betas == (0.8, 0.9) and cfg.train.max_steps == 7
