@@ -32,6 +32,7 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.config import Config, ConfigError, build_config, load_config
+from pipeline.training.trainer import compute_dtype
 
 log = logging.getLogger("mfm.finetune")
 TASK = "pipeline.finetune:task"
@@ -266,11 +267,11 @@ class ClassifierStep:
     def __call__(self, engine, batch):
         images, labels = batch
         if not engine.module.training:  # the trainer's fixed val batch: hard labels, nothing mixed
-            logits = engine(images.to(_dtype(engine)))
+            logits = engine(images.to(compute_dtype(engine)))
             return nn.functional.cross_entropy(logits.float(), labels), logits
         if self.mixup is not None:
             images, labels = self.mixup(images, labels)  # draws from NumPy's RNG, saved with each checkpoint
-        logits = engine(images.to(_dtype(engine)))
+        logits = engine(images.to(compute_dtype(engine)))
         return self.loss(logits.float(), labels), logits
 
 
@@ -285,11 +286,6 @@ def _val_batch(cfg: Config, ranks, size: int):
     if images is None or not len(images):
         return None
     return LabelledBatch(images.to(ranks.device), labels.to(ranks.device))
-
-
-def _dtype(engine) -> torch.dtype:
-    # bf16 / fp16 engines hold half-precision weights; the loader yields float32
-    return next(engine.module.parameters()).dtype
 
 
 # ---------------------------------------------------------------------------- the end of a run
@@ -328,7 +324,7 @@ def evaluate(trainer) -> dict:
     engine.module.eval()
     tally = Tally((1, 5))
     for images, labels in loader:
-        tally.update(engine.module(images.to(_dtype(engine))).float().cpu(), labels.cpu())
+        tally.update(engine.module(images.to(compute_dtype(engine))).float().cpu(), labels.cpu())
     engine.module.train()
     counts = torch.tensor([tally.correct.get(1, 0), tally.correct.get(5, 0), tally.n], dtype=torch.float64)
     if dist.is_initialized():

@@ -80,7 +80,10 @@ class ZeroContender:
                                                config=deepspeed_config(cfg, plan, precision))
 
     def step(self, batch):
-        loss, _ = self.engine(*batch)
+        from pipeline.training.trainer import compute_dtype
+
+        encoder_input, *rest = batch
+        loss, _ = self.engine(encoder_input.to(compute_dtype(self.engine)), *rest)
         self.engine.backward(loss)
         self.engine.step()
         return loss

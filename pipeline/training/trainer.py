@@ -89,8 +89,14 @@ def _pretrain_optimizer(model, cfg: Config, lr: float):
     return build_optimizer(model, cfg.optim, lr)
 
 
+def compute_dtype(engine) -> torch.dtype:
+    """The dtype of the engine's weights: bf16 / fp16 engines hold half-precision weights, and
+    the loaders yield float32."""
+    return next(engine.module.parameters()).dtype
+
+
 def _pretrain_forward(engine, batch):
-    return engine(batch.encoder_input, batch.target, batch.keep)
+    return engine(batch.encoder_input.to(compute_dtype(engine)), batch.target, batch.keep)
 
 
 def _pretrain_val_batch(cfg: Config, ranks: "Ranks", size: int):
