@@ -40,7 +40,7 @@ def _removed_share(keep_ptr, rows, v, valid, C, H, W):
     j2 = tl.where(j2 < 0, j2 + W, j2)
     k1 = tl.load(keep_ptr + (base + i1 * W)[:, None] + j1[None, :], mask=valid, other=1.0)
     k2 = tl.load(keep_ptr + (base + i2 * W)[:, None] + j2[None, :], mask=valid, other=1.0)
-    return 1.0 - 0.5 * (k1 + k2)
+    return 1.0 - 0.5 * (k1.to(tl.float32) + k2.to(tl.float32))
 
 
 @triton.jit
@@ -92,42 +92,62 @@ def _mask_spectrum_kernel(z_ptr, low_ptr, which_ptr, n_rows, C, H, WH,
     tl.store(z_ptr + pairs, x * keep[:, :, None], mask=valid[:, :, None])
 
 
-def _layout(z: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """Float view of z, the row count, and a (ROWS, COLS) tile of about 1024 entries."""
+def _tile(cols: int) -> tuple[int, int]:
+    """(ROWS, num_warps) for a row of `cols` (a power of two) entries: about 512 per program.
+    A sweep on an H200 at 256x3x224x224 (docs/kernels-gpu.md) put 4x128 tiles with 4 warps at
+    or near the top for all three kernels; 8x128 was 10-40% slower."""
+    return max(1, 512 // cols), 4
+
+
+def _layout(z: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
+    """Float view of z, the row count, a (ROWS, COLS) tile and the warps per program."""
     if z.dtype != torch.complex64 or not z.is_contiguous():
         raise ValueError("expected a contiguous complex64 half spectrum")
     cols = triton.next_power_of_2(z.shape[-1])
-    return torch.view_as_real(z), z.numel() // z.shape[-1], max(1, 1024 // cols), cols
+    rows, warps = _tile(cols)
+    return torch.view_as_real(z), z.numel() // z.shape[-1], rows, cols, warps
+
+
+def _keep_arg(keep: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """keep as the kernels read it: float32 or uint8 as given (bool as uint8), anything else as
+    float32; without keep, any pointer (HAS_KEEP=False never reads it)."""
+    if keep is None:
+        return placeholder
+    if keep.dtype == torch.bool:
+        keep = keep.view(torch.uint8)
+    elif keep.dtype not in (torch.float32, torch.uint8):
+        keep = keep.float()
+    return keep.contiguous()
 
 
 def mask_spectrum_(z: torch.Tensor, low_half: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
     """In place: z (N, C, H, Wh) *= low_half (H, Wh) where which[n] == 0, else 1 - low_half."""
     _, c, h, wh = z.shape
-    zf, n_rows, rows, cols = _layout(z)
+    zf, n_rows, rows, cols, warps = _layout(z)
     _mask_spectrum_kernel[(triton.cdiv(n_rows, rows),)](
-        zf, low_half.contiguous(), which.contiguous(), n_rows, c, h, wh, ROWS=rows, COLS=cols)
+        zf, low_half.contiguous(), which.contiguous(), n_rows, c, h, wh, ROWS=rows, COLS=cols, num_warps=warps)
     return z
 
 
 def masked_magnitude_sum(z: torch.Tensor, keep: torch.Tensor | None, width: int) -> torch.Tensor:
     """Full-spectrum sum of |Z| * (1 - keep) (all ones when keep is None), from the half spectrum."""
     _, c, h, wh = z.shape
-    zf, n_rows, rows, cols = _layout(z)
+    zf, n_rows, rows, cols, warps = _layout(z)
     grid = triton.cdiv(n_rows, rows)
     partial = torch.empty(grid, device=z.device, dtype=torch.float32)
-    keep_arg = zf if keep is None else keep.float().contiguous()  # not read without HAS_KEEP
+    keep_arg = _keep_arg(keep, zf)
     _masked_magnitude_sum_kernel[(grid,)](zf, keep_arg, partial, n_rows, c, h, width, wh,
-                                          HAS_KEEP=keep is not None, ROWS=rows, COLS=cols)
+                                          HAS_KEEP=keep is not None, ROWS=rows, COLS=cols, num_warps=warps)
     return partial.sum()
 
 
 def loss_grad(z: torch.Tensor, keep: torch.Tensor | None, width: int, scale: torch.Tensor) -> torch.Tensor:
     """Half spectrum of the loss gradient: Z / |Z| * (1 - keep, mirror-averaged) * scale."""
     _, c, h, wh = z.shape
-    zf, n_rows, rows, cols = _layout(z)
+    zf, n_rows, rows, cols, warps = _layout(z)
     g = torch.empty_like(z)
-    keep_arg = zf if keep is None else keep.float().contiguous()
+    keep_arg = _keep_arg(keep, zf)
     _loss_grad_kernel[(triton.cdiv(n_rows, rows),)](
         zf, keep_arg, scale.reshape(1).float().contiguous(), torch.view_as_real(g), n_rows, c, h, width, wh,
-        HAS_KEEP=keep is not None, ROWS=rows, COLS=cols)
+        HAS_KEEP=keep is not None, ROWS=rows, COLS=cols, num_warps=warps)
     return g

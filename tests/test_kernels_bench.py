@@ -32,3 +32,9 @@ def test_gpu_request_without_cuda_says_not_measured(capsys):
 def test_roofline_share_is_bytes_over_time_against_peak(capsys):
     bench._print_table("GPU (test)", 4, 224, [("fused reduction", 0.002, 1500.0, 3000.0, "test")])
     assert "2.000 ms per batch, 1500 GB/s, 50% of 3000 GB/s peak (test)" in capsys.readouterr().out
+
+
+def test_roofline_share_also_against_measured_copy(capsys):
+    bench._print_table("GPU (test)", 4, 224, [("fused reduction", 0.002, 1500.0, 3000.0, "test"),
+                                              ("device copy", None, 2000.0, None, "measured")])
+    assert "50% of 3000 GB/s peak (test), 75% of the 2000 GB/s a device copy reaches" in capsys.readouterr().out
