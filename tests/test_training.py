@@ -210,3 +210,20 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert "non-finite loss" in out and "at step 2" in out and f"Last good checkpoint: {run_dir}/step-1" in out
     assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-1"]
     assert (run_dir / "step-1" / "COMPLETE").exists() and not (run_dir / "export").exists()
+
+
+def test_val_batch_is_corrupted_from_pixels_like_training_batches(data):
+    # The eval loader yields normalised images; corrupting those again (as a bug once did) gives a
+    # target that is normalised twice, far off the training distribution.
+    from pipeline.config import load_config
+    from pipeline.corruptions import denormalize
+    from pipeline.data import build_eval_loader
+    from pipeline.training.trainer import Ranks, _pretrain_val_batch
+
+    cfg = load_config("tiny_cpu", [f"data.train={data}/train", f"data.val={data}/val"])
+    batch = _pretrain_val_batch(cfg, Ranks(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")), 8)
+    pixels = denormalize(batch.target)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    images, _ = next(iter(build_eval_loader(cfg, cfg.data.val, rank=0, world_size=1, batch_size=8, device="cpu")))
+    assert torch.allclose(batch.target, images, atol=1e-5)  # the target is the eval view itself
+    assert batch.keep is not None and not torch.allclose(batch.encoder_input, batch.target)

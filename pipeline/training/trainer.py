@@ -102,7 +102,7 @@ def _pretrain_forward(engine, batch):
 def _pretrain_val_batch(cfg: Config, ranks: "Ranks", size: int):
     """One batch of data.val per rank (evaluation views), corrupted once with a fixed seed."""
     from pipeline import storage
-    from pipeline.corruptions import corrupt
+    from pipeline.corruptions import corrupt, denormalize
     from pipeline.data import Batch, build_eval_loader
 
     if not cfg.data.val or not storage.exists(storage.join(cfg.data.val, "manifest.json"), cfg.storage):
@@ -113,7 +113,9 @@ def _pretrain_val_batch(cfg: Config, ranks: "Ranks", size: int):
     if images is None or len(images) == 0:
         return None
     g = torch.Generator().manual_seed(cfg.train.seed * 7919 + ranks.rank)
-    return Batch(*(None if t is None else t.to(ranks.device) for t in corrupt(images, cfg.corruption, g)))
+    # The eval loader hands out normalised images; the corruptions work on [0, 1] pixels.
+    views = denormalize(images).clamp_(0, 1)
+    return Batch(*(None if t is None else t.to(ranks.device) for t in corrupt(views, cfg.corruption, g)))
 
 
 def _pretrain_finish(trainer: "Trainer") -> dict:
