@@ -49,7 +49,6 @@ def plan_shards(split: str, entries: list[Entry], classes: list[dict], *, seed: 
     plans = []
     for i, g in enumerate(groups):
         h = hashlib.sha256(common.encode())
-        for e in g:
-            h.update(f"{e.key}\t{e.file}\t{e.size}\t{class_of[e.wnid]}\n".encode())
+        h.update("".join([f"{e.key}\t{e.file}\t{e.size}\t{class_of[e.wnid]}\n" for e in g]).encode())
         plans.append(ShardPlan(split, i, tuple(g), h.hexdigest()))
     return plans

@@ -88,11 +88,13 @@ _NOT_KEY = re.compile(r"[^A-Za-z0-9_-]")
 def assign_keys(entries: list[Entry]) -> list[Entry]:
     """Keys are file stems without dots (webdataset splits names at the first dot); where
     stems collide (ImageFolder sets often reuse 0001.jpg per class) the class is prefixed."""
-    def stem(e: Entry) -> str:
+    sub = _NOT_KEY.sub
+    stems = []
+    for e in entries:
         base = e.file.rpartition("/")[2]
-        return _NOT_KEY.sub("_", base.rpartition(".")[0] if "." in base else base)
-
-    stems = [stem(e) for e in entries]
+        stems.append(sub("_", base.rpartition(".")[0] if "." in base else base))
+    if len(set(stems)) == len(stems):  # no collisions (ImageNet): no order to settle them in
+        return [Entry._make((s, *e[1:])) for e, s in zip(entries, stems)]
     counts: dict[str, int] = {}
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
