@@ -86,3 +86,21 @@ def test_dali_batches_outlive_later_runs(tmp_path):
     for e, e0, t, t0 in held:
         assert torch.equal(e, e0) and torch.equal(t, t0)
     assert not torch.equal(held[0][0], held[-1][0])
+
+
+def test_resize_uint8_matches_pillow():
+    """The DALI CPU path's resize (torch's uint8 kernels) against the torch backend's Pillow
+    resize: shrinking, enlarging and mixed axes, both downscale filters."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data.augment import resize_uint8, resize_view
+
+    rng = np.random.default_rng(0)
+    for downscale in ("bicubic", "bilinear"):
+        for h, w in [(300, 400), (20, 28), (100, 20), (20, 100), (32, 57), (224, 224)]:
+            arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            want = np.asarray(resize_view(Image.fromarray(arr), 32, downscale)).transpose(2, 0, 1).astype(int)
+            got = resize_uint8(torch.from_numpy(arr), 32, downscale)
+            assert got.dtype == torch.uint8 and got.shape == (3, 32, 32)
+            assert np.abs(got.numpy().astype(int) - want).max() <= 2, (downscale, h, w)
