@@ -104,3 +104,33 @@ def test_resize_uint8_matches_pillow():
             got = resize_uint8(torch.from_numpy(arr), 32, downscale)
             assert got.dtype == torch.uint8 and got.shape == (3, 32, 32)
             assert np.abs(got.numpy().astype(int) - want).max() <= 2, (downscale, h, w)
+
+
+def test_dali_failure_comes_after_the_batches_before_it(tmp_path, monkeypatch):
+    """A DALI failure reaches the consumer after every batch before it, naming the batch."""
+    import numpy as np
+
+    from pipeline.data import dali_backend
+
+    class FailingPipeline:
+        def __init__(self, source, batch_size, size):
+            self.source, self.shape, self.runs = source, (batch_size, 3, size, size), 0
+
+        def run(self):
+            self.source()
+            self.runs += 1
+            if self.runs == 4:
+                raise RuntimeError("decoder exploded")
+            return (type("Out", (), {"as_tensor": lambda _: np.zeros(self.shape, np.uint8)})(),)
+
+    monkeypatch.setattr(dali_backend, "build_pipeline",
+                        lambda cfg, bs, source, **kw: FailingPipeline(source, bs, cfg.model.img_size))
+    url = str(tmp_path / "train")
+    write_split(url, [4, 4, 4], size=(40, 30))
+    loader = build_train_loader(make_cfg(url, "data.workers=2"), rank=0, world_size=1, micro_batch=2,
+                                device="cpu", backend="dali")
+    got = []
+    with pytest.raises(RuntimeError, match="DALI failed on batch 3"):
+        for _ in loader:
+            got.append(loader.batches_left)
+    assert got == [5, 4, 3]
