@@ -112,8 +112,8 @@ def bench_loader(cfg, backend: str, batch: int, device: str) -> tuple[float, int
 
 
 def corruption_threads(workers: int) -> int:
-    """The torch threads the DALI CPU path gives its corruption: the cores its decoding threads
-    leave (see dali_backend._views_cpu)."""
+    """The torch threads the pil baseline gives its corruption: the cores its DataLoader workers
+    leave (more only spin at barriers while the workers hold the cores)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores - workers)
 
@@ -122,9 +122,9 @@ def bench_pil_baseline(cfg, split_url: str, batch: int, workers: int, device: st
                        tuned: bool = True) -> tuple[float, int]:
     """The plain way: webdataset tar streaming, PIL decode, torchvision RandomResizedCrop (bicubic)
     + flip + ToTensor in DataLoader workers, corruption on each batch in this process. `tuned`:
-    the corruption the DALI path runs (corrupt_samples, per-sample seeds) on as many torch
-    threads as it gets, so that the comparison is of the loaders; else corrupt() with torch's
-    default threads, as a plain script would."""
+    the corruption the DALI path runs (corrupt_samples, per-sample seeds) on the cores the workers
+    leave, so that the comparison is of the loaders; else corrupt() with torch's default threads,
+    as a plain script would."""
     import webdataset as wds
     from torchvision import transforms as T
 
@@ -211,8 +211,8 @@ def cli(argv: list[str]) -> int:
     print("img/s: wall clock (depends on the machine's load); CPU ms/img: all our processes' CPU time per image;")
     print(f"idle bound: {os.cpu_count()} cores / CPU time per image. Ratios: median over rounds of the ratio to "
           "pil in the same round, same filter.")
-    print(f"pil: the corruption as the DALI path runs it ({corruption_threads(args.workers)} torch threads on a CPU); "
-          f"pil-plain: corrupt() on torch's default {torch.get_num_threads()} threads")
+    print(f"pil: the DALI path's corruption (corrupt_samples) on {corruption_threads(args.workers)} torch thread(s) "
+          f"on a CPU; pil-plain: corrupt() on torch's default {torch.get_num_threads()} threads")
     med = statistics.median
     print(f"{'loader':<10} {'device':<6} {'downscale':<9} {'img/s':>8} {'vs pil':>7} {'CPU ms/img':>11} "
           f"{'idle img/s':>11} {'vs pil':>7}")
