@@ -195,5 +195,5 @@ def corrupt_samples(images: torch.Tensor, cfg: CorruptionConfig, seeds: list[int
     return enc, target, keep
 
 
-__all__ = ["CorruptSample", "SampleParams", "image_bytes", "image_size", "sample_params", "resize_view", "resize_uint8", "train_view",
-           "eval_view", "corrupt_samples", "normalize"]
+__all__ = ["CorruptSample", "SampleParams", "image_bytes", "image_size", "sample_params", "resize_view", "resize_uint8",
+           "train_view", "eval_view", "corrupt_samples", "normalize"]
