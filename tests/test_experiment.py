@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not sample_data.fashion_mnist_available(), reaso
 ARGS = ["--pretexts", "mfm,denoise", "--seeds", "0", "--fractions", "0.5", "--per-class", "8",
         "--per-class-test", "4", "--pretrain-steps", "2", "--finetune-steps", "2", "--pretrain-batch", "16",
         "--finetune-batch", "8", "--probe-epochs", "2",
-        "--pretrain-set", "optim.lr_base_batch=16", "--finetune-set", "finetune.reprob=0"]
+        "--pretrain-set", "optim.lr_base_batch=16", "--finetune-set", "finetune.label_smoothing=0.2"]
 
 
 def test_comparison_end_to_end_then_rerun_skips_finished_runs(tmp_path, caplog, capsys):
@@ -49,9 +49,10 @@ def test_comparison_end_to_end_then_rerun_skips_finished_runs(tmp_path, caplog, 
     for arm, row in zip(arms, rows):  # the table shows the result files' numbers, as percent
         top1 = 100 * json.loads((res / f"finetune-{arm}-s0-50pct.json").read_text())["top1"]
         assert row.split("|")[2].strip() == f"{top1:.1f} ± 0.0"
-    assert "--pretexts mfm,denoise" in table and "--seeds 0" in table and "--finetune-set finetune.reprob=0" in table
+    assert "--pretexts mfm,denoise" in table and "--seeds 0" in table and "--finetune-set finetune.label_smoothing=0.2" in table
     # the overrides reached the runs
-    assert "reprob: 0" in (out / "runs" / "finetune-mfm-s0-50pct" / "config.yaml").read_text()
+    ft_config = (out / "runs" / "finetune-mfm-s0-50pct" / "config.yaml").read_text()
+    assert "label_smoothing: 0.2" in ft_config and "mixup: 0.0" in ft_config and "randaugment: null" in ft_config
     png = (out / "pretext-comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -83,7 +84,7 @@ def test_comparison_end_to_end_then_rerun_skips_finished_runs(tmp_path, caplog, 
         means = pretext_comparison_flow(out=str(out), pretexts=["mfm", "denoise"], seeds=[0], fractions=[0.5],
                                         pretrain_steps=2, finetune_steps=2, per_class=8, per_class_test=4,
                                         pretrain_batch=16, finetune_batch=8, probe_epochs=2,
-                                        pretrain_set=["optim.lr_base_batch=16"], finetune_set=["finetune.reprob=0"])
+                                        pretrain_set=["optim.lr_base_batch=16"], finetune_set=["finetune.label_smoothing=0.2"])
     assert not [r for r in caplog.records if r.getMessage().startswith("run ")]
     top1 = 100 * json.loads((res / "finetune-mfm-s0-50pct.json").read_text())["top1"]
     assert list(means) == arms and means["mfm"]["finetune_50pct"] == round(top1, 2)
