@@ -38,11 +38,25 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
+def _index(tar: bytes) -> bytes:
+    """The wds2idx v1.2 index of a tar, from tarfile's own offsets."""
+    rows: list[list[str]] = []
+    key = None
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        for m in t.getmembers():
+            k = m.name.partition(".")[0]
+            if k != key:
+                rows.append([])
+                key = k
+            rows[-1] += [m.name.partition(".")[2], str(m.offset_data), str(m.size), m.name]
+    return (f"v1.2 {len(rows)}\n" + "".join(" ".join(r) + "\n" for r in rows)).encode()
+
+
 def write_split(url: str, shard_sizes: list[int], *, size=32, corrupt: set[int] = frozenset(), split: str = "train",
-                storage=None) -> list[str]:
-    """Write shards of the given sample counts and the manifest (last); sample i has key
-    `s{i:05d}`, class i % 10, and pixels from jpeg(i); ids in `corrupt` get garbage bytes.
-    Returns the keys in manifest order."""
+                storage=None, index: bool = True) -> list[str]:
+    """Write shards of the given sample counts (with their .idx unless index=False) and the
+    manifest (last); sample i has key `s{i:05d}`, class i % 10, and pixels from jpeg(i); ids in
+    `corrupt` get garbage bytes. Returns the keys in manifest order."""
     keys, shards, i = [], [], 0
     for n, count in enumerate(shard_sizes):
         members = []
@@ -56,6 +70,8 @@ def write_split(url: str, shard_sizes: list[int], *, size=32, corrupt: set[int] 
         tar = _tar(members)
         name = f"{split}-{n:06d}.tar"
         write_bytes(join(url, name), tar, storage)
+        if index:
+            write_bytes(join(url, name.replace(".tar", ".idx")), _index(tar), storage)
         shards.append({"name": name, "index": name.replace(".tar", ".idx"), "samples": count, "bytes": len(tar),
                        "sha256": ""})
     manifest = {"format_version": 1, "tool": "tests", "split": split, "num_samples": i, "shards": shards,
@@ -110,6 +126,7 @@ class _Flaky:
 
     def __init__(self, f, state):
         self.f, self.state = f, state
+        state["seeks"].append([])  # the seeks of this open
 
     def read(self, n=-1):
         if not self.state["failed"] and self.f.tell() >= self.state["after"]:
@@ -118,7 +135,7 @@ class _Flaky:
         return self.f.read(n)
 
     def seek(self, *a):
-        self.state["seeks"].append(a[0])
+        self.state["seeks"][-1].append(a[0])
         return self.f.seek(*a)
 
     def tell(self):
@@ -131,9 +148,10 @@ class _Flaky:
         self.f.close()
 
 
-def test_transient_error_resumes_at_byte_offset(tmp_path, monkeypatch):
+@pytest.mark.parametrize("index", [True, False], ids=["indexed", "scan"])
+def test_transient_error_resumes_at_byte_offset(tmp_path, monkeypatch, index):
     url = str(tmp_path / "train")
-    keys = write_split(url, [6])
+    keys = write_split(url, [6], index=index)
     split = read_split(url)
     real = shards_mod.filesystem
     state = {"failed": False, "after": split.shards[0].nbytes // 2, "seeks": []}
@@ -144,6 +162,9 @@ def test_transient_error_resumes_at_byte_offset(tmp_path, monkeypatch):
         class FS:
             def open(self, p, mode="rb", **kw):
                 return _Flaky(fs.open(p, mode), state)
+
+            def cat_file(self, p):
+                return fs.cat_file(p)
         return FS(), path
 
     monkeypatch.setattr(shards_mod, "filesystem", flaky_filesystem)
@@ -151,8 +172,39 @@ def test_transient_error_resumes_at_byte_offset(tmp_path, monkeypatch):
     got = read_samples(split.shards[0], range(6))
     assert state["failed"]
     assert [got[i]["__key__"] for i in range(6)] == keys
-    resumed = [o for o in state["seeks"] if o > 0]
-    assert resumed and resumed[0] % 512 == 0 and resumed[0] < split.shards[0].nbytes  # not from byte 0
+    assert len(state["seeks"]) == 2  # one failure, one reopen
+    resumed = state["seeks"][1][0]
+    assert 0 < resumed < split.shards[0].nbytes and resumed % 512 == 0  # at a member header, not from byte 0
+
+
+def test_index_reads_the_same_samples_without_scanning(tmp_path, monkeypatch):
+    url = str(tmp_path / "train")
+    write_split(url, [7])
+    plain = str(tmp_path / "plain")
+    write_split(plain, [7], index=False)
+    wanted = [6, 0, 3]
+    scanned = read_samples(read_split(plain).shards[0], wanted)
+
+    def no_scan(*a):
+        raise AssertionError("scanned although the index is there")
+    monkeypatch.setattr(shards_mod, "_scan", no_scan)
+    assert read_samples(read_split(url).shards[0], wanted) == scanned and sorted(scanned) == [0, 3, 6]
+
+
+def test_stale_or_broken_index_falls_back_to_the_scan(tmp_path, caplog):
+    url = str(tmp_path / "train")
+    keys = write_split(url, [4, 4])
+    split = read_split(url)
+    # shard 0's index describes another tar (shard 1's offsets, shifted names); shard 1's is garbage
+    idx0, idx1 = (s.url.replace(".tar", ".idx") for s in split.shards)
+    with open(idx0, "w") as f:
+        f.write(open(idx1).read().replace("s0000", "x0000"))
+    with open(idx1, "w") as f:
+        f.write("v1.2 4\nnot an index\n")
+    with caplog.at_level("WARNING"):
+        got = [read_samples(s, range(4)) for s in split.shards]
+    assert [g[i]["__key__"] for g in got for i in range(4)] == keys
+    assert "does not match the tar" in caplog.text and "not a v1.2 index of 4 samples" in caplog.text
 
 
 def _retry_now(fn):

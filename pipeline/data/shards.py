@@ -1,6 +1,6 @@
-"""Reading a sharded split: the manifest, sequential tar streaming that resumes at a byte offset
-after transient errors, an optional local cache, and a reader that streams the samples of an id
-sequence with prefetch."""
+"""Reading a sharded split: the manifest, samples located through each shard's `.idx` (or, without
+one, sequential tar streaming), resuming at a byte offset after transient errors, an optional
+local cache, and a reader that streams the samples of an id sequence with prefetch."""
 from __future__ import annotations
 
 import hashlib
@@ -29,6 +29,7 @@ class Shard:
     url: str
     samples: int
     nbytes: int | None = None
+    index_url: str | None = None  # the wds2idx v1.2 file beside the tar
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ def read_split(url: str, storage: StorageConfig | None = None) -> Split:
         m = json.loads(raw)
         if m.get("format_version") != 1:
             raise ValueError(f"format_version {m.get('format_version')!r} is not 1")
-        shards = tuple(Shard(s["name"], join(url, s["name"]), int(s["samples"]), s.get("bytes")) for s in m["shards"])
+        shards = tuple(Shard(s["name"], join(url, s["name"]), int(s["samples"]), s.get("bytes"),
+                             join(url, s["index"]) if s.get("index") else None) for s in m["shards"])
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{murl}: not a valid manifest: {e}") from e
     if not shards or sum(s.samples for s in shards) == 0:
@@ -98,6 +100,7 @@ def _cache_path(cache_dir: str, shard: Shard) -> str:
 
 
 READ_BLOCK = 8 << 20  # readahead of a remote shard: few large sequential GETs
+BLOCK = 512  # a tar header
 
 
 def cache_shard(shard: Shard, storage: StorageConfig | None, cache_dir: str) -> str:
@@ -161,14 +164,68 @@ def _scan(f, cur: _TarCursor, wanted: set[int]) -> None:
         raise TransientStorageError(f"tar stream ended early at byte {cur.offset}: {e}") from e
 
 
+def read_index(shard: Shard, storage: StorageConfig | None = None) -> list[list[tuple[str, int, int, str]]] | None:
+    """Per sample, its members as (ext, data offset, size, name) from the shard's v1.2 `.idx`;
+    None when there is none or it does not describe `shard.samples` samples (then the tar is
+    scanned instead)."""
+    if not shard.index_url:
+        return None
+    storage = storage or StorageConfig()
+    fs, path = filesystem(shard.index_url, storage)
+    try:
+        text = retry(_transient(lambda: fs.cat_file(path)), attempts=storage.retries, what=f"read {shard.index_url}")
+    except FileNotFoundError:
+        log.warning("%s: missing; scanning the tar instead", shard.index_url)
+        return None
+    lines = text.decode().splitlines()
+    head = lines[0].split() if lines else []
+    rows = []
+    for line in lines[1:]:
+        f = line.split()
+        if not f or len(f) % 4:
+            rows = None
+            break
+        rows.append([(f[k], int(f[k + 1]), int(f[k + 2]), f[k + 3]) for k in range(0, len(f), 4)])
+    if head != ["v1.2", str(shard.samples)] or rows is None or len(rows) != shard.samples:
+        log.warning("%s: not a v1.2 index of %d samples; scanning the tar instead", shard.index_url, shard.samples)
+        return None
+    return rows
+
+
+class _IndexMismatch(ValueError):
+    pass
+
+
+def _read_indexed(f, rows, order: list[int], cur: _TarCursor, url: str) -> None:
+    """Samples order[len(cur.samples):] read by offset: one read per sample spanning its members
+    (and the headers between them). The first member's tar header must carry the name the
+    index gives, so a stale index is caught, not read as wrong bytes."""
+    for i in order[len(cur.samples):]:
+        members = rows[i]
+        start, end = members[0][1] - BLOCK, members[-1][1] + members[-1][2]
+        f.seek(start)
+        buf = f.read(end - start)
+        if len(buf) != end - start:
+            raise TransientStorageError(f"{url}: sample {i} cut short at byte {start + len(buf)}")
+        if buf[:100].split(b"\0", 1)[0].decode(errors="replace") != members[0][3]:
+            raise _IndexMismatch(f"{url}: the index does not match the tar at byte {start} ({members[0][3]})")
+        name = members[0][3]
+        base = name.rsplit("/", 1)[-1]
+        sample = {"__key__": name[: len(name) - len(base)] + base.partition(".")[0]}
+        for ext, off, size, _ in members:
+            sample[ext] = buf[off - start: off - start + size]
+        cur.samples[i] = sample
+
+
 def read_samples(shard: Shard, wanted: Iterable[int], storage: StorageConfig | None = None,
                  cache_dir: str | None = None) -> dict[int, dict]:
     """The samples `wanted` (indices within the shard) as {index: {"__key__", "jpg", ...}}.
 
-    One sequential pass over the tar that keeps only the wanted samples. A transient error
-    reopens the shard at the byte offset of the last whole member, so a retry neither repeats
-    nor loses a sample. A sample is the group of consecutive members sharing a key (the name
-    up to its first dot)."""
+    With the shard's index, each wanted sample is one read at its offset; without one, a single
+    sequential pass over the tar keeps only the wanted samples. A transient error reopens the
+    shard and goes on from the next unread sample (indexed) or from the byte offset of the last
+    whole member (scan), so a retry neither repeats nor loses a sample. A sample is the group of
+    consecutive members sharing a key (the name up to its first dot)."""
     storage = storage or StorageConfig()
     if cache_dir:
         fs, path = filesystem(cache_shard(shard, storage, cache_dir))
@@ -176,11 +233,25 @@ def read_samples(shard: Shard, wanted: Iterable[int], storage: StorageConfig | N
         fs, path = filesystem(shard.url, storage)
     cur = _TarCursor(samples={})
     wanted = set(wanted)
+    rows = read_index(shard, storage)
+    if rows is not None:
+        order = sorted(wanted)
+
+        def indexed():
+            with fs.open(path, "rb", block_size=READ_BLOCK) as f:
+                _read_indexed(f, rows, order, cur, shard.url)
+
+        try:
+            retry(_transient(indexed), attempts=storage.retries, what=f"read {shard.url}")
+            return cur.samples
+        except _IndexMismatch as e:
+            log.warning("%s; scanning the tar instead", e)
+            cur = _TarCursor(samples={})
 
     def attempt():
         with fs.open(path, "rb", block_size=READ_BLOCK) as f:
             f.seek(cur.offset)
-            if cur.offset and not f.read(512).strip(b"\0"):
+            if cur.offset and not f.read(BLOCK).strip(b"\0"):
                 return  # cut off just before the end-of-archive blocks: nothing left to read
             f.seek(cur.offset)
             _scan(f, cur, wanted)
