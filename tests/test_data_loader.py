@@ -236,3 +236,24 @@ def test_a_view_that_fails_late_is_filled_from_the_batch():
     assert fill_gaps([None, a, None], raw) == [a, a, a]
     with pytest.raises(ValueError, match="every sample of batch 7"):
         fill_gaps([None, None, None], raw)
+
+
+def test_header_check_reads_sizes_from_markers_and_rejects_truncated_files():
+    import io
+
+    from PIL import Image
+
+    from pipeline.data.augment import CorruptSample, image_size
+
+    def encode(mode, fmt="JPEG", **kw):
+        buf = io.BytesIO()
+        Image.new(mode, (37, 21), 128).save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    for data in (encode("RGB"), encode("L"), encode("RGB", progressive=True), encode("CMYK"), encode("RGB", "PNG")):
+        assert image_size(data) == (37, 21)
+    jpeg = encode("RGB")
+    assert image_size(jpeg + b"\0\0") == (37, 21)  # NUL padding after EOI is harmless
+    for bad in (jpeg[:-20], b"\xff\xd8 not a jpeg", b""):
+        with pytest.raises(CorruptSample):
+            image_size(bad)

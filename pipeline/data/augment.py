@@ -21,6 +21,7 @@ from kernels.frequency import mask_frequencies
 from pipeline.config import CorruptionConfig
 from pipeline.corruptions import corrupt, normalize
 from pipeline.data.sampling import mix_seed
+from pipeline.jpeg import CLEAN_SOF, ends_with_eoi, frame
 
 RATIO = (3 / 4, 4 / 3)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -54,6 +55,12 @@ def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the header; raises CorruptSample for bytes no decoder would take.
     A JPEG must also end with its EOI marker: that catches truncated files without decoding (a
     damaged JPEG body decodes, to wrong pixels, in both Pillow and DALI)."""
+    f = frame(data)
+    if f is not None and f[0] in CLEAN_SOF and f[3] in (1, 3) and f[1] and f[2]:
+        # the common case, from the markers alone (Pillow's header parse costs ~0.2 ms)
+        if not ends_with_eoi(data):
+            raise CorruptSample("truncated JPEG (no EOI marker)")
+        return f[1], f[2]
     try:
         with Image.open(io.BytesIO(data)) as im:
             size, fmt = im.size, im.format
@@ -67,7 +74,7 @@ def image_size(data: bytes) -> tuple[int, int]:
                 im.load()
         except Exception as e:  # noqa: BLE001
             raise CorruptSample(f"cannot decode: {e}") from None
-    if fmt == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+    if fmt == "JPEG" and not ends_with_eoi(data):
         raise CorruptSample("truncated JPEG (no EOI marker)")
     if min(size) < 1:
         raise CorruptSample(f"empty image {size}")

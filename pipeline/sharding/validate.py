@@ -9,12 +9,10 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+from pipeline.jpeg import CLEAN_SOF, ends_with_eoi, frame
+
 VALIDATIONS = ("structural", "decode")
 JPEG_QUALITY = 90
-# SOF markers a stock decoder (DALI's nvJPEG, libjpeg-turbo) handles: baseline, extended, progressive
-_CLEAN_SOF = {0xC0, 0xC1, 0xC2}
-_ALL_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length field
 
 
 @dataclass(slots=True)
@@ -36,50 +34,21 @@ class JpegHeader:
     components: int
 
 
-def _frame(data: bytes) -> tuple[int, int, int, int] | None:
-    """(sof, width, height, components) of the frame header, walking the marker segments.
-
-    A plain tuple and local names only: this runs once per image on the default path."""
-    n = len(data)
-    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        return None
-    i = 2
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-        elif marker in _STANDALONE:
-            i += 2
-        elif marker == 0xD9 or marker == 0xDA:  # EOI or start of scan before any frame header
-            return None
-        elif marker in _ALL_SOF:
-            if i + 10 > n:
-                return None
-            return marker, (data[i + 7] << 8) | data[i + 8], (data[i + 5] << 8) | data[i + 6], data[i + 9]
-        else:
-            i += 2 + ((data[i + 2] << 8) | data[i + 3])
-    return None
-
-
 def jpeg_header(data: bytes) -> JpegHeader | None:
     """The frame header of a JPEG, walking the marker segments; None when there is none."""
-    f = _frame(data)
+    f = frame(data)
     return None if f is None else JpegHeader(*f)
 
 
 def clean_size(data: bytes, max_side: int | None) -> tuple[int, int] | None:
     """(width, height) when `data` can be kept as it is, without decoding it; else None."""
-    f = _frame(data)
+    f = frame(data)
     if f is None:
         return None
     sof, w, h, comps = f
-    if sof not in _CLEAN_SOF or comps != 3 or not w or not h:
+    if sof not in CLEAN_SOF or comps != 3 or not w or not h:
         return None
-    # Truncated files would decode with grey padding; NUL padding after EOI is harmless. The
-    # endswith test first: rstrip copies the whole file.
-    if not data.endswith(b"\xff\xd9") and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+    if not ends_with_eoi(data):  # truncated files would decode with grey padding
         return None
     if max_side and (w > max_side or h > max_side):
         return None
