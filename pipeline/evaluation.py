@@ -326,7 +326,7 @@ def evaluate_model(model: nn.Module, val: Callable[[], Batches], train: Callable
                    options: EvalOptions | None = None, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                    device: str | torch.device = "cpu") -> dict:
     """All metrics of a model. `val`/`train` are callables returning a fresh iterable (the val
-    data is read once or twice). A classifier (num_classes > 0) is scored with its head; an
+    data is read once, or twice for an encoder scored under corruptions). A classifier (num_classes > 0) is scored with its head; an
     encoder needs `train` and is scored with a linear probe on its frozen features, and k-NN."""
     options = options or EvalOptions()
     model = model.to(device).eval()
@@ -348,8 +348,12 @@ def evaluate_model(model: nn.Module, val: Callable[[], Batches], train: Callable
         raise ValueError("the model has no classifier head (an encoder export): give training data for "
                          "k-NN and a linear probe, which then also scores clean and corrupted accuracy")
     metrics["classifier"] = "head" if has_head else "linear_probe"
-    result = evaluate_robustness(classify, val(), options.corruptions, options.severities, mean=mean, std=std,
-                                 device=device, seed=options.seed)
+    if train is not None and not has_head and not options.corruptions:
+        # clean accuracy of the probe is the probe's score on the features already extracted
+        result = {"clean": {k: metrics["linear_probe"][k] for k in ("top1", "top5", "num_samples")}}
+    else:
+        result = evaluate_robustness(classify, val(), options.corruptions, options.severities, mean=mean,
+                                     std=std, device=device, seed=options.seed)
     clean = result.pop("clean")
     metrics.update(top1=clean["top1"], top5=clean["top5"], num_samples=clean["num_samples"], **result)
     return metrics

@@ -240,3 +240,17 @@ def test_mfm_evaluate_on_shards(tiny_encoder, tmp_path, capsys):
 
     assert mfm(["evaluate", "--model", "tiny@nope", "--registry", reg.url, *common]) == 1
     assert "no alias 'nope'" in capsys.readouterr().err
+
+
+def test_encoder_without_corruptions_reads_the_val_data_once(tiny_encoder):
+    model, _, _ = tiny_encoder
+    train_x, train_y = stripes(16, 0)
+    val_x, val_y = stripes(8, 1)
+    reads = []
+
+    def val():
+        reads.append(1)
+        return [(val_x, val_y)]
+    metrics = evaluate_model(model, val, lambda: [(train_x, train_y)], EvalOptions(probe_epochs=5))
+    assert len(reads) == 1 and metrics["num_samples"] == 8
+    assert (metrics["top1"], metrics["top5"]) == (metrics["linear_probe"]["top1"], metrics["linear_probe"]["top5"])
