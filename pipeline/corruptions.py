@@ -51,16 +51,26 @@ def super_resolution(images, cfg: CorruptionConfig, generator=None):
     return F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1), None
 
 
+def blur_kernel_sizes(draws: torch.Tensor, cfg: CorruptionConfig) -> torch.Tensor:
+    """Each sample's kernel size from its uniform draw in [0, 1)."""
+    sizes = torch.tensor(cfg.blur_kernel_sizes)
+    return sizes[(draws.cpu() * len(sizes)).long().clamp_max(len(sizes) - 1)]
+
+
+def blur(images: torch.Tensor, kernel_sizes: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur, sample i with kernel_sizes[i]: one call per distinct size."""
+    out = torch.empty_like(images)
+    for k in kernel_sizes.unique().tolist():
+        idx = (kernel_sizes == k).nonzero().squeeze(1).to(images.device)
+        out[idx] = gaussian_blur(images[idx], kernel_size=[k, k], sigma=[sigma, sigma])
+    return out
+
+
 def deblur(images, cfg: CorruptionConfig, generator=None):
     """Gaussian blur with sigma cfg.blur_sigma and a kernel size drawn per sample; reflect-101
-    border (torch's "reflect"); no clamp. One call per distinct size, not per sample."""
-    sizes = torch.tensor(cfg.blur_kernel_sizes)
-    picks = sizes[(_rand(images.shape[0], generator, "cpu") * len(sizes)).long().clamp_max(len(sizes) - 1)]
-    out = torch.empty_like(images)
-    for k in picks.unique().tolist():
-        idx = (picks == k).nonzero().squeeze(1).to(images.device)
-        out[idx] = gaussian_blur(images[idx], kernel_size=[k, k], sigma=[cfg.blur_sigma, cfg.blur_sigma])
-    return out, None
+    border (torch's "reflect"); no clamp."""
+    sizes = blur_kernel_sizes(_rand(images.shape[0], generator, "cpu"), cfg)
+    return blur(images, sizes, cfg.blur_sigma), None
 
 
 def denoise(images, cfg: CorruptionConfig, generator=None):

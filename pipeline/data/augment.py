@@ -19,7 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from kernels.frequency import mask_frequencies
 from pipeline.config import CorruptionConfig
-from pipeline.corruptions import corrupt, normalize
+from pipeline.corruptions import CORRUPTIONS, blur, blur_kernel_sizes, normalize
 from pipeline.data.sampling import mix_seed
 from pipeline.jpeg import CLEAN_SOF, ends_with_eoi, frame
 
@@ -185,21 +185,26 @@ def eval_view(data: bytes, size: int) -> torch.Tensor:
 
 def corrupt_samples(images: torch.Tensor, cfg: CorruptionConfig, seeds: list[int]):
     """corrupt() with each sample's draws from its own seed, so that a sample's corruption
-    does not depend on the batch it lands in. Returns (encoder_input, target, keep or None)."""
-    if cfg.kind == "mfm":
-        # mfm's one draw per sample (low- or high-pass, as corruptions.frequency_mask makes it) is
-        # taken from the sample's seed and the batch masked in one call: the same numbers as a call
-        # per sample, for a fraction of the CPU time (small per-sample FFTs cost 1.5x, and far more
-        # where torch's intra-op threads wait on a loaded machine)
-        draws = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        images = images.float()
+    does not depend on the batch it lands in. Returns (encoder_input, target, keep or None).
+
+    The draws are taken per sample and the batch corrupted in one call: the same numbers as a
+    call per sample, for a fraction of the CPU time (small per-sample FFTs and convolutions
+    cost far more, most of all where torch's intra-op threads wait on a loaded machine)."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    images = images.float()
+    keep = None
+    if cfg.kind == "mfm":  # one draw: low- or high-pass, as corruptions.frequency_mask makes it
+        draws = torch.cat([torch.rand(1, generator=g) for g in gens])
         corrupted, keep = mask_frequencies(images, cfg.radius, draws >= cfg.low_pass_prob, radius2=cfg.radius2)
-        return normalize(corrupted), normalize(images), keep
-    outs = [corrupt(images[i:i + 1], cfg, torch.Generator().manual_seed(int(s))) for i, s in enumerate(seeds)]
-    enc = torch.cat([o[0] for o in outs])
-    target = torch.cat([o[1] for o in outs])
-    keep = torch.cat([o[2] for o in outs]) if outs[0][2] is not None else None
-    return enc, target, keep
+    elif cfg.kind == "deblur":  # one draw: the kernel size, as corruptions.deblur makes it
+        draws = torch.cat([torch.rand(1, generator=g) for g in gens])
+        corrupted = blur(images, blur_kernel_sizes(draws, cfg), cfg.blur_sigma)
+    elif cfg.kind == "denoise":  # the noise, as corruptions.denoise draws it for one image
+        noise = torch.cat([torch.randn((1, *images.shape[1:]), generator=g) for g in gens])
+        corrupted = images + cfg.noise_std * noise.to(images.device)
+    else:  # sr draws nothing
+        corrupted, _ = CORRUPTIONS[cfg.kind](images, cfg)
+    return normalize(corrupted), normalize(images), keep
 
 
 __all__ = ["CorruptSample", "SampleParams", "image_bytes", "image_size", "sample_params", "resize_view", "resize_uint8",
