@@ -55,7 +55,7 @@ class Settings:
     pretrain_steps: int = 1200
     finetune_steps: int = 250
     per_class: int = 6000  # pretraining images per class (Fashion-MNIST has 6000: all of them)
-    per_class_test: int = 300  # test images per class (of 1000): evaluation is per-image decode bound
+    per_class_test: int = 1000  # test images per class: all of Fashion-MNIST's 10k
     pretrain_batch: int = 64
     finetune_batch: int = 32
     # a CPU-sized ViT: vit_tiny's layout at 32 px, shallower and narrower; 8 px patches (16 tokens)
