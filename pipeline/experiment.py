@@ -48,10 +48,10 @@ class Settings:
     pretexts: list[str] = field(default_factory=lambda: list(PRETEXTS))
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
-    # Budget for about an hour on a quiet 2-core machine: 8 pretrainings (~440 img/s, plus ~30 s
-    # of process start, first batches, export and registration each), 20 fine-tunes (~185 img/s,
-    # plus ~25 s) and 10 frozen evaluations (~18 s). A trial at 1500/300 steps: MFM +8.6 points
-    # over random init at 1% labels; at 600/200 steps, +1.2.
+    # Budget for under an hour on a quiet 2-core machine (54 min measured): 8 pretrainings
+    # (~225 s each, ~10 s of it process start and export), 20 fine-tunes (~57 s, ~12 s of it the
+    # 10k-image evaluation) and 10 frozen evaluations (~19 s). A trial at 1500/300 steps: MFM
+    # +8.6 points over random init at 1% labels; at 600/200 steps, +1.2.
     pretrain_steps: int = 1200
     finetune_steps: int = 250
     per_class: int = 6000  # pretraining images per class (Fashion-MNIST has 6000: all of them)
