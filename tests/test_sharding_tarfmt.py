@@ -56,3 +56,25 @@ def test_add_image_matches_add_sample(key):  # keys of 95 and 96 characters: the
     tb.close()
     assert a.getvalue() == b.getvalue() and ta.index() == tb.index()
     assert ta.sha.hexdigest() == tb.sha.hexdigest() == hashlib.sha256(a.getvalue()).hexdigest()
+
+
+class _FailingFile(io.BytesIO):
+    def write(self, b):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_write_error_of_the_writer_thread_reaches_the_caller():
+    tw = TarWriter(_FailingFile(), chunk=1024)
+    with pytest.raises(OSError, match="No space left"):
+        for i in range(50):  # many flushes: the error surfaces at one of them, or at close
+            tw.add_sample(f"k{i}", [("jpg", b"\x01" * 2000)])
+        tw.close()
+    assert not tw._thread.is_alive()
+
+
+def test_an_error_in_the_caller_stops_the_writer_thread():
+    with pytest.raises(RuntimeError, match="bad image"):
+        with TarWriter(io.BytesIO(), chunk=1024) as tw:
+            tw.add_sample("k", [("jpg", b"\x01" * 2000)])
+            raise RuntimeError("bad image")
+    assert not tw._thread.is_alive()

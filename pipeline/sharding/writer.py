@@ -93,21 +93,20 @@ def write_samples(plan: ShardPlan, fileobj, class_of: dict[str, int], opts: Writ
     """Fill one tar from the plan's sources; bad images are listed, never raised.
 
     sync: fileobj is a file to be fsynced: start writing it to disk while the shard is built."""
-    tw = TarWriter(fileobj, sync=sync)
     rejected, reencoded = [], 0
     per_class: dict[str, tuple[bytes, bytes]] = {}  # wnid -> (.cls bytes, .json tail format)
-    for e, data, size, reenc in checked_images(plan.entries, opts.validation, opts.max_side, opts.threads):
-        if data is None:
-            rejected.append({"file": e.file, "reason": size})
-            continue
-        reencoded += reenc
-        wnid = e.wnid
-        pc = per_class.get(wnid)
-        if pc is None:
-            cls = class_of[wnid]
-            pc = per_class[wnid] = (str(cls).encode(), _json_tail(wnid, cls))
-        tw.add_image(e.key, pc[0], data, _json_head(e.file) + pc[1] % size)
-    tw.close()
+    with TarWriter(fileobj, sync=sync) as tw:
+        for e, data, size, reenc in checked_images(plan.entries, opts.validation, opts.max_side, opts.threads):
+            if data is None:
+                rejected.append({"file": e.file, "reason": size})
+                continue
+            reencoded += reenc
+            wnid = e.wnid
+            pc = per_class.get(wnid)
+            if pc is None:
+                cls = class_of[wnid]
+                pc = per_class[wnid] = (str(cls).encode(), _json_tail(wnid, cls))
+            tw.add_image(e.key, pc[0], data, _json_head(e.file) + pc[1] % size)
     return tw, rejected, reencoded
 
 
