@@ -326,8 +326,9 @@ def evaluate_model(model: nn.Module, val: Callable[[], Batches], train: Callable
                    options: EvalOptions | None = None, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                    device: str | torch.device = "cpu") -> dict:
     """All metrics of a model. `val`/`train` are callables returning a fresh iterable (the val
-    data is read once, or twice for an encoder scored under corruptions). A classifier (num_classes > 0) is scored with its head; an
-    encoder needs `train` and is scored with a linear probe on its frozen features, and k-NN."""
+    data is read once, or twice for an encoder scored under corruptions). A classifier
+    (num_classes > 0) is scored with its head; an encoder needs `train` and is scored with a
+    linear probe on its frozen features, and k-NN."""
     options = options or EvalOptions()
     model = model.to(device).eval()
     metrics: dict = {}

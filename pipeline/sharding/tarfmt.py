@@ -80,10 +80,10 @@ class TarWriter:
 
     Members are built in a buffer that goes out CHUNK bytes at a time to a writer thread, which
     writes and hashes it: both release the GIL, so they run beside the per-image Python of the
-    next chunk (measured: a 2000-image shard 156 -> 108 ms). sync: fileobj is a file that will
-    be fsynced; each chunk starts going to disk as it is written, so that fsync waits only for
-    the tail. Use as a context manager, or call close(): an error of the writer thread is
-    raised in the caller at the next flush or at close."""
+    next chunk (a 2000-image shard: 129 -> 112 ms, measured from a flushed page cache).
+    sync: fileobj is a file that will be fsynced; each chunk starts going to disk as it is
+    written, so that fsync waits only for the tail. Use as a context manager, or call close():
+    an error of the writer thread is raised in the caller at the next flush or at close."""
 
     def __init__(self, fileobj, chunk: int = CHUNK, sync: bool = False):
         self.f = fileobj
