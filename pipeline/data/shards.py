@@ -207,9 +207,9 @@ def _read_indexed(f, rows, order: list[int], cur: _TarCursor, url: str) -> None:
         buf = f.read(end - start)
         if len(buf) != end - start:
             raise TransientStorageError(f"{url}: sample {i} cut short at byte {start + len(buf)}")
-        if buf[:100].split(b"\0", 1)[0].decode(errors="replace") != members[0][3]:
-            raise _IndexMismatch(f"{url}: the index does not match the tar at byte {start} ({members[0][3]})")
         name = members[0][3]
+        if buf[:100].split(b"\0", 1)[0].decode(errors="replace") != name:
+            raise _IndexMismatch(f"{url}: the index does not match the tar at byte {start} ({name})")
         base = name.rsplit("/", 1)[-1]
         sample = {"__key__": name[: len(name) - len(base)] + base.partition(".")[0]}
         for ext, off, size, _ in members:
