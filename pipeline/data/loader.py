@@ -181,7 +181,7 @@ class EvalLoader:
         plan, readers = self._plan()
         workers = self.cfg.data.workers if self.train else min(self.cfg.data.workers, 1)
         for out in torch_backend.iterate(self.split, self.cfg, plan, 0, readers, self.epoch, self.make,
-                                         workers=workers, pin_memory=self.device.type == "cuda"):
+                                         workers=workers, pin_memory=self.device.type == "cuda", augment=self.train):
             yield out["images"].to(self.device, non_blocking=True), out["labels"].to(self.device, non_blocking=True)
         self.epoch += 1
 

@@ -24,7 +24,7 @@ class RawBatch:
     index: int  # batch index in the rank's epoch plan
     ids: list[int]
     data: list[bytes]
-    params: list[SampleParams]
+    params: list[SampleParams | None]
     labels: list[int]
     skipped: list[str] = field(default_factory=list)  # "shard/key: reason"
     names: list[str] = field(default_factory=list)  # "shard/key" of each slot's bytes, for messages
@@ -43,8 +43,9 @@ def _name(split: Split, gid: int, sample: dict) -> str:
 
 
 def raw_batches(split: Split, plan: np.ndarray, batch_indices: range, reader: SampleReader, *,
-                seed: int, epoch: int, scale: tuple[float, float]) -> Iterator[RawBatch]:
-    """The batches `batch_indices` of `plan` ((num_batches, B) sample ids), read in order."""
+                seed: int, epoch: int, scale: tuple[float, float] | None) -> Iterator[RawBatch]:
+    """The batches `batch_indices` of `plan` ((num_batches, B) sample ids), read in order.
+    scale None: no crop/flip/corruption params (evaluation views take none); params are None."""
     ids = np.concatenate([plan[j] for j in batch_indices]) if len(batch_indices) else np.zeros(0, np.int64)
     stream = reader.read(ids)
     for j in batch_indices:
@@ -71,6 +72,6 @@ def raw_batches(split: Split, plan: np.ndarray, batch_indices: range, reader: Sa
             batch.names.append(name)
             batch.ids.append(gid)
             batch.data.append(data)
-            batch.params.append(sample_params(seed, epoch, gid, w, h, scale))
+            batch.params.append(sample_params(seed, epoch, gid, w, h, scale) if scale else None)
             batch.labels.append(label)
         yield batch

@@ -118,9 +118,9 @@ class PlanDataset(IterableDataset):
     """Yields the processed batches start.. of a rank's plan, reader w in DataLoader worker w."""
 
     def __init__(self, split: Split, cfg: Config, plan, start: int, readers: int, epoch: int,
-                 make: Callable[[RawBatch], dict]):
+                 make: Callable[[RawBatch], dict], augment: bool = True):
         self.split, self.cfg, self.plan, self.start = split, cfg, plan, start
-        self.readers, self.epoch, self.make = readers, epoch, make
+        self.readers, self.epoch, self.make, self.augment = readers, epoch, make, augment
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -129,7 +129,8 @@ class PlanDataset(IterableDataset):
         d = self.cfg.data
         sr = SampleReader(self.split, self.cfg.storage, prefetch=d.prefetch_shards, cache_dir=d.cache_dir)
         streams = [raw_batches(self.split, self.plan, reader_batches(len(self.plan), self.start, self.readers, r), sr,
-                               seed=self.cfg.train.seed, epoch=self.epoch, scale=tuple(d.crop_scale)) for r in readers]
+                               seed=self.cfg.train.seed, epoch=self.epoch,
+                               scale=tuple(d.crop_scale) if self.augment else None) for r in readers]
         # in-process (workers=0) with several readers: round-robin, as a DataLoader would
         while streams:
             for s in list(streams):
@@ -143,8 +144,9 @@ class PlanDataset(IterableDataset):
 
 
 def iterate(split: Split, cfg: Config, plan, start: int, readers: int, epoch: int, make, *, workers: int,
-            pin_memory: bool = False) -> Iterator[dict]:
-    ds = PlanDataset(split, cfg, plan, start, readers, epoch, make)
+            pin_memory: bool = False, augment: bool = True) -> Iterator[dict]:
+    """`make`'s batches; augment=False draws no per-sample crop params (evaluation views)."""
+    ds = PlanDataset(split, cfg, plan, start, readers, epoch, make, augment)
     if workers == 0:
         yield from ds
         return
