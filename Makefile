@@ -32,6 +32,8 @@ demo-server: venv
 	bash infra/demo-server.sh
 
 test: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 clean:

@@ -4,6 +4,7 @@ A picture of the frequency masking on real photos, then the sample data and the 
 mfm-retrain chain (shard -> pretrain -> fine-tune -> evaluate -> register) with the tiny CPU
 preset, a local folder as object storage and Prefect in ephemeral mode (no server).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,13 @@ import os
 from pathlib import Path
 
 # Settings sized for about 10 minutes on 2 cores.
-PRETRAIN = {"optim.epochs": 10, "optim.warmup_epochs": 1, "train.max_steps": 60, "train.checkpoint_every": 20,
-            "train.picture_every": 20}
+PRETRAIN = {
+    "optim.epochs": 10,
+    "optim.warmup_epochs": 1,
+    "train.max_steps": 60,
+    "train.checkpoint_every": 20,
+    "train.picture_every": 20,
+}
 FINETUNE = {"train.max_steps": 40, "train.checkpoint_every": 20}
 EVALUATE = {"corruptions": "gaussian_noise,contrast", "severities": "3", "probe_epochs": 10}
 
@@ -39,10 +45,13 @@ def cli(argv: list[str]) -> int:
     sample = out / "sample"
     if not (sample / "folder").is_dir():
         summary = sample_data.build(str(sample), per_class=args.per_class, size=32)
-        print(f"== sample data ({summary['source']}): {summary['train']} train / {summary['val']} val images", flush=True)
+        print(
+            f"== sample data ({summary['source']}): {summary['train']} train / {summary['val']} val images", flush=True
+        )
 
-    result = retrain_flow(str(sample / "folder"), str(out), overrides=PRETRAIN, finetune_overrides=FINETUNE,
-                          eval_options=EVALUATE)
+    result = retrain_flow(
+        str(sample / "folder"), str(out), overrides=PRETRAIN, finetune_overrides=FINETUNE, eval_options=EVALUATE
+    )
     print("== mfm-retrain finished; where everything is:")
     print(json.dumps(result, indent=1, default=str))
     return 0

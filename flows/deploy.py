@@ -14,6 +14,7 @@ inside the image built from infra/Dockerfile.
 later with `prefect deployment schedule resume`). The same deployments, declaratively:
 prefect.yaml (`prefect deploy --all`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,9 @@ FLOWS: tuple[FlowSpec, ...] = (
     FlowSpec("flows/finetune.py:finetune_flow", "fine-tune a pretrained encoder", ("train", "gpu")),
     FlowSpec("flows/evaluate.py:evaluate_flow", "accuracy, robustness, k-NN, linear probe", ("eval",)),
     FlowSpec("flows/register.py:register_flow", "register an export, gated promotion", ("registry",)),
-    FlowSpec("flows/retrain.py:retrain_flow", "shard -> pretrain -> fine-tune -> evaluate -> register",
-             ("retrain", "gpu")),
+    FlowSpec(
+        "flows/retrain.py:retrain_flow", "shard -> pretrain -> fine-tune -> evaluate -> register", ("retrain", "gpu")
+    ),
 )
 
 
@@ -89,8 +91,15 @@ def ensure_pool(name: str, kind: str) -> bool:
         return True
 
 
-def build_deployments(*, kubernetes: bool, name: str, pool: str, schedule_active: bool,
-                      retrain_parameters: dict[str, Any] | None, image: str | None = None) -> list:
+def build_deployments(
+    *,
+    kubernetes: bool,
+    name: str,
+    pool: str,
+    schedule_active: bool,
+    retrain_parameters: dict[str, Any] | None,
+    image: str | None = None,
+) -> list:
     from prefect import Flow
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
@@ -101,8 +110,13 @@ def build_deployments(*, kubernetes: bool, name: str, pool: str, schedule_active
         if flow is None:
             print(f"mfm deploy: {spec.entrypoint} is not in this checkout; {spec.module} not deployed", file=sys.stderr)
             continue
-        kwargs: dict[str, Any] = {"name": name, "description": spec.description, "work_pool_name": pool,
-                                  "tags": ["mfm", *spec.tags], "parameters": dict(spec.parameters)}
+        kwargs: dict[str, Any] = {
+            "name": name,
+            "description": spec.description,
+            "work_pool_name": pool,
+            "tags": ["mfm", *spec.tags],
+            "parameters": dict(spec.parameters),
+        }
         if spec.function == "retrain_flow":
             kwargs["parameters"].update(retrain_parameters or {})
             kwargs["schedules"] = [Cron(RETRAIN_CRON, timezone="UTC", active=schedule_active)]
@@ -117,9 +131,15 @@ def build_deployments(*, kubernetes: bool, name: str, pool: str, schedule_active
     return out
 
 
-def deploy(*, pool: str | None = None, kubernetes: bool = False, name: str | None = None,
-           schedule_active: bool = False, retrain_parameters: dict[str, Any] | None = None,
-           image: str | None = None) -> list[str]:
+def deploy(
+    *,
+    pool: str | None = None,
+    kubernetes: bool = False,
+    name: str | None = None,
+    schedule_active: bool = False,
+    retrain_parameters: dict[str, Any] | None = None,
+    image: str | None = None,
+) -> list[str]:
     """Create the pool if missing and apply every deployment; returns "flow/deployment" names."""
     from prefect import deploy as prefect_deploy
 
@@ -127,25 +147,44 @@ def deploy(*, pool: str | None = None, kubernetes: bool = False, name: str | Non
     name = name or ("k8s" if kubernetes else "local")
     if ensure_pool(pool, "kubernetes" if kubernetes else "process"):
         print(f"created work pool {pool!r}")
-    deployments = build_deployments(kubernetes=kubernetes, name=name, pool=pool, schedule_active=schedule_active,
-                                    retrain_parameters=retrain_parameters, image=image)
+    deployments = build_deployments(
+        kubernetes=kubernetes,
+        name=name,
+        pool=pool,
+        schedule_active=schedule_active,
+        retrain_parameters=retrain_parameters,
+        image=image,
+    )
     # build/push False: images come from infra/Dockerfile through CI, never from a deploy command.
-    prefect_deploy(*deployments, work_pool_name=pool, image=image if kubernetes else None, build=False,
-                   push=False, print_next_steps_message=False, ignore_warnings=True)
+    prefect_deploy(
+        *deployments,
+        work_pool_name=pool,
+        image=image if kubernetes else None,
+        build=False,
+        push=False,
+        print_next_steps_message=False,
+        ignore_warnings=True,
+    )
     return [f"{d.flow_name}/{d.name}" for d in deployments]
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mfm deploy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mfm deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--pool", help="work pool name (default mfm-process, or mfm-k8s with --kubernetes)")
     p.add_argument("--kubernetes", action="store_true", help="Kubernetes work pool, flows from the image")
     p.add_argument("--image", help="image for --kubernetes (default: the pool template's)")
     p.add_argument("--name", help="deployment name (default: local, or k8s with --kubernetes)")
     p.add_argument("--schedule-active", action="store_true", help=f"switch on mfm-retrain's cron ({RETRAIN_CRON} UTC)")
-    p.add_argument("--retrain-param", action="append", default=[], metavar="KEY=JSON",
-                   help="default parameter of the mfm-retrain deployment (the schedule's runs use these), "
-                        "e.g. source='\"s3://bucket/imagenet\"'")
+    p.add_argument(
+        "--retrain-param",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="default parameter of the mfm-retrain deployment (the schedule's runs use these), "
+        "e.g. source='\"s3://bucket/imagenet\"'",
+    )
     args = p.parse_args(argv)
     params = {}
     for item in args.retrain_param:
@@ -156,8 +195,14 @@ def cli(argv: list[str]) -> int:
             params[key] = json.loads(value)
         except json.JSONDecodeError:
             params[key] = value  # a bare string, as with `prefect deployment run --param`
-    names = deploy(pool=args.pool, kubernetes=args.kubernetes, name=args.name, schedule_active=args.schedule_active,
-                   retrain_parameters=params, image=args.image)
+    names = deploy(
+        pool=args.pool,
+        kubernetes=args.kubernetes,
+        name=args.name,
+        schedule_active=args.schedule_active,
+        retrain_parameters=params,
+        image=args.image,
+    )
     for n in names:
         print(f"deployed {n}")
     return 0

@@ -1,4 +1,5 @@
 """Prefect flow `mfm-evaluate`: evaluate a model (thin: the work is in pipeline.evaluation)."""
+
 from __future__ import annotations
 
 from prefect import flow
@@ -26,16 +27,36 @@ def evaluate_flow(
     seed: int = 0,
 ) -> dict:
     """`mfm evaluate` as a flow; publishes the metrics table and returns the headline numbers."""
-    metrics, url = run(model, data, train_data=train_data, corruptions=corruptions, severities=severities, out=out,
-                       registry=registry, batch_size=batch_size, device=device, preset=preset,
-                       overrides=overrides or [], max_batches=max_batches, knn_k=knn_k,
-                       probe_epochs=probe_epochs, seed=seed)
-    create_table_artifact(key="mfm-evaluate-metrics", table=metrics_table(metrics),
-                          description=f"metrics of {metrics['model']} on {data} ({url})")
+    metrics, url = run(
+        model,
+        data,
+        train_data=train_data,
+        corruptions=corruptions,
+        severities=severities,
+        out=out,
+        registry=registry,
+        batch_size=batch_size,
+        device=device,
+        preset=preset,
+        overrides=overrides or [],
+        max_batches=max_batches,
+        knn_k=knn_k,
+        probe_epochs=probe_epochs,
+        seed=seed,
+    )
+    create_table_artifact(
+        key="mfm-evaluate-metrics",
+        table=metrics_table(metrics),
+        description=f"metrics of {metrics['model']} on {data} ({url})",
+    )
     print(f"metrics of {metrics['model']}: top1={metrics['top1']:.4f} top5={metrics['top5']:.4f} -> {url}")
     # The full report lives in metrics.json; the flow result stays small.
-    return {"metrics_url": url, "top1": metrics["top1"], "top5": metrics["top5"],
-            **({"corrupted_mean_top1": metrics["robustness"]["mean_top1"]} if "robustness" in metrics else {})}
+    return {
+        "metrics_url": url,
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        **({"corrupted_mean_top1": metrics["robustness"]["mean_top1"]} if "robustness" in metrics else {}),
+    }
 
 
 if __name__ == "__main__":

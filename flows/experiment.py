@@ -1,5 +1,6 @@
 """Prefect flow `pretext-comparison`: `mfm experiment pretext-comparison` as a flow run (thin:
 the work, and the skipping of finished runs, is in pipeline.experiment)."""
+
 from __future__ import annotations
 
 from prefect import flow
@@ -26,10 +27,21 @@ def pretext_comparison_flow(
 ) -> dict:
     """Run (or continue) the comparison; publishes the table as an artifact, returns the means."""
     d = Settings()
-    s = Settings(out=out, pretexts=pretexts or d.pretexts, seeds=seeds or d.seeds, fractions=fractions or d.fractions,
-                 pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, per_class=per_class,
-                 per_class_test=per_class_test, pretrain_batch=pretrain_batch, finetune_batch=finetune_batch,
-                 probe_epochs=probe_epochs, pretrain_set=pretrain_set or [], finetune_set=finetune_set or [])
+    s = Settings(
+        out=out,
+        pretexts=pretexts or d.pretexts,
+        seeds=seeds or d.seeds,
+        fractions=fractions or d.fractions,
+        pretrain_steps=pretrain_steps,
+        finetune_steps=finetune_steps,
+        per_class=per_class,
+        per_class_test=per_class_test,
+        pretrain_batch=pretrain_batch,
+        finetune_batch=finetune_batch,
+        probe_epochs=probe_epochs,
+        pretrain_set=pretrain_set or [],
+        finetune_set=finetune_set or [],
+    )
     summary = run_experiment(s)
     from pathlib import Path
 

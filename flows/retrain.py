@@ -11,6 +11,7 @@ The stage list is data: a stage is "module:function" taking the context dict and
 keys it adds, plus the module it needs; a stage whose module is not installed is skipped with a
 log line, as is fine-tuning when `finetune_preset` is None.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,8 +50,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain", "flows.retrain:pretrain_stage", "pipeline.training"),
     Stage("finetune", "flows.retrain:finetune_stage", "pipeline.finetune", ("finetune_preset", "finetune_overrides")),
     Stage("evaluate", "flows.retrain:evaluate_stage", "pipeline.evaluation", ("eval_options", "promote_metric")),
-    Stage("register", "flows.retrain:register_stage", "pipeline.registry",
-          ("registry", "registry_name", "promote_metric", "promote_to", "higher_is_better")),
+    Stage(
+        "register",
+        "flows.retrain:register_stage",
+        "pipeline.registry",
+        ("registry", "registry_name", "promote_metric", "promote_to", "higher_is_better"),
+    ),
 )
 
 
@@ -64,8 +69,18 @@ def _config_error_types() -> tuple[type[BaseException], ...]:
     from pipeline.sharding import ShardingError, SourceError
 
     # A wrong setting fails the same way every time: retrying only delays the report.
-    return (ConfigError, ShardingError, SourceError, RegistryError, ValueError, TypeError, KeyError,
-            ModuleNotFoundError, FileNotFoundError, PermissionError)
+    return (
+        ConfigError,
+        ShardingError,
+        SourceError,
+        RegistryError,
+        ValueError,
+        TypeError,
+        KeyError,
+        ModuleNotFoundError,
+        FileNotFoundError,
+        PermissionError,
+    )
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -107,7 +122,6 @@ def run_stage(name: str, function: str, ctx: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- stages
 
 
-
 def _storage(ctx: dict):
     from pipeline.config import load_config
 
@@ -122,13 +136,18 @@ def shard_stage(ctx: dict) -> dict:
     current = {s: storage.exists(storage.join(ctx["shards"], s, "manifest.json"), cfg) for s in ctx["splits"]}
     # shard_dataset keeps a split whose manifest matches the source fingerprint and options and
     # refuses one that does not, so a manifest that was there before and survives is current.
-    manifests = shard_dataset(ctx["source"], ctx["shards"], splits=ctx["splits"], storage=cfg, progress=False,
-                              **ctx["shard_options"])
+    manifests = shard_dataset(
+        ctx["source"], ctx["shards"], splits=ctx["splits"], storage=cfg, progress=False, **ctx["shard_options"]
+    )
     for split, was_there in current.items():
         log.info("shard %s: %s", split, "manifest current, skipped" if was_there else "sharded")
-    return {"data": {s: storage.join(ctx["shards"], s) for s in manifests},
-            "manifests": {s: {"num_samples": m["num_samples"], "shards": len(m["shards"]),
-                              "fingerprint": m["source"]["fingerprint"]} for s, m in manifests.items()}}
+    return {
+        "data": {s: storage.join(ctx["shards"], s) for s in manifests},
+        "manifests": {
+            s: {"num_samples": m["num_samples"], "shards": len(m["shards"]), "fingerprint": m["source"]["fingerprint"]}
+            for s, m in manifests.items()
+        },
+    }
 
 
 def pretrain_stage(ctx: dict) -> dict:
@@ -139,12 +158,19 @@ def pretrain_stage(ctx: dict) -> dict:
 
     cfg = load_config(ctx["preset"], override_strings(ctx["train_overrides"]))
     result = asdict(launch(cfg))
-    get_run_logger().info("pretrain: %d checkpoints in %s, export %s", len(result["checkpoints"]),
-                          result["run_dir"], result["export"])
+    get_run_logger().info(
+        "pretrain: %d checkpoints in %s, export %s", len(result["checkpoints"]), result["run_dir"], result["export"]
+    )
     if not result["export"]:
         raise RuntimeError(f"{result['run_dir']}: training finished without an export")
-    return {"run_dir": result["run_dir"], "checkpoints": result["checkpoints"], "export": result["export"],
-            "pretrained_export": result["export"], "model_run_dir": result["run_dir"], "pictures": result["pictures"]}
+    return {
+        "run_dir": result["run_dir"],
+        "checkpoints": result["checkpoints"],
+        "export": result["export"],
+        "pretrained_export": result["export"],
+        "model_run_dir": result["run_dir"],
+        "pictures": result["pictures"],
+    }
 
 
 def _data_and_storage(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -156,11 +182,16 @@ def finetune_stage(ctx: dict) -> dict:
     from pipeline.config import load_config
     from pipeline.finetune import launch
 
-    overrides = {**_data_and_storage(ctx["train_overrides"]), "finetune.init": ctx["pretrained_export"],
-                 "train.run_dir": ctx["run_dir"] + "-finetune", **ctx["finetune_overrides"]}
+    overrides = {
+        **_data_and_storage(ctx["train_overrides"]),
+        "finetune.init": ctx["pretrained_export"],
+        "train.run_dir": ctx["run_dir"] + "-finetune",
+        **ctx["finetune_overrides"],
+    }
     result = launch(load_config(ctx["finetune_preset"], override_strings(overrides)))
-    get_run_logger().info("finetune: top1 %.4f on %s; export %s", result.metrics["top1"], ctx["data"]["val"],
-                          result.export)
+    get_run_logger().info(
+        "finetune: top1 %.4f on %s; export %s", result.metrics["top1"], ctx["data"]["val"], result.export
+    )
     if not result.export:
         raise RuntimeError(f"{result.run_dir}: fine-tuning finished without an export")
     return {"export": result.export, "model_run_dir": result.run_dir, "finetune_metrics": result.metrics_url}
@@ -172,15 +203,25 @@ def evaluate_stage(ctx: dict) -> dict:
     data_keys = override_strings(_data_and_storage(ctx["train_overrides"]))
     # Beside the evaluated run, not in its export/: fine-tuning keeps its own export/metrics.json.
     out = storage.join(ctx["model_run_dir"], "evaluation", "metrics.json")
-    metrics, url = run(ctx["export"], ctx["data"]["val"], train_data=ctx["data"]["train"], preset=ctx["preset"],
-                       overrides=data_keys, out=out, **ctx["eval_options"])
+    metrics, url = run(
+        ctx["export"],
+        ctx["data"]["val"],
+        train_data=ctx["data"]["train"],
+        preset=ctx["preset"],
+        overrides=data_keys,
+        out=out,
+        **ctx["eval_options"],
+    )
     from pipeline.registry import flatten_metrics
 
     flat = flatten_metrics(metrics)
     get_run_logger().info("evaluate: %s=%s -> %s", ctx["promote_metric"], flat.get(ctx["promote_metric"]), url)
     # The digest puts the report's contents (not just its URL) into the register stage's cache key.
-    return {"metrics": url, "metrics_digest": _digest(metrics),
-            "headline": {k: flat[k] for k in ("top1", "top5", ctx["promote_metric"]) if k in flat}}
+    return {
+        "metrics": url,
+        "metrics_digest": _digest(metrics),
+        "headline": {k: flat[k] for k in ("top1", "top5", ctx["promote_metric"]) if k in flat},
+    }
 
 
 def register_stage(ctx: dict) -> dict:
@@ -188,14 +229,19 @@ def register_stage(ctx: dict) -> dict:
 
     log = get_run_logger()
     reg = Registry(ctx["registry"], _storage(ctx))
-    ref = reg.register(ctx["registry_name"], ctx["export"], metrics_url=ctx["metrics"],
-                       data_manifest_url=storage.join(ctx["data"]["train"], "manifest.json"),
-                       run_config_url=storage.join(ctx["run_dir"], "config.yaml"))
+    ref = reg.register(
+        ctx["registry_name"],
+        ctx["export"],
+        metrics_url=ctx["metrics"],
+        data_manifest_url=storage.join(ctx["data"]["train"], "manifest.json"),
+        run_config_url=storage.join(ctx["run_dir"], "config.yaml"),
+    )
     out = {"model": str(ref), "promoted": None, "refused": None}
     if ctx["promote_to"]:
         try:
-            out["promoted"] = reg.promote(ref, ctx["promote_to"], gate_metric=ctx["promote_metric"],
-                                          higher_is_better=ctx["higher_is_better"])
+            out["promoted"] = reg.promote(
+                ref, ctx["promote_to"], gate_metric=ctx["promote_metric"], higher_is_better=ctx["higher_is_better"]
+            )
             log.info("register: %s is now %s@%s (%s)", ref, ctx["registry_name"], ctx["promote_to"], out["promoted"])
         except PromotionRefused as e:  # a worse model stays registered, not promoted: not a failure
             out["refused"] = str(e)
@@ -259,42 +305,80 @@ def retrain_flow(
     # A shard folder per (source contents, options): new data is sharded beside the old shards,
     # which a running job may still read, instead of being refused by their manifest.
     shards = storage.join(store, "shards", _digest({"fingerprints": fingerprints, "options": shard_options}))
-    base = {"source": _abs(source), "store": store, "preset": preset, "overrides": overrides, "splits": splits,
-            "shards": shards, "shard_options": shard_options, "fingerprints": fingerprints}
+    base = {
+        "source": _abs(source),
+        "store": store,
+        "preset": preset,
+        "overrides": overrides,
+        "splits": splits,
+        "shards": shards,
+        "shard_options": shard_options,
+        "fingerprints": fingerprints,
+    }
     key = _digest({k: base[k] for k in ("shards", "preset", "overrides")})
     # A run folder per (data, config): new data starts a new run instead of resuming a finished one.
-    train_overrides = {"data.train": storage.join(shards, "train"), "data.val": storage.join(shards, "val"),
-                       "train.run_dir": storage.join(store, "runs", f"{registry_name}-{key}"), **overrides}
+    train_overrides = {
+        "data.train": storage.join(shards, "train"),
+        "data.val": storage.join(shards, "val"),
+        "train.run_dir": storage.join(store, "runs", f"{registry_name}-{key}"),
+        **overrides,
+    }
     ctx: dict[str, Any] = {**base, "train_overrides": train_overrides}
-    params = {"eval_options": dict(eval_options or {}), "promote_metric": promote_metric,
-              "registry": _abs(registry) if registry else storage.join(store, "registry"),
-              "registry_name": registry_name, "promote_to": promote_to, "higher_is_better": higher_is_better,
-              "finetune_preset": finetune_preset, "finetune_overrides": dict(finetune_overrides or {})}
+    params = {
+        "eval_options": dict(eval_options or {}),
+        "promote_metric": promote_metric,
+        "registry": _abs(registry) if registry else storage.join(store, "registry"),
+        "registry_name": registry_name,
+        "promote_to": promote_to,
+        "higher_is_better": higher_is_better,
+        "finetune_preset": finetune_preset,
+        "finetune_overrides": dict(finetune_overrides or {}),
+    }
     options: dict[str, Any] = {"retry_delay_seconds": retry_delay_seconds, "refresh_cache": refresh}
     if "://" not in store:  # the cache lives with the run; on object storage, Prefect's local default
         options["result_storage"] = Path(store) / ".prefect-results"
     states: dict[str, str] = {}
     for stage in STAGES:
-        why = (f"{stage.requires} is not installed" if not _installed(stage.requires)
-               else "finetune_preset is None" if stage.name == "finetune" and not finetune_preset else None)
+        why = (
+            f"{stage.requires} is not installed"
+            if not _installed(stage.requires)
+            else "finetune_preset is None"
+            if stage.name == "finetune" and not finetune_preset
+            else None
+        )
         if why:
             log.info("stage %s: skipped (%s)", stage.name, why)
             states[stage.name] = "Skipped"
             continue
         inputs = {**ctx, **{k: params[k] for k in stage.params}}
         state = run_stage.with_options(name=stage.name, task_run_name=stage.name, **options)(
-            stage.name, stage.function, inputs, return_state=True)
+            stage.name, stage.function, inputs, return_state=True
+        )
         states[stage.name] = state.name
         if state.name == "Cached":
             log.info("stage %s: finished in an earlier run; result loaded from the cache", stage.name)
         ctx.update(state.result())  # raises for a failed stage, failing the flow
-    result = {"shards": ctx["data"], "run_dir": ctx["run_dir"], "checkpoints": ctx["checkpoints"],
-              "pretrained_export": ctx["pretrained_export"],
-              "finetune_run_dir": ctx["model_run_dir"] if "finetune_metrics" in ctx else None, "export": ctx["export"], "pictures": ctx["pictures"], "metrics": ctx["metrics"],
-              "headline": ctx["headline"], "registry": params["registry"], "model": ctx["model"],
-              "promoted": ctx["promoted"], "refused": ctx["refused"], "stages": states}
-    create_markdown_artifact(key="mfm-retrain", description="where mfm-retrain put everything",
-                             markdown="# mfm-retrain\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in result.items()))
+    result = {
+        "shards": ctx["data"],
+        "run_dir": ctx["run_dir"],
+        "checkpoints": ctx["checkpoints"],
+        "pretrained_export": ctx["pretrained_export"],
+        "finetune_run_dir": ctx["model_run_dir"] if "finetune_metrics" in ctx else None,
+        "export": ctx["export"],
+        "pictures": ctx["pictures"],
+        "metrics": ctx["metrics"],
+        "headline": ctx["headline"],
+        "registry": params["registry"],
+        "model": ctx["model"],
+        "promoted": ctx["promoted"],
+        "refused": ctx["refused"],
+        "stages": states,
+    }
+    create_markdown_artifact(
+        key="mfm-retrain",
+        description="where mfm-retrain put everything",
+        markdown="# mfm-retrain\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in result.items()),
+    )
     return result
 
 

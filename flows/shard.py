@@ -1,4 +1,5 @@
 """Prefect flow `mfm-shard`: shard a dataset (thin: all the work is in pipeline.sharding)."""
+
 from __future__ import annotations
 
 from prefect import flow
@@ -19,8 +20,15 @@ def shard_flow(
 ) -> dict[str, dict]:
     """Shard `source` into `<dest>/<split>/`; returns per split the sample, shard and rejection counts."""
     manifests = shard_dataset(
-        source, dest, splits=splits, workers=workers, seed=seed,
-        shard_size_mb=shard_size_mb, max_side=max_side, validation=validation, progress=False,
+        source,
+        dest,
+        splits=splits,
+        workers=workers,
+        seed=seed,
+        shard_size_mb=shard_size_mb,
+        max_side=max_side,
+        validation=validation,
+        progress=False,
     )
     # The full manifests live beside the shards; the flow result stays small.
     return {

@@ -6,6 +6,7 @@ Pure tensor maths: no files, no config. Two formulations of each op:
   and one FFT of (pred - target). CUDA tensors go through the Triton kernels of
   `kernels.triton_frequency`; everything else through vectorised torch ops.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,8 +17,15 @@ from torch.autograd.function import once_differentiable
 EPS = 1e-12  # inside the sqrt of the spec's magnitude
 
 
-def circle_mask(height: int, width: int, radius: float, *, high_pass: bool = False,
-                radius2: float | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+def circle_mask(
+    height: int,
+    width: int,
+    radius: float,
+    *,
+    high_pass: bool = False,
+    radius2: float | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """(H, W) float32 keep-mask, 1 = kept, in the centred (fftshift) layout."""
     i = torch.arange(height, device=device, dtype=torch.float32) - height // 2
     j = torch.arange(width, device=device, dtype=torch.float32) - width // 2
@@ -30,8 +38,9 @@ def circle_mask(height: int, width: int, radius: float, *, high_pass: bool = Fal
     return keep.to(torch.float32)
 
 
-def literal_mask_frequencies(images: torch.Tensor, radius: float, high_pass: torch.Tensor, *,
-                             radius2: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def literal_mask_frequencies(
+    images: torch.Tensor, radius: float, high_pass: torch.Tensor, *, radius2: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: fftshift(fft2(x)) * keep, ifftshift, ifft2, real, clamp."""
     n, _, h, w = images.shape
     low = circle_mask(h, w, radius, radius2=radius2, device=images.device)
@@ -41,8 +50,9 @@ def literal_mask_frequencies(images: torch.Tensor, radius: float, high_pass: tor
     return out.clamp(0, 1).to(images.dtype), keep
 
 
-def literal_frequency_loss(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None, *,
-                           focal_alpha: float | None = None) -> torch.Tensor:
+def literal_frequency_loss(
+    pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None, *, focal_alpha: float | None = None
+) -> torch.Tensor:
     """Reference: separate ortho fft2 of pred and target, shifted, masked magnitude mean."""
     fp = torch.fft.fftshift(torch.fft.fft2(pred.float(), norm="ortho"), dim=(-2, -1))
     ft = torch.fft.fftshift(torch.fft.fft2(target.float(), norm="ortho"), dim=(-2, -1))
@@ -58,8 +68,9 @@ def literal_frequency_loss(pred: torch.Tensor, target: torch.Tensor, keep: torch
 
 
 @functools.lru_cache(maxsize=64)
-def _masks(height: int, width: int, radius: float, radius2: float | None,
-           device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _masks(
+    height: int, width: int, radius: float, radius2: float | None, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[low, high] keep masks: (2, H, W//2+1) unshifted half layout, and (2, H, W) centred."""
     low = circle_mask(height, width, radius, radius2=radius2, device=device)
     centred = torch.stack([low, 1 - low])
@@ -104,14 +115,16 @@ def _use_triton(t: torch.Tensor) -> bool:
     return True
 
 
-def mask_frequencies(images: torch.Tensor, radius: float, high_pass: torch.Tensor, *,
-                     radius2: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_frequencies(
+    images: torch.Tensor, radius: float, high_pass: torch.Tensor, *, radius2: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Frequency-mask a batch (N, C, H, W) in [0, 1]; one mask per sample, shared by channels.
 
     high_pass: bool (N,). Returns the clamped corrupted images and keep (N, H, W), centred layout.
     """
-    return _mask_frequencies(images, radius, high_pass, radius2=radius2,
-                             backend="triton" if _use_triton(images) else "torch")
+    return _mask_frequencies(
+        images, radius, high_pass, radius2=radius2, backend="triton" if _use_triton(images) else "torch"
+    )
 
 
 def _mask_frequencies(images, radius, high_pass, *, radius2=None, backend="torch"):
@@ -133,8 +146,9 @@ def _mask_frequencies(images, radius, high_pass, *, radius2=None, backend="torch
     return out.to(images.dtype), centred[which]
 
 
-def frequency_loss(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None, *,
-                   focal_alpha: float | None = None) -> torch.Tensor:
+def frequency_loss(
+    pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None, *, focal_alpha: float | None = None
+) -> torch.Tensor:
     """Mean magnitude of the ortho-FFT difference over the masked frequencies (pooled over the batch).
 
     keep: (N, H, W) centred layout, 1 = kept by the corruption; None = plain mean over all.
@@ -178,7 +192,7 @@ class _FrequencyLoss(torch.autograd.Function):
             d = _magnitude(z)
             m = None if keep is None else _half_removed(keep, w)[:, None]
             if focal_alpha is not None:
-                f = d ** focal_alpha
+                f = d**focal_alpha
                 f.div_(f.amax(dim=(-2, -1), keepdim=True).clamp_min_(1e-12))
                 m = f if m is None else f.mul_(m)
             if m is None:

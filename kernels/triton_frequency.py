@@ -10,6 +10,7 @@ Each program takes ROWS whole spectrum rows (flattened (n, c, u)), so divisions 
 happen once per row; per element there are only adds and compares. Integer division per
 element would make these kernels compute-bound instead of bandwidth-bound.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,8 +45,9 @@ def _removed_share(keep_ptr, rows, v, valid, C, H, W):
 
 
 @triton.jit
-def _masked_magnitude_sum_kernel(z_ptr, keep_ptr, partial_ptr, n_rows, C, H, W, WH,
-                                 HAS_KEEP: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _masked_magnitude_sum_kernel(
+    z_ptr, keep_ptr, partial_ptr, n_rows, C, H, W, WH, HAS_KEEP: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr
+):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     v = tl.arange(0, COLS)
@@ -61,8 +63,20 @@ def _masked_magnitude_sum_kernel(z_ptr, keep_ptr, partial_ptr, n_rows, C, H, W, 
 
 
 @triton.jit
-def _loss_grad_kernel(z_ptr, keep_ptr, scale_ptr, g_ptr, n_rows, C, H, W, WH,
-                      HAS_KEEP: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _loss_grad_kernel(
+    z_ptr,
+    keep_ptr,
+    scale_ptr,
+    g_ptr,
+    n_rows,
+    C,
+    H,
+    W,
+    WH,
+    HAS_KEEP: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     v = tl.arange(0, COLS)
@@ -77,8 +91,7 @@ def _loss_grad_kernel(z_ptr, keep_ptr, scale_ptr, g_ptr, n_rows, C, H, W, WH,
 
 
 @triton.jit
-def _mask_spectrum_kernel(z_ptr, low_ptr, which_ptr, n_rows, C, H, WH,
-                          ROWS: tl.constexpr, COLS: tl.constexpr):
+def _mask_spectrum_kernel(z_ptr, low_ptr, which_ptr, n_rows, C, H, WH, ROWS: tl.constexpr, COLS: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     v = tl.arange(0, COLS)
@@ -125,7 +138,8 @@ def mask_spectrum_(z: torch.Tensor, low_half: torch.Tensor, which: torch.Tensor)
     _, c, h, wh = z.shape
     zf, n_rows, rows, cols, warps = _layout(z)
     _mask_spectrum_kernel[(triton.cdiv(n_rows, rows),)](
-        zf, low_half.contiguous(), which.contiguous(), n_rows, c, h, wh, ROWS=rows, COLS=cols, num_warps=warps)
+        zf, low_half.contiguous(), which.contiguous(), n_rows, c, h, wh, ROWS=rows, COLS=cols, num_warps=warps
+    )
     return z
 
 
@@ -136,8 +150,9 @@ def masked_magnitude_sum(z: torch.Tensor, keep: torch.Tensor | None, width: int)
     grid = triton.cdiv(n_rows, rows)
     partial = torch.empty(grid, device=z.device, dtype=torch.float32)
     keep_arg = _keep_arg(keep, zf)
-    _masked_magnitude_sum_kernel[(grid,)](zf, keep_arg, partial, n_rows, c, h, width, wh,
-                                          HAS_KEEP=keep is not None, ROWS=rows, COLS=cols, num_warps=warps)
+    _masked_magnitude_sum_kernel[(grid,)](
+        zf, keep_arg, partial, n_rows, c, h, width, wh, HAS_KEEP=keep is not None, ROWS=rows, COLS=cols, num_warps=warps
+    )
     return partial.sum()
 
 
@@ -148,6 +163,18 @@ def loss_grad(z: torch.Tensor, keep: torch.Tensor | None, width: int, scale: tor
     g = torch.empty_like(z)
     keep_arg = _keep_arg(keep, zf)
     _loss_grad_kernel[(triton.cdiv(n_rows, rows),)](
-        zf, keep_arg, scale.reshape(1).float().contiguous(), torch.view_as_real(g), n_rows, c, h, width, wh,
-        HAS_KEEP=keep is not None, ROWS=rows, COLS=cols, num_warps=warps)
+        zf,
+        keep_arg,
+        scale.reshape(1).float().contiguous(),
+        torch.view_as_real(g),
+        n_rows,
+        c,
+        h,
+        width,
+        wh,
+        HAS_KEEP=keep is not None,
+        ROWS=rows,
+        COLS=cols,
+        num_warps=warps,
+    )
     return g

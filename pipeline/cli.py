@@ -1,5 +1,6 @@
 """The `mfm` command. Each subcommand lives with its stage and is imported only when used,
 so `mfm --help` stays fast and a stage's heavy dependencies load only for that stage."""
+
 from __future__ import annotations
 
 import importlib
@@ -12,12 +13,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample-data": ("pipeline.sample_data:cli", "build a small ImageNet-format dataset from offline photos"),
     "shard": ("pipeline.sharding.cli:cli", "shard a dataset into WebDataset tars; `mfm shard verify URL`"),
     "pretrain": ("pipeline.training.launcher:cli", "MFM pretraining with DeepSpeed"),
-    "finetune": ("pipeline.finetune:cli", "fine-tune a pretrained encoder into a classifier (DeepSpeed) -> export, metrics.json"),
+    "finetune": (
+        "pipeline.finetune:cli",
+        "fine-tune a pretrained encoder into a classifier (DeepSpeed) -> export, metrics.json",
+    ),
     "bench": ("pipeline.benchmarks:cli", "benchmarks: mfm bench {kernels,data,shard,train}"),
     "registry": ("pipeline.registry:cli", "model registry: mfm registry {list,show,register,promote}"),
     "pull": ("pipeline.registry:pull_cli", "download a registered model, verified: mfm pull NAME@ALIAS --dest DIR"),
     "evaluate": ("pipeline.evaluation:cli", "top-1/5, corruption robustness, k-NN, linear probe -> metrics.json"),
-    "experiment": ("pipeline.experiment:cli", "mfm experiment pretext-comparison: pretexts vs random init on Fashion-MNIST -> table, plot"),
+    "experiment": (
+        "pipeline.experiment:cli",
+        "mfm experiment pretext-comparison: pretexts vs random init on Fashion-MNIST -> table, plot",
+    ),
     # A string, resolved only when run: pipeline does not import flows/.
     "deploy": ("flows.deploy:cli", "Prefect deployments on a work pool: mfm deploy [--pool NAME] [--kubernetes]"),
 }

@@ -3,6 +3,7 @@
 A config is built as: defaults <- preset YAML (which may `extends:` another preset) <- `--set
 key=value` overrides, then validated once. Errors name the dotted key that is wrong.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,7 +61,9 @@ class CorruptionConfig(Section):
     @model_validator(mode="after")
     def _check(self):
         if self.radius2 is not None and self.radius2 <= self.radius:
-            raise ValueError(f"corruption.radius2 ({self.radius2}) must be larger than corruption.radius ({self.radius})")
+            raise ValueError(
+                f"corruption.radius2 ({self.radius2}) must be larger than corruption.radius ({self.radius})"
+            )
         bad = [k for k in self.blur_kernel_sizes if k < 1 or k % 2 == 0]
         if bad or not self.blur_kernel_sizes:
             raise ValueError(f"corruption.blur_kernel_sizes must be odd positive sizes, got {self.blur_kernel_sizes}")
@@ -144,8 +147,10 @@ class FinetuneConfig(Section):
     @model_validator(mode="after")
     def _check(self):
         if self.recipe == "resnet" and self.layer_decay not in (None, 1.0):
-            raise ValueError(f"finetune.layer_decay ({self.layer_decay}) is for the vit recipe; "
-                             "set finetune.layer_decay=null with finetune.recipe=resnet")
+            raise ValueError(
+                f"finetune.layer_decay ({self.layer_decay}) is for the vit recipe; "
+                "set finetune.layer_decay=null with finetune.recipe=resnet"
+            )
         return self
 
 
@@ -164,9 +169,13 @@ class Config(Section):
         if stride is not None and size % stride:
             raise ValueError(f"model.img_size ({size}) must be divisible by the encoder stride ({stride})")
         if 2 * self.corruption.radius > size:
-            raise ValueError(f"corruption.radius ({self.corruption.radius}) must be at most half of model.img_size ({size})")
+            raise ValueError(
+                f"corruption.radius ({self.corruption.radius}) must be at most half of model.img_size ({size})"
+            )
         if self.corruption.kind == "sr" and size % self.corruption.sr_factor:
-            raise ValueError(f"model.img_size ({size}) must be divisible by corruption.sr_factor ({self.corruption.sr_factor})")
+            raise ValueError(
+                f"model.img_size ({size}) must be divisible by corruption.sr_factor ({self.corruption.sr_factor})"
+            )
         if self.optim.warmup_epochs > self.optim.epochs:
             raise ValueError("optim.warmup_epochs must not exceed optim.epochs")
         return self

@@ -6,6 +6,7 @@
 Random draws come from `generator` (a CPU torch.Generator) so that a seed reproduces a batch
 on any device.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,8 +47,9 @@ def super_resolution(images, cfg: CorruptionConfig, generator=None):
     """Bicubic down by sr_factor and back up, clamped after each step. Downsampling is
     antialiased, as an image library's bicubic resize is."""
     h, w = images.shape[-2:]
-    small = F.interpolate(images, size=(h // cfg.sr_factor, w // cfg.sr_factor), mode="bicubic",
-                          align_corners=False, antialias=True).clamp(0, 1)
+    small = F.interpolate(
+        images, size=(h // cfg.sr_factor, w // cfg.sr_factor), mode="bicubic", align_corners=False, antialias=True
+    ).clamp(0, 1)
     return F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1), None
 
 

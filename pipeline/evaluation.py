@@ -5,6 +5,7 @@ the CLI feeds `pipeline.data.build_eval_loader`. Images may be uint8 `(N, 3, H, 
 normalised with the model's mean/std (the batch contract); corruptions always act on uint8 HWC
 pixels before normalisation, as in ImageNet-C. Results go to `metrics.json` beside the checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ import datetime as dt
 import json
 import math
 import sys
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
     kmax = min(max(ks), logits.shape[1])
     top = logits.topk(kmax, dim=1).indices  # ties broken by topk, as every ImageNet script does
     hits = top == labels.to(top.device).view(-1, 1)
-    return {k: int(hits[:, :min(k, kmax)].any(dim=1).sum()) for k in ks}
+    return {k: int(hits[:, : min(k, kmax)].any(dim=1).sum()) for k in ks}
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -106,8 +107,10 @@ def parse_corruptions(spec: str | Sequence[str] | None) -> list[str]:
         names = ALL_CORRUPTIONS if item == "all" else CORRUPTION_FAMILIES.get(item, (item,))
         for name in names:
             if name not in ALL_CORRUPTIONS + EXTRA_CORRUPTIONS:
-                raise ValueError(f"unknown corruption {name!r}; use all, none, "
-                                 f"{', '.join(CORRUPTION_FAMILIES)} or one of {', '.join(ALL_CORRUPTIONS + EXTRA_CORRUPTIONS)}")
+                raise ValueError(
+                    f"unknown corruption {name!r}; use all, none, "
+                    f"{', '.join(CORRUPTION_FAMILIES)} or one of {', '.join(ALL_CORRUPTIONS + EXTRA_CORRUPTIONS)}"
+                )
             if name not in out:
                 out.append(name)
     return out
@@ -148,8 +151,15 @@ def _batches_on(batches: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
 @torch.no_grad()
-def evaluate_classifier(classify: Classifier, batches: Batches, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                        device: str | torch.device = "cpu", ks=(1, 5)) -> dict:
+def evaluate_classifier(
+    classify: Classifier,
+    batches: Batches,
+    *,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    device: str | torch.device = "cpu",
+    ks=(1, 5),
+) -> dict:
     """Top-k accuracy of `classify` (normalised images -> logits) over labelled batches."""
     tally = Tally(tuple(ks))
     for images, labels in _batches_on(batches):
@@ -159,9 +169,18 @@ def evaluate_classifier(classify: Classifier, batches: Batches, *, mean=IMAGENET
 
 
 @torch.no_grad()
-def evaluate_robustness(classify: Classifier, batches: Batches, corruptions: Sequence[str], severities: Sequence[int],
-                        *, mean=IMAGENET_MEAN, std=IMAGENET_STD, device: str | torch.device = "cpu",
-                        seed: int = 0, ks=(1, 5)) -> dict:
+def evaluate_robustness(
+    classify: Classifier,
+    batches: Batches,
+    corruptions: Sequence[str],
+    severities: Sequence[int],
+    *,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    ks=(1, 5),
+) -> dict:
     """Clean accuracy and accuracy under each corruption and severity, in one pass over the data
     (the data is read once; every corrupted copy is made from the batch in memory)."""
     clean = Tally(tuple(ks))
@@ -186,8 +205,11 @@ def summarize_robustness(results: dict[tuple[str, int], dict], clean: dict | Non
     for (c, s), r in sorted(results.items()):
         table.setdefault(c, {})[str(s)] = {k: v for k, v in r.items() if k.startswith("top")}
     per_corruption = {c: _mean(v["top1"] for v in sev.values()) for c, sev in table.items()}
-    per_family = {f: _mean(per_corruption[c] for c in names if c in per_corruption)
-                  for f, names in CORRUPTION_FAMILIES.items() if any(c in per_corruption for c in names)}
+    per_family = {
+        f: _mean(per_corruption[c] for c in names if c in per_corruption)
+        for f, names in CORRUPTION_FAMILIES.items()
+        if any(c in per_corruption for c in names)
+    }
     mean_top1 = _mean(r["top1"] for r in results.values())
     out = {
         "severities": sorted({s for _, s in results}),
@@ -220,8 +242,14 @@ def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module | Callable, batches: Batches, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                     device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    model: nn.Module | Callable,
+    batches: Batches,
+    *,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D) float32 CPU, labels (N,)) of a frozen feature extractor.
 
     A batch of 2-D float tensors is taken as features already (tests, cached features)."""
@@ -239,8 +267,16 @@ def extract_features(model: nn.Module | Callable, batches: Batches, *, mean=IMAG
     return torch.cat(feats), torch.cat(labels_out)
 
 
-def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, *, k: int = 20,
-               temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> torch.Tensor:
+def knn_scores(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """(Nq, C) class votes: cosine similarity to the k nearest training features, each neighbour
     voting exp(sim / T) for its class (DINO's weighted k-NN)."""
     num_classes = num_classes or int(train_labels.max()) + 1
@@ -248,7 +284,7 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query: tor
     k = min(k, len(train))
     out = []
     for start in range(0, len(query), chunk):
-        q = nn.functional.normalize(query[start:start + chunk].float(), dim=1)
+        q = nn.functional.normalize(query[start : start + chunk].float(), dim=1)
         sim, idx = (q @ train.T).topk(k, dim=1)
         weights = (sim / temperature).exp()
         votes = torch.zeros(len(q), num_classes)
@@ -257,8 +293,16 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query: tor
     return torch.cat(out)
 
 
-def knn_eval(train_feats, train_labels, val_feats, val_labels, *, k: int = 20, temperature: float = 0.07,
-             num_classes: int | None = None) -> dict:
+def knn_eval(
+    train_feats,
+    train_labels,
+    val_feats,
+    val_labels,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+) -> dict:
     num_classes = num_classes or int(max(train_labels.max(), val_labels.max())) + 1
     scores = knn_scores(train_feats, train_labels, val_feats, k=k, temperature=temperature, num_classes=num_classes)
     return {**accuracy(scores, val_labels), "k": k, "temperature": temperature, "num_samples": len(val_labels)}
@@ -278,9 +322,17 @@ class LinearProbe(nn.Module):
         return self.linear((feats - self.mean) / self.std)
 
 
-def train_linear_probe(feats: torch.Tensor, labels: torch.Tensor, *, num_classes: int | None = None,
-                       epochs: int = 20, lr: float = 1e-2, weight_decay: float = 1e-4, batch_size: int = 256,
-                       seed: int = 0) -> LinearProbe:
+def train_linear_probe(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int | None = None,
+    epochs: int = 20,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> LinearProbe:
     num_classes = num_classes or int(labels.max()) + 1
     feats, labels = feats.float(), labels.long()
     probe = LinearProbe(feats.mean(0), feats.std(0).clamp_min(1e-6), num_classes)
@@ -291,7 +343,7 @@ def train_linear_probe(feats: torch.Tensor, labels: torch.Tensor, *, num_classes
     for _ in range(epochs):
         order = torch.randperm(len(feats), generator=gen)
         for start in range(0, len(feats), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             loss = nn.functional.cross_entropy(probe(feats[idx]), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -300,8 +352,9 @@ def train_linear_probe(feats: torch.Tensor, labels: torch.Tensor, *, num_classes
     return probe.eval()
 
 
-def linear_probe_eval(train_feats, train_labels, val_feats, val_labels, *, num_classes: int | None = None,
-                      epochs: int = 20, **kwargs) -> tuple[dict, LinearProbe]:
+def linear_probe_eval(
+    train_feats, train_labels, val_feats, val_labels, *, num_classes: int | None = None, epochs: int = 20, **kwargs
+) -> tuple[dict, LinearProbe]:
     num_classes = num_classes or int(max(train_labels.max(), val_labels.max())) + 1
     probe = train_linear_probe(train_feats, train_labels, num_classes=num_classes, epochs=epochs, **kwargs)
     with torch.no_grad():
@@ -322,9 +375,16 @@ class EvalOptions:
     seed: int = 0
 
 
-def evaluate_model(model: nn.Module, val: Callable[[], Batches], train: Callable[[], Batches] | None = None,
-                   options: EvalOptions | None = None, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   device: str | torch.device = "cpu") -> dict:
+def evaluate_model(
+    model: nn.Module,
+    val: Callable[[], Batches],
+    train: Callable[[], Batches] | None = None,
+    options: EvalOptions | None = None,
+    *,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    device: str | torch.device = "cpu",
+) -> dict:
     """All metrics of a model. `val`/`train` are callables returning a fresh iterable (the val
     data is read once, or twice for an encoder scored under corruptions). A classifier
     (num_classes > 0) is scored with its head; an encoder needs `train` and is scored with a
@@ -338,23 +398,41 @@ def evaluate_model(model: nn.Module, val: Callable[[], Batches], train: Callable
         train_f, train_y = extract_features(model, train(), mean=mean, std=std, device=device)
         val_f, val_y = extract_features(model, val(), mean=mean, std=std, device=device)
         num_classes = int(max(train_y.max(), val_y.max())) + 1
-        metrics["knn"] = knn_eval(train_f, train_y, val_f, val_y, k=options.knn_k,
-                                  temperature=options.knn_temperature, num_classes=num_classes)
-        metrics["linear_probe"], probe = linear_probe_eval(train_f, train_y, val_f, val_y, num_classes=num_classes,
-                                                           epochs=options.probe_epochs, seed=options.seed)
+        metrics["knn"] = knn_eval(
+            train_f,
+            train_y,
+            val_f,
+            val_y,
+            k=options.knn_k,
+            temperature=options.knn_temperature,
+            num_classes=num_classes,
+        )
+        metrics["linear_probe"], probe = linear_probe_eval(
+            train_f, train_y, val_f, val_y, num_classes=num_classes, epochs=options.probe_epochs, seed=options.seed
+        )
         if not has_head:
             probe = probe.to(device)
             classify = lambda x: probe(pooled_features(model, x))  # noqa: E731
     elif not has_head:
-        raise ValueError("the model has no classifier head (an encoder export): give training data for "
-                         "k-NN and a linear probe, which then also scores clean and corrupted accuracy")
+        raise ValueError(
+            "the model has no classifier head (an encoder export): give training data for "
+            "k-NN and a linear probe, which then also scores clean and corrupted accuracy"
+        )
     metrics["classifier"] = "head" if has_head else "linear_probe"
     if train is not None and not has_head and not options.corruptions:
         # clean accuracy of the probe is the probe's score on the features already extracted
         result = {"clean": {k: metrics["linear_probe"][k] for k in ("top1", "top5", "num_samples")}}
     else:
-        result = evaluate_robustness(classify, val(), options.corruptions, options.severities, mean=mean,
-                                     std=std, device=device, seed=options.seed)
+        result = evaluate_robustness(
+            classify,
+            val(),
+            options.corruptions,
+            options.severities,
+            mean=mean,
+            std=std,
+            device=device,
+            seed=options.seed,
+        )
     clean = result.pop("clean")
     metrics.update(top1=clean["top1"], top5=clean["top5"], num_samples=clean["num_samples"], **result)
     return metrics
@@ -365,9 +443,13 @@ def metrics_table(metrics: dict) -> list[dict]:
     from pipeline.registry import flatten_metrics
 
     skip = ("robustness.corruptions.",)
-    return [{"metric": k, "value": round(v, 6)} for k, v in flatten_metrics(metrics).items() if not k.startswith(skip)] + [
+    return [
+        {"metric": k, "value": round(v, 6)} for k, v in flatten_metrics(metrics).items() if not k.startswith(skip)
+    ] + [
         {"metric": f"{c}@{s}", "value": round(r["top1"], 6)}
-        for c, sev in metrics.get("robustness", {}).get("corruptions", {}).items() for s, r in sev.items()]
+        for c, sev in metrics.get("robustness", {}).get("corruptions", {}).items()
+        for s, r in sev.items()
+    ]
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -386,14 +468,28 @@ def _limited(make: Callable[[], Batches], max_batches: int | None) -> Callable[[
             if i >= max_batches:
                 return
             yield batch
+
     return limited
 
 
-def run(model: str, data: str, *, train_data: str | None = None, corruptions: str = "all",
-        severities: str = "1,2,3,4,5", out: str | None = None, registry: str | None = None,
-        batch_size: int = 64, device: str | None = None, preset: str | None = None,
-        overrides: Sequence[str] = (), max_batches: int | None = None, knn_k: int = 20,
-        probe_epochs: int = 20, seed: int = 0) -> tuple[dict, str]:
+def run(
+    model: str,
+    data: str,
+    *,
+    train_data: str | None = None,
+    corruptions: str = "all",
+    severities: str = "1,2,3,4,5",
+    out: str | None = None,
+    registry: str | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+    preset: str | None = None,
+    overrides: Sequence[str] = (),
+    max_batches: int | None = None,
+    knn_k: int = 20,
+    probe_epochs: int = 20,
+    seed: int = 0,
+) -> tuple[dict, str]:
     """What `mfm evaluate` and the `mfm-evaluate` flow do: (metrics, URL written)."""
     import tempfile
     from pathlib import Path
@@ -423,20 +519,35 @@ def run(model: str, data: str, *, train_data: str | None = None, corruptions: st
     try:
         from pipeline.data import build_eval_loader
     except ImportError as e:
-        raise RuntimeError(f"pipeline.data.build_eval_loader is not available ({e}); "
-                           "evaluate from Python with pipeline.evaluation.evaluate_model and your own batches") from None
+        raise RuntimeError(
+            f"pipeline.data.build_eval_loader is not available ({e}); "
+            "evaluate from Python with pipeline.evaluation.evaluate_model and your own batches"
+        ) from None
 
     def loader(url: str) -> Callable[[], Batches]:
-        return _limited(lambda: build_eval_loader(cfg, url, rank=0, world_size=1, batch_size=batch_size,
-                                                  device=device), max_batches)
+        return _limited(
+            lambda: build_eval_loader(cfg, url, rank=0, world_size=1, batch_size=batch_size, device=device), max_batches
+        )
 
-    options = EvalOptions(corruptions=parse_corruptions(corruptions), severities=parse_severities(severities),
-                          knn_k=knn_k, probe_epochs=probe_epochs, seed=seed)
-    metrics = evaluate_model(net, loader(data), loader(train_data) if train_data else None, options,
-                             mean=mean, std=std, device=device)
-    metrics = {"format_version": METRICS_FORMAT_VERSION, "model": source, "data": data, "train_data": train_data,
-               **metrics, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "code": code_version()}
+    options = EvalOptions(
+        corruptions=parse_corruptions(corruptions),
+        severities=parse_severities(severities),
+        knn_k=knn_k,
+        probe_epochs=probe_epochs,
+        seed=seed,
+    )
+    metrics = evaluate_model(
+        net, loader(data), loader(train_data) if train_data else None, options, mean=mean, std=std, device=device
+    )
+    metrics = {
+        "format_version": METRICS_FORMAT_VERSION,
+        "model": source,
+        "data": data,
+        "train_data": train_data,
+        **metrics,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "code": code_version(),
+    }
     storage.write_bytes(out, (json.dumps(metrics, indent=2) + "\n").encode(), store)
     return metrics, out
 
@@ -462,11 +573,23 @@ def cli(argv: list[str]) -> int:
     from pipeline.registry import RegistryError
 
     try:
-        metrics, out = run(args.model, args.data, train_data=args.train_data, corruptions=args.corruptions,
-                           severities=args.severities, out=args.out, registry=args.registry,
-                           batch_size=args.batch_size, device=args.device, preset=args.preset,
-                           overrides=args.overrides, max_batches=args.max_batches, knn_k=args.knn_k,
-                           probe_epochs=args.probe_epochs, seed=args.seed)
+        metrics, out = run(
+            args.model,
+            args.data,
+            train_data=args.train_data,
+            corruptions=args.corruptions,
+            severities=args.severities,
+            out=args.out,
+            registry=args.registry,
+            batch_size=args.batch_size,
+            device=args.device,
+            preset=args.preset,
+            overrides=args.overrides,
+            max_batches=args.max_batches,
+            knn_k=args.knn_k,
+            probe_epochs=args.probe_epochs,
+            seed=args.seed,
+        )
     except (RegistryError, ValueError, RuntimeError) as e:
         print(f"mfm evaluate: {e}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ evaluate. The outcome is a table (markdown) and a plot, mean and spread over the
 Resumable: each run leaves `<out>/results/<run>.json`; a rerun skips runs whose file exists,
 and an interrupted pretraining or fine-tune resumes from its newest checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,8 +112,9 @@ def prepare_data(s: Settings) -> dict:
         if all(storage.exists(str(shards / sp / "manifest.json")) for sp in splits.split(",")):
             return str(shards)  # sample data is deterministic: a committed manifest is current
         src = root / "data" / name
-        summary = sample_data.build(str(src), per_class=per_class, per_class_val=per_class_val, size=32,
-                                    source="fashion-mnist")
+        summary = sample_data.build(
+            str(src), per_class=per_class, per_class_val=per_class_val, size=32, source="fashion-mnist"
+        )
         shard_dataset(summary["folder"], str(shards), splits=splits, progress=False)
         return str(shards)
 
@@ -128,8 +130,12 @@ def prepare_data(s: Settings) -> dict:
 
 
 def _model_overrides(s: Settings) -> list[str]:
-    return [f"model.name={s.model}", "model.img_size=32", f"model.patch_size={s.patch_size}",
-            f"model.timm_kwargs={json.dumps(s.timm_kwargs)}"]
+    return [
+        f"model.name={s.model}",
+        "model.img_size=32",
+        f"model.patch_size={s.patch_size}",
+        f"model.timm_kwargs={json.dumps(s.timm_kwargs)}",
+    ]
 
 
 def _schedule(steps: int, samples: int, batch: int) -> list[str]:
@@ -152,14 +158,25 @@ def pretrain(s: Settings, data: dict, pretext: str, seed: int) -> dict:
 
     run_dir = str(Path(s.out).resolve() / "runs" / f"pretrain-{pretext}-s{seed}")
     kind = "mfm" if pretext == RANDOM else pretext
-    overrides = [*_model_overrides(s), f"corruption.kind={kind}",
-                 *[f"{k}={json.dumps(v)}" for k, v in CORRUPTION_32PX.items()],
-                 f"data.train={data['train']}", f"data.val={data['test']}", "data.backend=torch",
-                 f"data.workers={s.workers}", f"data.batch_size={s.pretrain_batch}", f"train.run_dir={run_dir}",
-                 f"train.seed={seed}", f"train.checkpoint_every={max(50, s.pretrain_steps // 3)}",
-                 "train.keep_last=1", f"train.picture_every={s.pretrain_steps}", "train.log_every=25",
-                 f"optim.lr_base_batch={s.pretrain_batch}",
-                 *_schedule(s.pretrain_steps, 10 * s.per_class, s.pretrain_batch), *s.pretrain_set]
+    overrides = [
+        *_model_overrides(s),
+        f"corruption.kind={kind}",
+        *[f"{k}={json.dumps(v)}" for k, v in CORRUPTION_32PX.items()],
+        f"data.train={data['train']}",
+        f"data.val={data['test']}",
+        "data.backend=torch",
+        f"data.workers={s.workers}",
+        f"data.batch_size={s.pretrain_batch}",
+        f"train.run_dir={run_dir}",
+        f"train.seed={seed}",
+        f"train.checkpoint_every={max(50, s.pretrain_steps // 3)}",
+        "train.keep_last=1",
+        f"train.picture_every={s.pretrain_steps}",
+        "train.log_every=25",
+        f"optim.lr_base_batch={s.pretrain_batch}",
+        *_schedule(s.pretrain_steps, 10 * s.per_class, s.pretrain_batch),
+        *s.pretrain_set,
+    ]
     cfg = load_config("tiny_cpu", overrides)
     if pretext == RANDOM:
         export = random_init_export(cfg, run_dir)
@@ -169,10 +186,16 @@ def pretrain(s: Settings, data: dict, pretext: str, seed: int) -> dict:
         export = launch(cfg).export
         if not export:
             raise RuntimeError(f"{run_dir}: pretraining finished without an export")
-    ref = _registry(s).register(f"pretext-comparison-{pretext}-s{seed}", export,
-                                data_manifest_url=storage.join(data["train"], "manifest.json"))
-    return {"ref": str(ref), "export": export, "steps": 0 if pretext == RANDOM else s.pretrain_steps,
-            "registry": _registry(s).url, "run_dir": run_dir}
+    ref = _registry(s).register(
+        f"pretext-comparison-{pretext}-s{seed}", export, data_manifest_url=storage.join(data["train"], "manifest.json")
+    )
+    return {
+        "ref": str(ref),
+        "export": export,
+        "steps": 0 if pretext == RANDOM else s.pretrain_steps,
+        "registry": _registry(s).url,
+        "run_dir": run_dir,
+    }
 
 
 def random_init_export(cfg, run_dir: str) -> str:
@@ -196,10 +219,21 @@ def frozen_eval(s: Settings, data: dict, ref: str, out: str) -> dict:
     from pipeline.evaluation import run
 
     train = data["labelled"][max(s.fractions)]
-    metrics, _ = run(ref, data["test"], train_data=train, corruptions="none", out=out,
-                     registry=_registry(s).url, batch_size=128, device="cpu", preset="tiny_cpu",
-                     overrides=["data.backend=torch", "data.workers=0"], knn_k=s.knn_k,
-                     probe_epochs=s.probe_epochs, seed=0)
+    metrics, _ = run(
+        ref,
+        data["test"],
+        train_data=train,
+        corruptions="none",
+        out=out,
+        registry=_registry(s).url,
+        batch_size=128,
+        device="cpu",
+        preset="tiny_cpu",
+        overrides=["data.backend=torch", "data.workers=0"],
+        knn_k=s.knn_k,
+        probe_epochs=s.probe_epochs,
+        seed=0,
+    )
     return metrics
 
 
@@ -210,15 +244,30 @@ def finetune(s: Settings, data: dict, pretext: str, seed: int, ref: str, fractio
     n = labels_per_class(s, fraction)
     run_dir = str(Path(s.out).resolve() / "runs" / f"finetune-{pretext}-s{seed}-{_pct(fraction)}")
     batch = min(s.finetune_batch, 2 * (10 * n // 2))  # mixup pairs samples: an even batch the subset fills
-    overrides = [f"finetune.init={ref}", f"finetune.registry={_registry(s).url}",
-                 f"data.train={data['labelled'][fraction]}", f"data.val={data['test']}", "data.backend=torch",
-                 f"data.workers={s.workers}", f"data.batch_size={batch}", f"train.run_dir={run_dir}",
-                 f"train.seed={seed}", f"train.checkpoint_every={max(50, s.finetune_steps // 2)}", "train.keep_last=1",
-                 "train.log_every=25", f"optim.lr_base_batch={batch}", *_schedule(s.finetune_steps, 10 * n, batch),
-                 *[f"{k}={json.dumps(v)}" for k, v in FINETUNE_MINIATURE.items()], *s.finetune_set]
+    overrides = [
+        f"finetune.init={ref}",
+        f"finetune.registry={_registry(s).url}",
+        f"data.train={data['labelled'][fraction]}",
+        f"data.val={data['test']}",
+        "data.backend=torch",
+        f"data.workers={s.workers}",
+        f"data.batch_size={batch}",
+        f"train.run_dir={run_dir}",
+        f"train.seed={seed}",
+        f"train.checkpoint_every={max(50, s.finetune_steps // 2)}",
+        "train.keep_last=1",
+        "train.log_every=25",
+        f"optim.lr_base_batch={batch}",
+        *_schedule(s.finetune_steps, 10 * n, batch),
+        *[f"{k}={json.dumps(v)}" for k, v in FINETUNE_MINIATURE.items()],
+        *s.finetune_set,
+    ]
     result = launch(load_config("finetune_tiny_cpu", overrides))
     return {k: result.metrics[k] for k in ("top1", "top5", "num_samples")} | {
-        "run_dir": run_dir, "labels_per_class": n, "batch_size": batch}
+        "run_dir": run_dir,
+        "labels_per_class": n,
+        "batch_size": batch,
+    }
 
 
 def _pct(fraction: float) -> str:
@@ -252,8 +301,9 @@ def _check_settings(s: Settings) -> None:
         default = Settings().result_keys()  # a setting added later counts as its default in older results
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k, default.get(k)))
         if diff:
-            raise ValueError(f"{s.out} holds results made with other settings ({', '.join(diff)}): "
-                             "use another --out or remove it")
+            raise ValueError(
+                f"{s.out} holds results made with other settings ({', '.join(diff)}): use another --out or remove it"
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(want, indent=1) + "\n")
 
@@ -268,11 +318,17 @@ def run_experiment(s: Settings, command: str | None = None) -> dict:
     for seed in s.seeds:
         for arm in arms(s):
             pre = _once(res / f"pretrain-{arm}-s{seed}.json", lambda: pretrain(s, data, arm, seed))
-            _once(res / f"frozen-{arm}-s{seed}.json",
-                  lambda: frozen_eval(s, data, pre["ref"], str(Path(s.out).resolve() / "runs" / f"frozen-{arm}-s{seed}.json")))
+            _once(
+                res / f"frozen-{arm}-s{seed}.json",
+                lambda: frozen_eval(
+                    s, data, pre["ref"], str(Path(s.out).resolve() / "runs" / f"frozen-{arm}-s{seed}.json")
+                ),
+            )
             for frac in s.fractions:
-                _once(res / f"finetune-{arm}-s{seed}-{_pct(frac)}.json",
-                      lambda: finetune(s, data, arm, seed, pre["ref"], frac))
+                _once(
+                    res / f"finetune-{arm}-s{seed}-{_pct(frac)}.json",
+                    lambda: finetune(s, data, arm, seed, pre["ref"], frac),
+                )
     summary = summarize(s)
     write_report(s, summary, command)
     return summary
@@ -282,8 +338,12 @@ def run_experiment(s: Settings, command: str | None = None) -> dict:
 
 
 def _mean_sd(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "values": values}
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+        "values": values,
+    }
 
 
 def summarize(s: Settings) -> dict:
@@ -293,8 +353,10 @@ def summarize(s: Settings) -> dict:
     for arm in arms(s):
         row: dict = {}
         for frac in s.fractions:
-            vals = [100 * json.loads((res / f"finetune-{arm}-s{seed}-{_pct(frac)}.json").read_text())["top1"]
-                    for seed in s.seeds]
+            vals = [
+                100 * json.loads((res / f"finetune-{arm}-s{seed}-{_pct(frac)}.json").read_text())["top1"]
+                for seed in s.seeds
+            ]
             row[f"finetune_{_pct(frac)}"] = _mean_sd(vals)
         frozen = [json.loads((res / f"frozen-{arm}-s{seed}.json").read_text()) for seed in s.seeds]
         row["knn"] = _mean_sd([100 * m["knn"]["top1"] for m in frozen])
@@ -306,38 +368,53 @@ def summarize(s: Settings) -> dict:
 def _columns(s: Settings) -> list[tuple[str, str]]:
     cols = [(f"finetune_{_pct(f)}", f"fine-tune, {f * 100:g}% labels") for f in s.fractions]
     big = max(s.fractions)
-    return cols + [("knn", f"k-NN (k={s.knn_k}, {big * 100:g}% labels)"),
-                   ("linear_probe", f"linear probe ({big * 100:g}% labels)")]
+    return cols + [
+        ("knn", f"k-NN (k={s.knn_k}, {big * 100:g}% labels)"),
+        ("linear_probe", f"linear probe ({big * 100:g}% labels)"),
+    ]
 
 
 def markdown(s: Settings, summary: dict, command: str | None) -> str:
     cols = _columns(s)
-    lines = ["# Pretext comparison (miniature of the MFM paper's Table 2)", "",
-             f"Test top-1 (%) on {10 * s.per_class_test:,} Fashion-MNIST test images, mean ± standard deviation over "
-             f"seeds {', '.join(map(str, s.seeds))} (n = {len(s.seeds)}).", "",
-             "| pretraining | " + " | ".join(label for _, label in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
+    lines = [
+        "# Pretext comparison (miniature of the MFM paper's Table 2)",
+        "",
+        f"Test top-1 (%) on {10 * s.per_class_test:,} Fashion-MNIST test images, mean ± standard deviation over "
+        f"seeds {', '.join(map(str, s.seeds))} (n = {len(s.seeds)}).",
+        "",
+        "| pretraining | " + " | ".join(label for _, label in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
     for arm, row in summary.items():
         name = "none (random init)" if arm == RANDOM else arm
         lines.append(f"| {name} | " + " | ".join(f"{row[k]['mean']:.1f} ± {row[k]['sd']:.1f}" for k, _ in cols) + " |")
     tk = s.timm_kwargs
-    lines += ["", "## How it was made", "", "```bash", command or command_line(s), "```", "",
-              f"- data: Fashion-MNIST via `mfm sample-data` at 32 px; pretraining on {10 * s.per_class} unlabelled "
-              f"training images, evaluation on {10 * s.per_class_test} test images; label subsets = the first "
-              + ", ".join(f"{labels_per_class(s, f)}" for f in s.fractions)
-              + " images per class (class-balanced, deterministic, contained in the pretraining set).",
-              f"- encoder: `{s.model}` with img_size 32, patch {s.patch_size}, "
-              f"{', '.join(f'{k} {v}' for k, v in tk.items())}.",
-              f"- pretraining: preset `tiny_cpu`, {s.pretrain_steps} steps at batch {s.pretrain_batch} per pretext "
-              f"and seed (DeepSpeed, `mfm pretrain`'s launcher); corruptions at 32 px: {json.dumps(CORRUPTION_32PX)}.",
-              f"- fine-tuning: preset `finetune_tiny_cpu` (layer decay, label smoothing, drop path) with "
-              f"{json.dumps(FINETUNE_MINIATURE)}, "
-              f"{s.finetune_steps} steps at batch ≤ {s.finetune_batch}, from the registered encoder (`NAME@vN`).",
-              f"- frozen encoder: `mfm evaluate` k-NN (k={s.knn_k}) and a linear probe ({s.probe_epochs} epochs) "
-              "on mean-pooled features.",
-              "- seeds: the seed sets pretraining init, data order and corruption draws, and fine-tuning's "
-              "head init, augmentation and order; the label subsets are the same for every seed.",
-              "- per-run numbers: `results/*.json` under the output folder.", ""]
+    lines += [
+        "",
+        "## How it was made",
+        "",
+        "```bash",
+        command or command_line(s),
+        "```",
+        "",
+        f"- data: Fashion-MNIST via `mfm sample-data` at 32 px; pretraining on {10 * s.per_class} unlabelled "
+        f"training images, evaluation on {10 * s.per_class_test} test images; label subsets = the first "
+        + ", ".join(f"{labels_per_class(s, f)}" for f in s.fractions)
+        + " images per class (class-balanced, deterministic, contained in the pretraining set).",
+        f"- encoder: `{s.model}` with img_size 32, patch {s.patch_size}, "
+        f"{', '.join(f'{k} {v}' for k, v in tk.items())}.",
+        f"- pretraining: preset `tiny_cpu`, {s.pretrain_steps} steps at batch {s.pretrain_batch} per pretext "
+        f"and seed (DeepSpeed, `mfm pretrain`'s launcher); corruptions at 32 px: {json.dumps(CORRUPTION_32PX)}.",
+        f"- fine-tuning: preset `finetune_tiny_cpu` (layer decay, label smoothing, drop path) with "
+        f"{json.dumps(FINETUNE_MINIATURE)}, "
+        f"{s.finetune_steps} steps at batch ≤ {s.finetune_batch}, from the registered encoder (`NAME@vN`).",
+        f"- frozen encoder: `mfm evaluate` k-NN (k={s.knn_k}) and a linear probe ({s.probe_epochs} epochs) "
+        "on mean-pooled features.",
+        "- seeds: the seed sets pretraining init, data order and corruption draws, and fine-tuning's "
+        "head init, augmentation and order; the label subsets are the same for every seed.",
+        "- per-run numbers: `results/*.json` under the output folder.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -352,14 +429,22 @@ def plot(s: Settings, summary: dict, path: Path) -> None:
     width = 0.8 / len(summary)
     for i, (arm, row) in enumerate(summary.items()):
         xs = [c + (i - (len(summary) - 1) / 2) * width for c in range(len(cols))]
-        ax.bar(xs, [row[k]["mean"] for k, _ in cols], width, yerr=[row[k]["sd"] for k, _ in cols], capsize=2,
-               label="random init" if arm == RANDOM else arm, color="0.6" if arm == RANDOM else None)
+        ax.bar(
+            xs,
+            [row[k]["mean"] for k, _ in cols],
+            width,
+            yerr=[row[k]["sd"] for k, _ in cols],
+            capsize=2,
+            label="random init" if arm == RANDOM else arm,
+            color="0.6" if arm == RANDOM else None,
+        )
     ax.set_xticks(range(len(cols)), [label for _, label in cols], fontsize=8)
     ax.set_ylabel("test top-1 (%)")
     lows = [row[k]["mean"] - row[k]["sd"] for row in summary.values() for k, _ in cols]
     ax.set_ylim(max(0, min(lows) - 5), 100)
-    ax.set_title(f"Fashion-MNIST, {s.pretrain_steps} pretraining steps, mean ± sd over {len(s.seeds)} seed(s)",
-                 fontsize=9)
+    ax.set_title(
+        f"Fashion-MNIST, {s.pretrain_steps} pretraining steps, mean ± sd over {len(s.seeds)} seed(s)", fontsize=9
+    )
     ax.legend(fontsize=8, ncol=len(summary), loc="upper center")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -387,7 +472,8 @@ def command_line(s: Settings) -> str:
             if f.name in ("pretrain_set", "finetune_set"):
                 parts += [f"{flag} {item}" for item in v]
                 continue
-            parts.append(f"{flag} {','.join(map(str, v)) if isinstance(v, list) else json.dumps(v) if isinstance(v, dict) else v}")
+            value = ",".join(map(str, v)) if isinstance(v, list) else json.dumps(v) if isinstance(v, dict) else v
+            parts.append(f"{flag} {value}")
     return " ".join(parts)
 
 
@@ -414,10 +500,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-epochs", type=int, default=d.probe_epochs)
     p.add_argument("--knn-k", type=int, default=d.knn_k)
     p.add_argument("--workers", type=int, default=d.workers, help="loader workers per run")
-    p.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every pretraining run (repeatable)")
-    p.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every fine-tuning run (repeatable)")
+    p.add_argument(
+        "--pretrain-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every pretraining run (repeatable)",
+    )
+    p.add_argument(
+        "--finetune-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every fine-tuning run (repeatable)",
+    )
     return p
 
 

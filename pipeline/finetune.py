@@ -16,6 +16,7 @@ DeepSpeed engine, loop, `step-N/` checkpoints, resume and logs. What differs is 
 
 Everything that can be known wrong (init, classes, recipe, val split) fails before a process starts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,10 @@ def resolve_init(cfg: Config) -> tuple[str, dict]:
             return str(ref), json.loads(storage.read_bytes(url, cfg.storage))
         for fname in (WEIGHTS, CONFIG):
             if not storage.exists(storage.join(init, fname), cfg.storage):
-                raise ConfigError(f"finetune.init={init!r}: no {fname} there (expected an export folder "
-                                  "with model.safetensors + config.json, or a registry ref NAME@ALIAS)")
+                raise ConfigError(
+                    f"finetune.init={init!r}: no {fname} there (expected an export folder "
+                    "with model.safetensors + config.json, or a registry ref NAME@ALIAS)"
+                )
         return init, json.loads(storage.read_bytes(storage.join(init, CONFIG), cfg.storage))
     except RegistryError as e:
         raise ConfigError(f"finetune.init={init!r}: {e}") from None
@@ -123,8 +126,9 @@ def prepare(cfg: Config, world_size: int | None = None) -> Config:
     ft = cfg.finetune
     before = started_from(cfg)
     if before and before != ft.init:
-        log.warning("%s continues from finetune.init=%s (recorded at its start), not %s",
-                    cfg.train.run_dir, before, ft.init)
+        log.warning(
+            "%s continues from finetune.init=%s (recorded at its start), not %s", cfg.train.run_dir, before, ft.init
+        )
         cfg = cfg.model_copy(update={"finetune": ft.model_copy(update={"init": before})})
         ft = cfg.finetune
     init, export = resolve_init(cfg)
@@ -134,10 +138,14 @@ def prepare(cfg: Config, world_size: int | None = None) -> Config:
     args = export.get("model_args") or {}
     size = args.get("img_size") or ((export.get("pretrained_cfg") or {}).get("input_size") or [3, 224, 224])[-1]
     if ft.recipe == "vit" and not is_vit(arch):
-        raise ConfigError(f"finetune.recipe='vit' but finetune.init={ft.init!r} is a {arch}: "
-                          "use finetune.recipe=resnet finetune.layer_decay=null (preset finetune_resnet50)")
+        raise ConfigError(
+            f"finetune.recipe='vit' but finetune.init={ft.init!r} is a {arch}: "
+            "use finetune.recipe=resnet finetune.layer_decay=null (preset finetune_resnet50)"
+        )
     if ft.recipe == "resnet" and is_vit(arch):
-        raise ConfigError(f"finetune.recipe='resnet' but finetune.init={ft.init!r} is a ViT ({arch}): use finetune.recipe=vit")
+        raise ConfigError(
+            f"finetune.recipe='resnet' but finetune.init={ft.init!r} is a ViT ({arch}): use finetune.recipe=vit"
+        )
     num_classes = ft.num_classes or len(train_classes(cfg))
     if not num_classes:
         raise ConfigError(f"finetune.num_classes is not set and data.train={cfg.data.train!r} lists no classes")
@@ -146,15 +154,21 @@ def prepare(cfg: Config, world_size: int | None = None) -> Config:
     if not storage.exists(storage.join(cfg.data.val, "manifest.json"), cfg.storage):
         raise ConfigError(f"data.val={cfg.data.val!r}: no manifest.json there (shard the data first: mfm shard)")
     data = cfg.model_dump(mode="json")
-    data["model"].update(name=arch, img_size=int(size), patch_size=args.get("patch_size"),
-                         timm_kwargs={k: v for k, v in args.items() if k not in ("img_size", "patch_size", "global_pool", "fc_norm")})
+    data["model"].update(
+        name=arch,
+        img_size=int(size),
+        patch_size=args.get("patch_size"),
+        timm_kwargs={k: v for k, v in args.items() if k not in ("img_size", "patch_size", "global_pool", "fc_norm")},
+    )
     data["finetune"].update(init=init, num_classes=num_classes)
     out = build_config(data)
     plan = batch_plan(out, world_size or out.train.nprocs)
     if (ft.mixup > 0 or ft.cutmix > 0) and plan.micro_batch % 2:
-        raise ConfigError(f"mixup/cutmix pair each sample with another of its micro batch: the micro batch "
-                          f"(data.batch_size {out.data.batch_size} / {plan.world_size} ranks / {plan.grad_accum}) "
-                          f"= {plan.micro_batch} must be even")
+        raise ConfigError(
+            f"mixup/cutmix pair each sample with another of its micro batch: the micro batch "
+            f"(data.batch_size {out.data.batch_size} / {plan.world_size} ranks / {plan.grad_accum}) "
+            f"= {plan.micro_batch} must be even"
+        )
     return out
 
 
@@ -175,8 +189,13 @@ def classifier_args(cfg: Config) -> dict:
 def build_classifier(cfg: Config) -> nn.Module:
     import timm
 
-    return timm.create_model(cfg.model.name, pretrained=False, num_classes=cfg.finetune.num_classes,
-                             drop_path_rate=cfg.model.drop_path, **classifier_args(cfg))
+    return timm.create_model(
+        cfg.model.name,
+        pretrained=False,
+        num_classes=cfg.finetune.num_classes,
+        drop_path_rate=cfg.model.drop_path,
+        **classifier_args(cfg),
+    )
 
 
 def load_encoder(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
@@ -195,16 +214,21 @@ def load_encoder(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, 
     missing = [k for k in result.missing_keys if k.split(".")[0] not in fresh]
     unexpected = [k for k in result.unexpected_keys if k.split(".")[0] not in replaced]
     if missing or unexpected:
-        raise ValueError(f"encoder weights do not fit {type(model).__name__}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"encoder weights do not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return {"new": list(result.missing_keys), "dropped": list(result.unexpected_keys)}
 
 
 def _model(cfg: Config) -> nn.Module:
     model = build_classifier(cfg)
     keys = load_encoder(model, read_init_state(cfg))
-    log.info("init %s: encoder loaded; new %s; dropped %s", cfg.finetune.init,
-             sorted({k.rsplit(".", 1)[0] for k in keys["new"]}), sorted({k.rsplit(".", 1)[0] for k in keys["dropped"]}))
+    log.info(
+        "init %s: encoder loaded; new %s; dropped %s",
+        cfg.finetune.init,
+        sorted({k.rsplit(".", 1)[0] for k in keys["new"]}),
+        sorted({k.rsplit(".", 1)[0] for k in keys["dropped"]}),
+    )
     return model
 
 
@@ -216,17 +240,28 @@ def train_transform(cfg: Config):
     from timm.data import create_transform
 
     ft = cfg.finetune
-    return create_transform(input_size=cfg.model.img_size, is_training=True, scale=tuple(ft.crop_scale),
-                            hflip=0.5, color_jitter=0.0 if ft.randaugment else 0.4, auto_augment=ft.randaugment,
-                            interpolation="bicubic", mean=MEAN, std=STD, re_prob=ft.reprob, re_mode=ft.remode,
-                            re_count=1)
+    return create_transform(
+        input_size=cfg.model.img_size,
+        is_training=True,
+        scale=tuple(ft.crop_scale),
+        hflip=0.5,
+        color_jitter=0.0 if ft.randaugment else 0.4,
+        auto_augment=ft.randaugment,
+        interpolation="bicubic",
+        mean=MEAN,
+        std=STD,
+        re_prob=ft.reprob,
+        re_mode=ft.remode,
+        re_count=1,
+    )
 
 
 def _loader(cfg: Config, *, rank: int, world_size: int, micro_batch: int, device):
     from pipeline.data import build_labelled_train_loader
 
-    return build_labelled_train_loader(cfg, rank=rank, world_size=world_size, micro_batch=micro_batch,
-                                       device=device, transform=train_transform(cfg))
+    return build_labelled_train_loader(
+        cfg, rank=rank, world_size=world_size, micro_batch=micro_batch, device=device, transform=train_transform(cfg)
+    )
 
 
 def _optimizer(model: nn.Module, cfg: Config, lr: float):
@@ -250,15 +285,21 @@ class ClassifierStep:
     loss: nn.Module = None
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "ClassifierStep":
+    def from_config(cls, cfg: Config) -> ClassifierStep:
         from timm.data import Mixup
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
         ft, n = cfg.finetune, cfg.finetune.num_classes
         if ft.mixup > 0 or ft.cutmix > 0:
-            mix = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, prob=ft.mixup_prob,
-                        switch_prob=ft.mixup_switch_prob, mode="batch", label_smoothing=ft.label_smoothing,
-                        num_classes=n)
+            mix = Mixup(
+                mixup_alpha=ft.mixup,
+                cutmix_alpha=ft.cutmix,
+                prob=ft.mixup_prob,
+                switch_prob=ft.mixup_switch_prob,
+                mode="batch",
+                label_smoothing=ft.label_smoothing,
+                num_classes=n,
+            )
             return cls(n, mix, SoftTargetCrossEntropy())
         if ft.label_smoothing > 0:
             return cls(n, None, LabelSmoothingCrossEntropy(ft.label_smoothing))
@@ -280,8 +321,9 @@ def _val_batch(cfg: Config, ranks, size: int):
     checkpoint, moves only with the model."""
     from pipeline.data import LabelledBatch, build_eval_loader
 
-    loader = build_eval_loader(cfg, cfg.data.val, rank=ranks.rank, world_size=ranks.world_size, batch_size=size,
-                               device="cpu")
+    loader = build_eval_loader(
+        cfg, cfg.data.val, rank=ranks.rank, world_size=ranks.world_size, batch_size=size, device="cpu"
+    )
     images, labels = next(iter(loader), (None, None))
     if images is None or not len(images):
         return None
@@ -300,8 +342,15 @@ def export_config(cfg: Config, num_features: int, label_names: list[str] | None)
         "num_classes": n,
         "num_features": num_features,
         "model_args": classifier_args(cfg),
-        "pretrained_cfg": {"input_size": [3, size, size], "mean": list(MEAN), "std": list(STD), "num_classes": n,
-                           "interpolation": "bicubic", "crop_pct": 224 / 256, "crop_mode": "center"},
+        "pretrained_cfg": {
+            "input_size": [3, size, size],
+            "mean": list(MEAN),
+            "std": list(STD),
+            "num_classes": n,
+            "interpolation": "bicubic",
+            "crop_pct": 224 / 256,
+            "crop_mode": "center",
+        },
         "finetuned_from": cfg.finetune.init,
     }
     if label_names and len(label_names) == n:
@@ -319,8 +368,14 @@ def evaluate(trainer) -> dict:
     from pipeline.evaluation import Tally
 
     cfg, ranks, engine = trainer.cfg, trainer.ranks, trainer.engine
-    loader = build_eval_loader(cfg, cfg.data.val, rank=ranks.rank, world_size=ranks.world_size,
-                               batch_size=trainer.plan.micro_batch, device=ranks.device)
+    loader = build_eval_loader(
+        cfg,
+        cfg.data.val,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+        batch_size=trainer.plan.micro_batch,
+        device=ranks.device,
+    )
     engine.module.eval()
     tally = Tally((1, 5))
     for images, labels in loader:
@@ -353,14 +408,27 @@ def _finish(trainer) -> dict:
         config = export_config(cfg, trainer.engine.module.num_features, labels)
         storage.write_bytes(storage.join(export, "model.safetensors"), safetensors_bytes(tensors), cfg.storage)
         storage.write_bytes(storage.join(export, "config.json"), json.dumps(config, indent=1).encode(), cfg.storage)
-        metrics = {"format_version": METRICS_FORMAT_VERSION, **metrics, "model": export, "init": cfg.finetune.init,
-                   "data": cfg.data.val, "step": trainer.step, "checkpoint": trainer.last_checkpoint,
-                   "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "code": code_version()}
+        metrics = {
+            "format_version": METRICS_FORMAT_VERSION,
+            **metrics,
+            "model": export,
+            "init": cfg.finetune.init,
+            "data": cfg.data.val,
+            "step": trainer.step,
+            "checkpoint": trainer.last_checkpoint,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "code": code_version(),
+        }
         body = (json.dumps(metrics, indent=2) + "\n").encode()
         storage.write_bytes(storage.join(export, "metrics.json"), body, cfg.storage)
         storage.write_bytes(metrics_url, body, cfg.storage)
-        log.info("val top1 %.4f top5 %.4f on %d images -> %s", metrics["top1"], metrics["top5"],
-                 metrics["num_samples"], metrics_url)
+        log.info(
+            "val top1 %.4f top5 %.4f on %d images -> %s",
+            metrics["top1"],
+            metrics["top5"],
+            metrics["num_samples"],
+            metrics_url,
+        )
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -372,8 +440,15 @@ def task(cfg: Config):
     """The fine-tuning Task for pipeline.training.trainer (run in every rank)."""
     from pipeline.training.trainer import Task
 
-    return Task(build_model=_model, build_loader=_loader, build_optimizer=_optimizer,
-                forward=ClassifierStep.from_config(cfg), finish=_finish, pictures=False, val_batch=_val_batch)
+    return Task(
+        build_model=_model,
+        build_loader=_loader,
+        build_optimizer=_optimizer,
+        forward=ClassifierStep.from_config(cfg),
+        finish=_finish,
+        pictures=False,
+        val_batch=_val_batch,
+    )
 
 
 # ---------------------------------------------------------------------------- launch and CLI
@@ -388,8 +463,9 @@ class FinetuneResult:
     metrics: dict
 
 
-def launch(cfg: Config, *, hostfile: str | None = None, master_addr: str | None = None,
-           master_port: int | None = None) -> FinetuneResult:
+def launch(
+    cfg: Config, *, hostfile: str | None = None, master_addr: str | None = None, master_port: int | None = None
+) -> FinetuneResult:
     """Check and pin the config, fine-tune (or resume) through the training launcher, and say
     where the results are."""
     from pipeline.training import launcher
@@ -405,8 +481,11 @@ def launch(cfg: Config, *, hostfile: str | None = None, master_addr: str | None 
 def cli(argv: list[str]) -> int:
     from pipeline.training.launcher import LaunchError, add_launch_arguments
 
-    p = argparse.ArgumentParser(prog="mfm finetune", description=__doc__.split("\n\n")[0],
-                                epilog="e.g. mfm finetune --config finetune_vit_b16 --set finetune.init=vit_b16_mfm@production")
+    p = argparse.ArgumentParser(
+        prog="mfm finetune",
+        description=__doc__.split("\n\n")[0],
+        epilog="e.g. mfm finetune --config finetune_vit_b16 --set finetune.init=vit_b16_mfm@production",
+    )
     add_launch_arguments(p, config_help="preset name or YAML file (finetune_*)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)

@@ -1,5 +1,6 @@
 """JPEG marker parsing without decoding: the frame header and the end-of-image marker. Shared by
 the sharder's structural validation and the loaders' header check."""
+
 from __future__ import annotations
 
 # SOF markers a stock decoder (DALI's nvJPEG, libjpeg-turbo) handles: baseline, extended, progressive

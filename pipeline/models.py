@@ -3,6 +3,7 @@
 The encoder sees only the corrupted image; the decoder predicts normalised pixels at full
 resolution; the loss compares them to the target in the frequency domain (kernels/).
 """
+
 from __future__ import annotations
 
 import math
@@ -81,13 +82,14 @@ class MFMModel(nn.Module):
         feats = self.encoder.forward_features(x)
         if not self.vit:
             return feats
-        tokens = feats[:, self.encoder.num_prefix_tokens:]  # drop cls (and register) tokens
+        tokens = feats[:, self.encoder.num_prefix_tokens :]  # drop cls (and register) tokens
         n, length, dim = tokens.shape
         h, w = x.shape[-2] // self.stride, x.shape[-1] // self.stride
         return tokens.transpose(1, 2).reshape(n, dim, h, w)
 
-    def forward(self, encoder_input: torch.Tensor, target: torch.Tensor,
-                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, encoder_input: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, prediction); keep is None for the plain-loss baselines."""
         pred = self.decoder(self.features(encoder_input))
         # cuFFT has no half precision at 224 px, and the loss is defined in float32.

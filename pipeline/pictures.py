@@ -1,5 +1,6 @@
 """Pictures: what the encoder sees (frequency masking of real photos), and training progress
 (input, corrupted input and prediction with their log-magnitude spectra)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,9 @@ def log_spectrum(images: torch.Tensor) -> torch.Tensor:
     return torch.log1p(torch.fft.fftshift(torch.fft.fft2(grey), dim=(-2, -1)).abs())
 
 
-def save_picture(path: Path, target: torch.Tensor, encoder_input: torch.Tensor, pred: torch.Tensor, *,
-                 step: int, samples: int = 4):
+def save_picture(
+    path: Path, target: torch.Tensor, encoder_input: torch.Tensor, pred: torch.Tensor, *, step: int, samples: int = 4
+):
     """Write a PNG (rows: samples; columns: the three images, then their spectra); returns the
     figure for TensorBoard."""
     n = min(samples, target.shape[0])
@@ -57,7 +59,7 @@ def demo_photos(size: int = 224) -> torch.Tensor:
         img = getattr(data, name)().astype(np.float32) / 255
         h, w = img.shape[:2]
         s = min(h, w)
-        img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        img = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
         photos.append(resize(img, (size, size), anti_aliasing=True))
     return torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).float()
 

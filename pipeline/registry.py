@@ -14,6 +14,7 @@ A version exists only once its manifest exists. Version numbers are claimed with
 create-if-absent write, so racing registrations get distinct numbers; aliases are moved with a
 compare-and-swap, so no racing move is lost (`latest` only ever moves to a larger version).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ import socket
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline import storage
 from pipeline.config import StorageConfig
@@ -37,7 +39,13 @@ FORMAT_VERSION = 1
 ALIAS_FORMAT_VERSION = 1
 DEFAULT_REGISTRY = "demo-out/registry"
 WEIGHTS, CONFIG, CARD, METRICS, MANIFEST, CLAIM = (
-    "model.safetensors", "config.json", "README.md", "metrics.json", "manifest.json", ".claim")
+    "model.safetensors",
+    "config.json",
+    "README.md",
+    "metrics.json",
+    "manifest.json",
+    ".claim",
+)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
 _MAX_ATTEMPTS = 1000  # version claims / alias swaps before giving up (only under absurd contention)
@@ -107,8 +115,9 @@ def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def gate_decision(candidate: dict[str, float], current: dict[str, float] | None, metric: str,
-                  higher_is_better: bool = True) -> tuple[bool, str]:
+def gate_decision(
+    candidate: dict[str, float], current: dict[str, float] | None, metric: str, higher_is_better: bool = True
+) -> tuple[bool, str]:
     """(allowed, reason) for moving an alias from `current`'s metrics to `candidate`'s."""
     if metric not in candidate:
         return False, f"candidate has no metric {metric!r} (it has: {', '.join(sorted(candidate)) or 'none'})"
@@ -132,7 +141,7 @@ def check_safetensors(data: bytes, what: str) -> dict:
     if n <= 0 or 8 + n > len(data):
         raise RegistryError(f"{what}: not a safetensors file (header length {n} for {len(data)} bytes)")
     try:
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
     except ValueError as e:
         raise RegistryError(f"{what}: not a safetensors file (header is not JSON: {e})") from None
     if not isinstance(header, dict):
@@ -142,14 +151,22 @@ def check_safetensors(data: bytes, what: str) -> dict:
 
 def model_card(name: str, version: int, config: dict, lineage: dict, metrics: dict[str, float]) -> str:
     """The README.md stored with a version."""
-    lines = [f"# {name} v{version}", "",
-             f"Architecture: `{config.get('architecture')}` (timm), model args `{json.dumps(config.get('model_args', {}))}`,",
-             f"num_classes {config.get('num_classes')}, num_features {config.get('num_features')}.", "",
-             "## Lineage", "",
-             f"- pretraining run: `{lineage.get('run_url')}`",
-             f"- export: `{lineage.get('export_url')}`"]
+    lines = [
+        f"# {name} v{version}",
+        "",
+        f"Architecture: `{config.get('architecture')}` (timm), "
+        f"model args `{json.dumps(config.get('model_args', {}))}`,",
+        f"num_classes {config.get('num_classes')}, num_features {config.get('num_features')}.",
+        "",
+        "## Lineage",
+        "",
+        f"- pretraining run: `{lineage.get('run_url')}`",
+        f"- export: `{lineage.get('export_url')}`",
+    ]
     data = lineage.get("data_manifest")
-    lines.append(f"- data manifest: `{data['url']}` (sha256 `{data['sha256']}`)" if data else "- data manifest: not recorded")
+    lines.append(
+        f"- data manifest: `{data['url']}` (sha256 `{data['sha256']}`)" if data else "- data manifest: not recorded"
+    )
     if lineage.get("parent"):
         lines.append(f"- parent model: `{lineage['parent']}`")
     code = lineage.get("code", {})
@@ -161,9 +178,17 @@ def model_card(name: str, version: int, config: dict, lineage: dict, metrics: di
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items())]
     else:
         lines.append("none recorded")
-    lines += ["", "## Use", "", "```python", "from pipeline.registry import load_model",
-              f'model = load_model("{name}@v{version}", registry="<registry URL>")', "```",
-              f"or `mfm pull {name}@v{version} --registry <registry URL> --dest DIR`.", ""]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from pipeline.registry import load_model",
+        f'model = load_model("{name}@v{version}", registry="<registry URL>")',
+        "```",
+        f"or `mfm pull {name}@v{version} --registry <registry URL> --dest DIR`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -190,7 +215,11 @@ def code_version() -> dict:
         version = metadata.version("mfm-pipeline")
     except metadata.PackageNotFoundError:
         version = None
-    return {"package": "mfm-pipeline", "version": version, "git_commit": _git_commit(Path(__file__).resolve().parents[1])}
+    return {
+        "package": "mfm-pipeline",
+        "version": version,
+        "git_commit": _git_commit(Path(__file__).resolve().parents[1]),
+    }
 
 
 def _git_commit(root: Path) -> str | None:
@@ -263,7 +292,7 @@ class Registry:
         out = {}
         for entry in self._ls(name, "aliases"):
             if entry.endswith(".json") and not entry.startswith("."):
-                alias = entry[:-len(".json")]
+                alias = entry[: -len(".json")]
                 version = self.alias_version(name, alias)
                 if version is not None:
                     out[alias] = version
@@ -276,8 +305,10 @@ class Registry:
     def _alias_payload_version(self, data: bytes, name: str, alias: str) -> int:
         payload = _loads(data, self.alias_url(name, alias))
         if payload.get("format_version", 0) > ALIAS_FORMAT_VERSION:
-            raise RegistryError(f"{self.alias_url(name, alias)}: format_version {payload['format_version']} "
-                                f"is newer than this code reads ({ALIAS_FORMAT_VERSION})")
+            raise RegistryError(
+                f"{self.alias_url(name, alias)}: format_version {payload['format_version']} "
+                f"is newer than this code reads ({ALIAS_FORMAT_VERSION})"
+            )
         return int(payload["version"])
 
     def resolve(self, ref: str | Ref) -> Ref:
@@ -292,8 +323,9 @@ class Registry:
                 raise RegistryError(f"{ref}: no alias {ref.alias!r} for {ref.name!r} in {self.url} (aliases: {known})")
         if not storage.exists(self._u(ref.name, f"v{version}", MANIFEST), self.storage):
             known = ", ".join(f"v{v}" for v in self.versions(ref.name)) or "none"
-            raise RegistryError(f"{ref.name}@v{version}: no such version in {self.url} "
-                                f"({MANIFEST} missing; versions: {known})")
+            raise RegistryError(
+                f"{ref.name}@v{version}: no such version in {self.url} ({MANIFEST} missing; versions: {known})"
+            )
         return Ref(ref.name, version=version)
 
     def manifest(self, ref: str | Ref) -> dict:
@@ -301,8 +333,10 @@ class Registry:
         url = self._u(ref.name, f"v{ref.version}", MANIFEST)
         manifest = _loads(storage.read_bytes(url, self.storage), url)
         if manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise RegistryError(f"{url}: format_version {manifest['format_version']} is newer than this code "
-                                f"reads ({FORMAT_VERSION}); upgrade mfm-pipeline")
+            raise RegistryError(
+                f"{url}: format_version {manifest['format_version']} is newer than this code "
+                f"reads ({FORMAT_VERSION}); upgrade mfm-pipeline"
+            )
         return manifest
 
     def metrics(self, ref: str | Ref) -> dict[str, float]:
@@ -326,9 +360,18 @@ class Registry:
             version += 1
         raise RegistryError(f"{name}: could not claim a version after {_MAX_ATTEMPTS} attempts")
 
-    def register(self, name: str, export_url: str, *, metrics: dict | None = None, metrics_url: str | None = None,
-                 data_manifest_url: str | None = None, run_config_url: str | None = None,
-                 parent: str | None = None, aliases: tuple[str, ...] = ("latest",)) -> Ref:
+    def register(
+        self,
+        name: str,
+        export_url: str,
+        *,
+        metrics: dict | None = None,
+        metrics_url: str | None = None,
+        data_manifest_url: str | None = None,
+        run_config_url: str | None = None,
+        parent: str | None = None,
+        aliases: tuple[str, ...] = ("latest",),
+    ) -> Ref:
         """Copy an export folder (model.safetensors + config.json) into a new version of `name`."""
         check_name(name)
         for alias in aliases:
@@ -366,8 +409,11 @@ class Registry:
             "version": version,
             "created": _now(),
             "files": {f: {"sha256": sha256_bytes(d), "size": len(d)} for f, d in sorted(files.items())},
-            "model": {"architecture": config["architecture"], "num_classes": config.get("num_classes"),
-                      "num_features": config.get("num_features")},
+            "model": {
+                "architecture": config["architecture"],
+                "num_classes": config.get("num_classes"),
+                "num_features": config.get("num_features"),
+            },
             "lineage": lineage,
             "metrics": flat,
         }
@@ -380,22 +426,31 @@ class Registry:
                 self.set_alias(name, alias, version)
         return Ref(name, version=version)
 
-    def _lineage(self, export_url: str, data_manifest_url: str | None, run_config_url: str | None,
-                 parent: str | None) -> dict:
+    def _lineage(
+        self, export_url: str, data_manifest_url: str | None, run_config_url: str | None, parent: str | None
+    ) -> dict:
         run_url = export_url.rstrip("/").rsplit("/", 1)[0] if export_url.rstrip("/").endswith("/export") else None
         data = None
         if data_manifest_url:
-            url = data_manifest_url if data_manifest_url.endswith(".json") else storage.join(data_manifest_url, MANIFEST)
+            url = (
+                data_manifest_url if data_manifest_url.endswith(".json") else storage.join(data_manifest_url, MANIFEST)
+            )
             try:
                 raw = storage.read_bytes(url, self.storage)
             except FileNotFoundError:
                 raise RegistryError(f"data manifest {url} does not exist") from None
             info = _loads(raw, url)
-            data = {"url": url, "sha256": sha256_bytes(raw), "split": info.get("split"),
-                    "num_samples": info.get("num_samples"), "format_version": info.get("format_version")}
+            data = {
+                "url": url,
+                "sha256": sha256_bytes(raw),
+                "split": info.get("split"),
+                "num_samples": info.get("num_samples"),
+                "format_version": info.get("format_version"),
+            }
         if run_config_url is None and run_url:
-            run_config_url = (_existing(storage.join(run_url, "config.yaml"), self.storage)
-                              or _existing(storage.join(run_url, "config.json"), self.storage))
+            run_config_url = _existing(storage.join(run_url, "config.yaml"), self.storage) or _existing(
+                storage.join(run_url, "config.json"), self.storage
+            )
         run_config = None
         if run_config_url:
             import yaml
@@ -407,9 +462,15 @@ class Registry:
                 raise RegistryError(f"run config {run_config_url}: not valid YAML/JSON: {e}") from None
         if parent:
             parent = str(self.resolve(parent))  # pin an alias to the version it means now
-        return {"export_url": export_url, "run_url": run_url, "data_manifest": data,
-                "run_config_url": run_config_url, "run_config": run_config, "parent": parent,
-                "code": code_version()}
+        return {
+            "export_url": export_url,
+            "run_url": run_url,
+            "data_manifest": data,
+            "run_config_url": run_config_url,
+            "run_config": run_config,
+            "parent": parent,
+            "code": code_version(),
+        }
 
     def _move_alias(self, name: str, alias: str, decide: Callable[[int | None], int | None]) -> int | None:
         """Compare-and-swap loop: decide(current) -> new version (None: leave it); returns the
@@ -421,8 +482,16 @@ class Registry:
             new = decide(current)
             if new is None or new == current:
                 return current
-            body = _dumps({"format_version": ALIAS_FORMAT_VERSION, "name": name, "alias": alias, "version": new,
-                           "previous": current, "updated": _now()})
+            body = _dumps(
+                {
+                    "format_version": ALIAS_FORMAT_VERSION,
+                    "name": name,
+                    "alias": alias,
+                    "version": new,
+                    "previous": current,
+                    "updated": _now(),
+                }
+            )
             if storage.replace_bytes_if(url, body, None if got is None else got[1], self.storage):
                 return new
         raise RegistryError(f"{name}@{alias}: could not move the alias after {_MAX_ATTEMPTS} attempts")
@@ -433,8 +502,15 @@ class Registry:
         self.resolve(Ref(name, version=version))
         self._move_alias(name, alias, lambda cur: version)
 
-    def promote(self, ref: str | Ref, alias: str = "production", *, gate_metric: str | None = "top1",
-                higher_is_better: bool = True, force: bool = False) -> str:
+    def promote(
+        self,
+        ref: str | Ref,
+        alias: str = "production",
+        *,
+        gate_metric: str | None = "top1",
+        higher_is_better: bool = True,
+        force: bool = False,
+    ) -> str:
         """Move `alias` to the version `ref` resolves to, if its `gate_metric` beats the version the
         alias holds now (re-checked against whatever a racing promotion wrote). Returns the reason;
         raises PromotionRefused otherwise."""
@@ -453,8 +529,10 @@ class Registry:
             now = None if current is None else self.metrics(Ref(target.name, version=current))
             ok, why = gate_decision(candidate, now, gate_metric, higher_is_better)
             if not ok:
-                raise PromotionRefused(f"refused to move {target.name}@{alias} "
-                                       f"{'(unset)' if current is None else f'from v{current}'} to v{target.version}: {why}")
+                raise PromotionRefused(
+                    f"refused to move {target.name}@{alias} "
+                    f"{'(unset)' if current is None else f'from v{current}'} to v{target.version}: {why}"
+                )
             reasons.append(why)
             return target.version
 
@@ -499,8 +577,10 @@ class Registry:
             except FileNotFoundError:
                 raise IntegrityError(f"{what}: file is missing from the registry ({url})") from None
             if size != expected["size"] or sha != expected["sha256"]:
-                raise IntegrityError(f"{what}: checksum mismatch ({url}): expected sha256 {expected['sha256']} "
-                                     f"size {expected['size']}, got sha256 {sha} size {size}; refusing to use it")
+                raise IntegrityError(
+                    f"{what}: checksum mismatch ({url}): expected sha256 {expected['sha256']} "
+                    f"size {expected['size']}, got sha256 {sha} size {size}; refusing to use it"
+                )
             os.replace(tmp, out)
         finally:
             if tmp.exists():
@@ -529,18 +609,24 @@ def model_from_export(config: dict, state: dict, *, num_classes: int | None = No
 
     exported = int(config.get("num_classes") or 0)
     classes = exported if num_classes is None else num_classes
-    model = timm.create_model(config["architecture"], pretrained=False, num_classes=classes,
-                              pretrained_cfg_overlay=dict(config.get("pretrained_cfg") or {}, num_classes=classes),
-                              **(config.get("model_args") or {}))
+    model = timm.create_model(
+        config["architecture"],
+        pretrained=False,
+        num_classes=classes,
+        pretrained_cfg_overlay=dict(config.get("pretrained_cfg") or {}, num_classes=classes),
+        **(config.get("model_args") or {}),
+    )
     result = model.load_state_dict(state, strict=False)
     head = model.pretrained_cfg.get("classifier") or "head"
     heads = (head,) if isinstance(head, str) else tuple(head)
     missing = [k for k in result.missing_keys if not (classes != exported and k.startswith(heads))]
     unexpected = [k for k in result.unexpected_keys if not (classes != exported and k.startswith(heads))]
     if missing or unexpected:
-        raise RegistryError(f"weights do not fit {config['architecture']} {config.get('model_args')}: "
-                            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        raise RegistryError(
+            f"weights do not fit {config['architecture']} {config.get('model_args')}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
     return model.eval()
 
 
@@ -572,16 +658,18 @@ def load_export(export_url: str, *, num_classes: int | None = None, storage_cfg:
     return model_from_export(config, load_safetensors(data[WEIGHTS]), num_classes=num_classes), config
 
 
-def load_model(ref: str, registry: str | None = None, *, num_classes: int | None = None,
-               storage_cfg: StorageConfig | None = None):
+def load_model(
+    ref: str, registry: str | None = None, *, num_classes: int | None = None, storage_cfg: StorageConfig | None = None
+):
     """`load_model("name@production")`: a timm model (eval mode) with verified weights.
 
     Raises IntegrityError naming the file if any file is missing or its checksum is wrong."""
     return Registry(registry or default_registry(), storage_cfg).load_model(ref, num_classes=num_classes)
 
 
-def pull(ref: str, dest: str | os.PathLike, registry: str | None = None,
-         storage_cfg: StorageConfig | None = None) -> tuple[Ref, Path]:
+def pull(
+    ref: str, dest: str | os.PathLike, registry: str | None = None, storage_cfg: StorageConfig | None = None
+) -> tuple[Ref, Path]:
     return Registry(registry or default_registry(), storage_cfg).pull(ref, dest)
 
 
@@ -641,22 +729,38 @@ def cli(argv: list[str]) -> int:
             for v in reg.versions(args.name):
                 m = reg.manifest(Ref(args.name, version=v))
                 top = {k: m["metrics"][k] for k in ("top1", "top5") if k in m.get("metrics", {})}
-                print(f"v{v}\t{m['created']}\t{m['model']['architecture']}\t"
-                      f"{' '.join(f'{k}={x:.4g}' for k, x in top.items()) or '-'}\t{','.join(sorted(by_version.get(v, [])))}")
+                print(
+                    f"v{v}\t{m['created']}\t{m['model']['architecture']}\t"
+                    f"{' '.join(f'{k}={x:.4g}' for k, x in top.items()) or '-'}\t"
+                    f"{','.join(sorted(by_version.get(v, [])))}"
+                )
             return 0
         if args.action == "show":
             target = reg.resolve(args.ref)
-            out = dict(reg.manifest(target), aliases={a: v for a, v in reg.aliases(target.name).items() if v == target.version})
+            out = dict(
+                reg.manifest(target), aliases={a: v for a, v in reg.aliases(target.name).items() if v == target.version}
+            )
             print(json.dumps(out, indent=2, sort_keys=True))
             return 0
         if args.action == "register":
-            ref = reg.register(args.name, args.export, metrics_url=args.metrics, data_manifest_url=args.data_manifest,
-                               run_config_url=args.run_config, parent=args.parent,
-                               aliases=("latest", *[x for x in args.alias if x != "latest"]))
+            ref = reg.register(
+                args.name,
+                args.export,
+                metrics_url=args.metrics,
+                data_manifest_url=args.data_manifest,
+                run_config_url=args.run_config,
+                parent=args.parent,
+                aliases=("latest", *[x for x in args.alias if x != "latest"]),
+            )
             print(f"registered {ref} in {reg.url}")
             return 0
-        why = reg.promote(args.ref, args.alias, gate_metric=None if args.no_gate else args.gate_metric,
-                          higher_is_better=not args.lower_is_better, force=args.force)
+        why = reg.promote(
+            args.ref,
+            args.alias,
+            gate_metric=None if args.no_gate else args.gate_metric,
+            higher_is_better=not args.lower_is_better,
+            force=args.force,
+        )
         print(f"{reg.resolve(args.ref)} is {parse_ref(args.ref).name}@{args.alias}: {why}")
         return 0
 

@@ -8,6 +8,7 @@ photos. Written twice, as the two inputs `mfm shard` reads:
              LOC_val_solution.csv, LOC_synset_mapping.txt
 Everything is deterministic: the same arguments give byte-identical files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,18 @@ import tarfile
 import numpy as np
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_NAMES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 SKIMAGE_PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"]
 # Deliberately bad files (added to the first train class with bad_files=True) and what the
 # sharder must do with each.
@@ -48,7 +60,11 @@ def _read_idx(path: str) -> np.ndarray:
 
 
 def fashion_mnist_available(root: str = FASHION_DIR) -> bool:
-    return all(os.path.exists(os.path.join(root, f"{p}-{k}-idx{d}-ubyte.gz")) for p in ("train", "t10k") for k, d in (("images", 3), ("labels", 1)))
+    return all(
+        os.path.exists(os.path.join(root, f"{p}-{k}-idx{d}-ubyte.gz"))
+        for p in ("train", "t10k")
+        for k, d in (("images", 3), ("labels", 1))
+    )
 
 
 def _pick(labels: np.ndarray, per_class: int) -> list[int]:
@@ -136,8 +152,15 @@ def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def build(dest: str, *, per_class: int | None = None, size: int = 64, with_bad_files: bool = False, source: str = "auto",
-          per_class_val: int | None = None) -> dict:
+def build(
+    dest: str,
+    *,
+    per_class: int | None = None,
+    size: int = 64,
+    with_bad_files: bool = False,
+    source: str = "auto",
+    per_class_val: int | None = None,
+) -> dict:
     """Write DIR/folder and DIR/ilsvrc; returns a summary (counts, source, paths)."""
     use_fashion = source == "fashion-mnist" or (source == "auto" and fashion_mnist_available())
     if use_fashion:
@@ -160,7 +183,9 @@ def build(dest: str, *, per_class: int | None = None, size: int = 64, with_bad_f
         train_files += [(first, f"{first}_{k}.JPEG", b) for k, b in bad_files(good, size).items()]
     # ILSVRC val numbering interleaves classes.
     order = sorted(range(len(val)), key=lambda i: (sum(1 for w, _ in val[:i] if w == val[i][0]), val[i][0]))
-    val_files = [(val[i][0], f"ILSVRC2012_val_{n:08d}.JPEG", to_jpeg(val[i][1], size)) for n, i in enumerate(order, start=1)]
+    val_files = [
+        (val[i][0], f"ILSVRC2012_val_{n:08d}.JPEG", to_jpeg(val[i][1], size)) for n, i in enumerate(order, start=1)
+    ]
 
     folder = os.path.join(dest, "folder")
     for split, files in (("train", train_files), ("val", val_files)):
@@ -198,13 +223,30 @@ def build(dest: str, *, per_class: int | None = None, size: int = 64, with_bad_f
 def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mfm sample-data", description=__doc__.split("\n\n")[0])
     p.add_argument("--dest", required=True, help="output folder (gets folder/ and ilsvrc/)")
-    p.add_argument("--per-class", type=int, default=None, help="train images per class (val gets a quarter); default 200")
-    p.add_argument("--per-class-val", type=int, default=None, help="val images per class (default: a quarter of --per-class)")
+    p.add_argument(
+        "--per-class", type=int, default=None, help="train images per class (val gets a quarter); default 200"
+    )
+    p.add_argument(
+        "--per-class-val", type=int, default=None, help="val images per class (default: a quarter of --per-class)"
+    )
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    p.add_argument("--bad-files", action="store_true", help=f"add deliberately broken files to the first train class: {', '.join(BAD_FILES)}")
+    p.add_argument(
+        "--bad-files",
+        action="store_true",
+        help=f"add deliberately broken files to the first train class: {', '.join(BAD_FILES)}",
+    )
     p.add_argument("--source", choices=["auto", "fashion-mnist", "skimage"], default="auto")
     args = p.parse_args(argv)
-    s = build(args.dest, per_class=args.per_class, size=args.size, with_bad_files=args.bad_files, source=args.source,
-              per_class_val=args.per_class_val)
-    print(f"{s['source']}: {s['classes']} classes, {s['train']} train / {s['val']} val images -> {s['folder']}, {s['ilsvrc']}")
+    s = build(
+        args.dest,
+        per_class=args.per_class,
+        size=args.size,
+        with_bad_files=args.bad_files,
+        source=args.source,
+        per_class_val=args.per_class_val,
+    )
+    print(
+        f"{s['source']}: {s['classes']} classes, {s['train']} train / {s['val']} val images -> "
+        f"{s['folder']}, {s['ilsvrc']}"
+    )
     return 0

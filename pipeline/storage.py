@@ -4,6 +4,7 @@ Writes are atomic: a reader never sees half a file. Locally a file is written un
 temporary name and renamed; on S3 a PUT (or a completed multipart upload) is atomic by itself.
 Credentials are never passed through here: boto reads the usual AWS environment.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,8 @@ import logging
 import os
 import time
 import uuid
-from typing import Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -75,7 +77,9 @@ def retry(fn: Callable[[], T], *, attempts: int = 5, what: str = "storage call",
             if attempt == attempts:
                 raise
             delay = base_delay * 2**attempt
-            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e, attempt + 1, attempts, delay)
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e, attempt + 1, attempts, delay
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -199,8 +203,9 @@ def create_bytes(url: str, data: bytes, storage: StorageConfig | None = None) ->
     if isinstance(fs, LocalFileSystem):
         return retry(lambda: _local_create(path, data), attempts=attempts, what=f"create {url}")
     if _is_s3(fs):
-        return retry(lambda: _s3_put_conditional(fs, path, data, IfNoneMatch="*"), attempts=attempts,
-                     what=f"create {url}")
+        return retry(
+            lambda: _s3_put_conditional(fs, path, data, IfNoneMatch="*"), attempts=attempts, what=f"create {url}"
+        )
     raise ConditionalWriteUnsupported(f"{url}: {type(fs).__name__} has no create-if-absent write")
 
 
@@ -251,8 +256,7 @@ def replace_bytes_if(url: str, data: bytes, token: str | None, storage: StorageC
     if isinstance(fs, LocalFileSystem):
         return retry(lambda: _local_swap(path, data, token), attempts=attempts, what=f"swap {url}")
     if _is_s3(fs):
-        return retry(lambda: _s3_put_conditional(fs, path, data, IfMatch=token), attempts=attempts,
-                     what=f"swap {url}")
+        return retry(lambda: _s3_put_conditional(fs, path, data, IfMatch=token), attempts=attempts, what=f"swap {url}")
     raise ConditionalWriteUnsupported(f"{url}: {type(fs).__name__} has no compare-and-swap write")
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: a real S3 HTTP endpoint on 127.0.0.1 (moto's server), test environment."""
+
 from __future__ import annotations
 
 import os

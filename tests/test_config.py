@@ -23,22 +23,27 @@ def test_paper_recipes():
 
 
 def test_overrides_are_typed():
-    cfg = load_config("tiny_cpu", ["optim.base_lr=1e-3", "optim.betas=[0.8, 0.9]", "train.max_steps=5", "corruption.radius2=10"])
+    cfg = load_config(
+        "tiny_cpu", ["optim.base_lr=1e-3", "optim.betas=[0.8, 0.9]", "train.max_steps=5", "corruption.radius2=10"]
+    )
     assert cfg.optim.base_lr == 1e-3 and cfg.optim.betas == (0.8, 0.9)
     assert cfg.train.max_steps == 5 and cfg.corruption.radius2 == 10
 
 
-@pytest.mark.parametrize("override, key", [
-    (["model.imgsize=32"], "model.imgsize: unknown key"),
-    (["nosuch.key=1"], "nosuch: unknown key"),
-    (["optim.base_lr=fast"], "optim.base_lr"),
-    (["train.zero_stage=4"], "train.zero_stage"),
-    (["data.backend=tf"], "data.backend"),
-    (["model.img_size=30"], "model.img_size (30) must be divisible by the encoder stride (4)"),
-    (["corruption.radius=17"], "corruption.radius (17) must be at most half of model.img_size (32)"),
-    (["corruption.radius2=2"], "corruption.radius2 (2) must be larger than corruption.radius (3)"),
-    (["corruption.blur_kernel_sizes=[8]"], "corruption.blur_kernel_sizes"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        (["model.imgsize=32"], "model.imgsize: unknown key"),
+        (["nosuch.key=1"], "nosuch: unknown key"),
+        (["optim.base_lr=fast"], "optim.base_lr"),
+        (["train.zero_stage=4"], "train.zero_stage"),
+        (["data.backend=tf"], "data.backend"),
+        (["model.img_size=30"], "model.img_size (30) must be divisible by the encoder stride (4)"),
+        (["corruption.radius=17"], "corruption.radius (17) must be at most half of model.img_size (32)"),
+        (["corruption.radius2=2"], "corruption.radius2 (2) must be larger than corruption.radius (3)"),
+        (["corruption.blur_kernel_sizes=[8]"], "corruption.blur_kernel_sizes"),
+    ],
+)
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config("tiny_cpu", override)
@@ -66,14 +71,21 @@ def test_user_file_extends_preset(tmp_path):
 
 
 def test_cli_config_show_round_trips(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "config", "show", "vit_b16_mfm", "--set", "optim.base_lr=1e-3"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "config", "show", "vit_b16_mfm", "--set", "optim.base_lr=1e-3"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     f = tmp_path / "resolved.yaml"
     f.write_text(out)
     again = load_config(str(f))
     assert again.optim.base_lr == 1e-3 and dump_config(again) == out
-    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "config", "show", "tiny_cpu", "--set", "model.foo=1"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "config", "show", "tiny_cpu", "--set", "model.foo=1"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "model.foo: unknown key" in bad.stderr
     assert yaml.safe_load(out)["model"]["name"] == "vit_base_patch16_224"
 
@@ -81,5 +93,7 @@ def test_cli_config_show_round_trips(tmp_path):
 def test_flow_parameters_become_typed_overrides():
     from pipeline.config import override_strings
 
-    cfg = load_config("tiny_cpu", override_strings({"train.run_dir": "123", "optim.betas": [0.8, 0.9], "train.max_steps": 7}))
+    cfg = load_config(
+        "tiny_cpu", override_strings({"train.run_dir": "123", "optim.betas": [0.8, 0.9], "train.max_steps": 7})
+    )
     assert cfg.train.run_dir == "123" and cfg.optim.betas == (0.8, 0.9) and cfg.train.max_steps == 7

@@ -81,7 +81,9 @@ def test_deblur_matches_numpy_gaussian():
         got = denormalize(enc)
         for i in range(3):
             for c in range(3):
-                np.testing.assert_allclose(got[i, c].numpy(), _blur_numpy(x[i, c].numpy().astype(np.float64), k, 5.0), atol=1e-5)
+                np.testing.assert_allclose(
+                    got[i, c].numpy(), _blur_numpy(x[i, c].numpy().astype(np.float64), k, 5.0), atol=1e-5
+                )
 
 
 def test_deblur_draws_kernel_sizes_per_sample():
@@ -91,7 +93,10 @@ def test_deblur_draws_kernel_sizes_per_sample():
     got = denormalize(enc)
     matched = set()
     for i in range(64):
-        errs = {k: (got[i, 0].numpy() - _blur_numpy(x[i, 0].numpy().astype(np.float64), k, 5.0)).__abs__().max() for k in cfg.blur_kernel_sizes}
+        errs = {
+            k: (got[i, 0].numpy() - _blur_numpy(x[i, 0].numpy().astype(np.float64), k, 5.0)).__abs__().max()
+            for k in cfg.blur_kernel_sizes
+        }
         best = min(errs, key=errs.get)
         assert errs[best] < 1e-5
         matched.add(best)

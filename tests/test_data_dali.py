@@ -1,20 +1,22 @@
 """The DALI backend (CPU here): the same samples, crops, flips and masks as the torch backend,
 exact resume, corrupt samples skipped."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-from pipeline.data import build_train_loader
 from test_data_loader import make_cfg
 from test_data_shards import write_split
+
+from pipeline.data import build_train_loader
 
 pytest.importorskip("nvidia.dali")
 
 
 def run(cfg, backend, *, rank=0, world_size=1, micro_batch=3):
-    loader = build_train_loader(cfg, rank=rank, world_size=world_size, micro_batch=micro_batch, device="cpu",
-                                backend=backend)
+    loader = build_train_loader(
+        cfg, rank=rank, world_size=world_size, micro_batch=micro_batch, device="cpu", backend=backend
+    )
     return loader, [(loader.last_ids, b) for b in loader]
 
 
@@ -70,16 +72,17 @@ def test_batched_corruption_matches_per_sample(kind):
     seeds = [11, 12, 13, 14, 15, 16]
     enc, target, keep = corrupt_samples(images, cfg, seeds)
     for i, s in enumerate(seeds):
-        e, t, k = corrupt(images[i:i + 1], cfg, torch.Generator().manual_seed(s))
+        e, t, k = corrupt(images[i : i + 1], cfg, torch.Generator().manual_seed(s))
         # a convolution over a batch may sum in another order than over one image
-        torch.testing.assert_close(enc[i:i + 1], e, rtol=0, atol=1e-6)
-        assert torch.equal(target[i:i + 1], t) and (k is None) == (keep is None)
+        torch.testing.assert_close(enc[i : i + 1], e, rtol=0, atol=1e-6)
+        assert torch.equal(target[i : i + 1], t) and (k is None) == (keep is None)
         if k is not None:
-            assert torch.equal(keep[i:i + 1], k)
+            assert torch.equal(keep[i : i + 1], k)
     if kind == "mfm":
         assert 0 < keep.flatten(1).mean(1).gt(0.5).sum() < 6  # both low- and high-pass draws occur
     if kind == "deblur":  # several kernel sizes occur in the batch
         from pipeline.corruptions import blur_kernel_sizes
+
         draws = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(s)) for s in seeds])
         assert len(blur_kernel_sizes(draws, cfg).unique()) > 1
 
@@ -133,12 +136,14 @@ def test_dali_failure_comes_after_the_batches_before_it(tmp_path, monkeypatch):
                 raise RuntimeError("decoder exploded")
             return (type("Out", (), {"as_tensor": lambda _: np.zeros(self.shape, np.uint8)})(),)
 
-    monkeypatch.setattr(dali_backend, "build_pipeline",
-                        lambda cfg, bs, source, **kw: FailingPipeline(source, bs, cfg.model.img_size))
+    monkeypatch.setattr(
+        dali_backend, "build_pipeline", lambda cfg, bs, source, **kw: FailingPipeline(source, bs, cfg.model.img_size)
+    )
     url = str(tmp_path / "train")
     write_split(url, [4, 4, 4], size=(40, 30))
-    loader = build_train_loader(make_cfg(url, "data.workers=2"), rank=0, world_size=1, micro_batch=2,
-                                device="cpu", backend="dali")
+    loader = build_train_loader(
+        make_cfg(url, "data.workers=2"), rank=0, world_size=1, micro_batch=2, device="cpu", backend="dali"
+    )
     got = []
     with pytest.raises(RuntimeError, match="DALI failed on batch 3"):
         for _ in loader:

@@ -1,5 +1,6 @@
 """The training and evaluation loaders on the torch backend: coverage across ranks and
 DataLoader workers, resume, S3 restarts, corrupt samples, shapes and ranges."""
+
 from __future__ import annotations
 
 import logging
@@ -7,15 +8,26 @@ import threading
 
 import pytest
 import torch
+from test_data_shards import write_split
 
 from pipeline.config import load_config
 from pipeline.data import Batch, build_eval_loader, build_train_loader
-from test_data_shards import write_split
 
 
 def make_cfg(url: str, *overrides: str):
-    return load_config(None, [f"data.train={url}", "model.img_size=32", "corruption.radius=4", "data.backend=torch",
-                              "data.shuffle_buffer=5", "data.prefetch_shards=1", "data.workers=0", *overrides])
+    return load_config(
+        None,
+        [
+            f"data.train={url}",
+            "model.img_size=32",
+            "corruption.radius=4",
+            "data.backend=torch",
+            "data.shuffle_buffer=5",
+            "data.prefetch_shards=1",
+            "data.workers=0",
+            *overrides,
+        ],
+    )
 
 
 def epoch_ids(loader) -> list[list[int]]:
@@ -31,14 +43,14 @@ def test_exactly_once_over_ranks_and_workers(tmp_path, sizes):
     write_split(url, sizes, size=(40, 30))
     cfg = make_cfg(url, "data.workers=2")
     loaders = [build_train_loader(cfg, rank=r, world_size=2, micro_batch=2, device="cpu") for r in range(2)]
-    per_rank = [epoch_ids(l) for l in loaders]
+    per_rank = [epoch_ids(ld) for ld in loaders]
     n, nb = sum(sizes), sum(sizes) // 4
-    assert [len(b) for b in per_rank] == [nb, nb] == [l.steps_per_epoch for l in loaders]
+    assert [len(b) for b in per_rank] == [nb, nb] == [ld.steps_per_epoch for ld in loaders]
     seen = [i for batches in per_rank for b in batches for i in b]
     assert len(seen) == len(set(seen)) == nb * 4 and set(seen) <= set(range(n))
-    assert all(l.epoch == 1 for l in loaders)
+    assert all(ld.epoch == 1 for ld in loaders)
     # the next epoch covers the same way, in another order
-    again = [epoch_ids(l) for l in loaders]
+    again = [epoch_ids(ld) for ld in loaders]
     seen2 = [i for batches in again for b in batches for i in b]
     assert len(set(seen2)) == nb * 4 and seen2 != seen
 
@@ -54,8 +66,13 @@ def test_batch_contract(tmp_path):
     for t in (b.encoder_input, b.target):
         assert lo - 1e-4 <= t.min() and t.max() <= hi + 1e-4
     assert set(b.keep.unique().tolist()) <= {0.0, 1.0}
-    sr = next(iter(build_train_loader(make_cfg(url, "corruption.kind=denoise"), rank=0, world_size=1, micro_batch=3,
-                                      device="cpu")))
+    sr = next(
+        iter(
+            build_train_loader(
+                make_cfg(url, "corruption.kind=denoise"), rank=0, world_size=1, micro_batch=3, device="cpu"
+            )
+        )
+    )
     assert sr.keep is None and sr.encoder_input.shape == (3, 3, 32, 32)
 
 
@@ -105,31 +122,33 @@ def test_world_size_change_continues_the_epoch(tmp_path):
     seen = []
     states = []
     for r in range(3):
-        l = build_train_loader(cfg, rank=r, world_size=3, micro_batch=2, device="cpu")
-        it = iter(l)
+        ld = build_train_loader(cfg, rank=r, world_size=3, micro_batch=2, device="cpu")
+        it = iter(ld)
         for _ in range(2):
             next(it)
-            seen += l.last_ids
-        states.append(l.state_dict())
+            seen += ld.last_ids
+        states.append(ld.state_dict())
     assert states[0] == states[1] == states[2]
     for r in range(2):  # the run resumes on 2 ranks
-        l = build_train_loader(cfg, rank=r, world_size=2, micro_batch=2, device="cpu")
-        l.load_state_dict(states[0])
-        seen += [i for _ in l for i in l.last_ids]
-        assert l.epoch == 1
+        ld = build_train_loader(cfg, rank=r, world_size=2, micro_batch=2, device="cpu")
+        ld.load_state_dict(states[0])
+        seen += [i for _ in ld for i in ld.last_ids]
+        assert ld.epoch == 1
     assert len(seen) == len(set(seen)) > 24 - 4  # nothing twice; only the last global remainder dropped
 
 
 def test_corrupt_sample_is_skipped_and_counted(tmp_path, caplog):
     url = str(tmp_path / "train")
     write_split(url, [4, 4], corrupt={5})
-    loader = build_train_loader(make_cfg(url, "data.shuffle_buffer=0"), rank=0, world_size=1, micro_batch=4,
-                                device="cpu")
+    loader = build_train_loader(
+        make_cfg(url, "data.shuffle_buffer=0"), rank=0, world_size=1, micro_batch=4, device="cpu"
+    )
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         batches = list(loader)
     assert len(batches) == 2 and all(b.target.shape[0] == 4 for b in batches)
-    assert loader.skipped == 1 and loader.skipped_keys == ["train-000001.tar/s00005: unreadable image header: "
-                                                           + loader.skipped_keys[0].split("header: ", 1)[1]]
+    assert loader.skipped == 1 and loader.skipped_keys == [
+        "train-000001.tar/s00005: unreadable image header: " + loader.skipped_keys[0].split("header: ", 1)[1]
+    ]
     assert "s00005" in caplog.text
     assert loader.state_dict()["skipped"] == 1
 
@@ -145,7 +164,7 @@ def _broken_png() -> bytes:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
     data = bytearray(buf.getvalue())
     start = data.index(b"IDAT") + 8
-    data[start:start + 200] = bytes(200)
+    data[start : start + 200] = bytes(200)
     return bytes(data)
 
 
@@ -159,8 +178,14 @@ def test_body_that_does_not_decode_is_skipped(tmp_path, monkeypatch, backend):
     monkeypatch.setattr(test_data_shards, "jpeg", lambda i, size=32: _broken_png() if i == 2 else real(i, size))
     url = str(tmp_path / "train")
     write_split(url, [4])
-    loader = build_train_loader(make_cfg(url, "data.shuffle_buffer=0", "data.workers=1"), rank=0, world_size=1,
-                                micro_batch=4, device="cpu", backend=backend)
+    loader = build_train_loader(
+        make_cfg(url, "data.shuffle_buffer=0", "data.workers=1"),
+        rank=0,
+        world_size=1,
+        micro_batch=4,
+        device="cpu",
+        backend=backend,
+    )
     (batch,) = list(loader)
     assert loader.skipped == 1 and loader.skipped_keys[0].startswith("train-000000.tar/s00002: cannot decode")
     assert batch.target.shape == (4, 3, 32, 32) and torch.isfinite(batch.target).all()
@@ -183,8 +208,11 @@ def test_s3_endpoint_restart_mid_epoch(s3_endpoint, caplog):
     restart.start()
     # Whichever layer meets the outage retries it: ours, s3fs's or botocore's (their own retries
     # can outlast 5 s when their random backoff draws long).
-    for name, level in (("pipeline.storage", logging.WARNING), ("s3fs", logging.DEBUG),
-                        ("botocore.retries.standard", logging.DEBUG)):
+    for name, level in (
+        ("pipeline.storage", logging.WARNING),
+        ("s3fs", logging.DEBUG),
+        ("botocore.retries.standard", logging.DEBUG),
+    ):
         caplog.set_level(level, logger=name)
     got += [(loader.last_ids, b.target) for b in it]
     restart.join()
@@ -208,8 +236,9 @@ def test_eval_loader_covers_every_sample_once(tmp_path):
     assert count == 7 and sorted(labels) == list(range(7))  # class i % 10 of sample i
     tr = build_eval_loader(cfg, url, rank=0, world_size=1, batch_size=3, device="cpu", train_augment=True)
     assert [len(y) for _, y in tr] == [3, 3]
-    custom = build_eval_loader(cfg, url, rank=0, world_size=1, batch_size=7, device="cpu",
-                               sample_transform=lambda im: torch.zeros(3, 8, 8))
+    custom = build_eval_loader(
+        cfg, url, rank=0, world_size=1, batch_size=7, device="cpu", sample_transform=lambda im: torch.zeros(3, 8, 8)
+    )
     images, _ = next(iter(custom))
     assert images.shape == (7, 3, 8, 8)
 

@@ -1,11 +1,11 @@
 """The pure assignment: exactly-once, equal batch counts, determinism, layout changes."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.data.sampling import (Layout, SamplerState, deal, epoch_order, rank_plan, reader_batches,
-                                    remaining_order)
+from pipeline.data.sampling import Layout, SamplerState, deal, epoch_order, rank_plan, reader_batches, remaining_order
 
 
 def _all_batches(counts, state, world):

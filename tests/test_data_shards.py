@@ -1,6 +1,7 @@
 """Shard reading (manifest, tar parsing, fetch with cache), and the contract writer the other
 data tests use: the docs/architecture.md shard layout written directly, so that a test can
 put a corrupt sample inside a shard (the real sharder rejects those) and choose shard sizes."""
+
 from __future__ import annotations
 
 import io
@@ -52,8 +53,16 @@ def _index(tar: bytes) -> bytes:
     return (f"v1.2 {len(rows)}\n" + "".join(" ".join(r) + "\n" for r in rows)).encode()
 
 
-def write_split(url: str, shard_sizes: list[int], *, size=32, corrupt: set[int] = frozenset(), split: str = "train",
-                storage=None, index: bool = True) -> list[str]:
+def write_split(
+    url: str,
+    shard_sizes: list[int],
+    *,
+    size=32,
+    corrupt: set[int] = frozenset(),
+    split: str = "train",
+    storage=None,
+    index: bool = True,
+) -> list[str]:
     """Write shards of the given sample counts (with their .idx unless index=False) and the
     manifest (last); sample i has key `s{i:05d}`, class i % 10, and pixels from jpeg(i); ids in
     `corrupt` get garbage bytes. Returns the keys in manifest order."""
@@ -63,8 +72,11 @@ def write_split(url: str, shard_sizes: list[int], *, size=32, corrupt: set[int] 
         for _ in range(count):
             key = f"s{i:05d}"
             data = b"\xff\xd8 definitely not a jpeg" if i in corrupt else jpeg(i, size)
-            members += [(f"{key}.jpg", data), (f"{key}.cls", str(i % 10).encode()),
-                        (f"{key}.json", json.dumps({"file": key, "class": i % 10}).encode())]
+            members += [
+                (f"{key}.jpg", data),
+                (f"{key}.cls", str(i % 10).encode()),
+                (f"{key}.json", json.dumps({"file": key, "class": i % 10}).encode()),
+            ]
             keys.append(key)
             i += 1
         tar = _tar(members)
@@ -72,10 +84,17 @@ def write_split(url: str, shard_sizes: list[int], *, size=32, corrupt: set[int] 
         write_bytes(join(url, name), tar, storage)
         if index:
             write_bytes(join(url, name.replace(".tar", ".idx")), _index(tar), storage)
-        shards.append({"name": name, "index": name.replace(".tar", ".idx"), "samples": count, "bytes": len(tar),
-                       "sha256": ""})
-    manifest = {"format_version": 1, "tool": "tests", "split": split, "num_samples": i, "shards": shards,
-                "classes": [{"index": c, "wnid": f"n{c:08d}", "name": str(c)} for c in range(10)]}
+        shards.append(
+            {"name": name, "index": name.replace(".tar", ".idx"), "samples": count, "bytes": len(tar), "sha256": ""}
+        )
+    manifest = {
+        "format_version": 1,
+        "tool": "tests",
+        "split": split,
+        "num_samples": i,
+        "shards": shards,
+        "classes": [{"index": c, "wnid": f"n{c:08d}", "name": str(c)} for c in range(10)],
+    }
     write_bytes(join(url, "manifest.json"), json.dumps(manifest).encode(), storage)
     return keys
 
@@ -165,6 +184,7 @@ def test_transient_error_resumes_at_byte_offset(tmp_path, monkeypatch, index):
 
             def cat_file(self, p):
                 return fs.cat_file(p)
+
         return FS(), path
 
     monkeypatch.setattr(shards_mod, "filesystem", flaky_filesystem)
@@ -187,6 +207,7 @@ def test_index_reads_the_same_samples_without_scanning(tmp_path, monkeypatch):
 
     def no_scan(*a):
         raise AssertionError("scanned although the index is there")
+
     monkeypatch.setattr(shards_mod, "_scan", no_scan)
     assert read_samples(read_split(url).shards[0], wanted) == scanned and sorted(scanned) == [0, 3, 6]
 

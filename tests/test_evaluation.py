@@ -1,5 +1,6 @@
 """Evaluation: top-k against hand-computed cases, k-NN and linear probe on synthetic features,
 the corruption package's effect, and the whole evaluation of a tiny timm encoder."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,23 @@ import pytest
 import torch
 
 from pipeline.evaluation import (
-    ALL_CORRUPTIONS, EvalOptions, Tally, accuracy, as_uint8, corrupt_images, evaluate_classifier,
-    evaluate_model, evaluate_robustness, knn_eval, linear_probe_eval, metrics_table, normalize,
-    parse_corruptions, parse_severities, summarize_robustness, topk_correct,
+    ALL_CORRUPTIONS,
+    EvalOptions,
+    Tally,
+    accuracy,
+    as_uint8,
+    corrupt_images,
+    evaluate_classifier,
+    evaluate_model,
+    evaluate_robustness,
+    knn_eval,
+    linear_probe_eval,
+    metrics_table,
+    normalize,
+    parse_corruptions,
+    parse_severities,
+    summarize_robustness,
+    topk_correct,
 )
 
 
@@ -25,12 +40,14 @@ def _one_thread():
 
 
 def test_topk_hand_computed():
-    logits = torch.tensor([
-        [0.1, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0],  # label 1: top-1 hit
-        [0.5, 0.4, 0.3, 0.2, 0.1, 0.0, 0.6],  # label 4: 5th highest (0.6,0.5,0.4,0.3,0.2) -> no; 0.1 is 6th
-        [0.5, 0.4, 0.3, 0.2, 0.1, 0.0, 0.6],  # label 3: 4th highest -> top-5 hit only
-        [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0],  # label 0: miss... top-5 of ties is up to topk; not asserted below
-    ])
+    logits = torch.tensor(
+        [
+            [0.1, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0],  # label 1: top-1 hit
+            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0, 0.6],  # label 4: 5th highest (0.6,0.5,0.4,0.3,0.2) -> no; 0.1 is 6th
+            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0, 0.6],  # label 3: 4th highest -> top-5 hit only
+            [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0],  # label 0: miss... top-5 of ties is up to topk; not asserted below
+        ]
+    )
     labels = torch.tensor([1, 4, 3, 6])
     assert topk_correct(logits[:3], labels[:3]) == {1: 1, 5: 2}
     assert accuracy(logits[:3], labels[:3]) == {"top1": pytest.approx(1 / 3), "top5": pytest.approx(2 / 3)}
@@ -46,9 +63,13 @@ def test_tally_over_batches_equals_whole():
     logits, labels = torch.randn(50, 10, generator=gen), torch.randint(0, 10, (50,), generator=gen)
     tally = Tally()
     for start in range(0, 50, 16):
-        tally.update(logits[start:start + 16], labels[start:start + 16])
+        tally.update(logits[start : start + 16], labels[start : start + 16])
     whole = accuracy(logits, labels)
-    assert tally.result() == {"top1": pytest.approx(whole["top1"]), "top5": pytest.approx(whole["top5"]), "num_samples": 50}
+    assert tally.result() == {
+        "top1": pytest.approx(whole["top1"]),
+        "top5": pytest.approx(whole["top5"]),
+        "num_samples": 50,
+    }
     with pytest.raises(ValueError, match="no samples"):
         Tally().result()
 
@@ -60,7 +81,9 @@ def test_evaluate_classifier_over_uint8_and_normalised_batches():
     truth = (images[:, 0].float().mean((1, 2)) > images[:, 1].float().mean((1, 2))).long()
 
     def classify(x):
-        px = x * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        px = x * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(
+            1, 3, 1, 1
+        )
         score = px[:, 0].mean((1, 2)) - px[:, 1].mean((1, 2))
         return torch.stack([-score, score], dim=1)
 
@@ -74,7 +97,9 @@ def test_evaluate_classifier_over_uint8_and_normalised_batches():
 
 def clustered(n: int, classes: int, dim: int, seed: int, random_labels: bool = False):
     gen = torch.Generator().manual_seed(seed)
-    centres = torch.nn.functional.normalize(torch.randn(classes, dim, generator=torch.Generator().manual_seed(99)), dim=1) * 8
+    centres = (
+        torch.nn.functional.normalize(torch.randn(classes, dim, generator=torch.Generator().manual_seed(99)), dim=1) * 8
+    )
     labels = torch.randint(0, classes, (n,), generator=gen)
     feats = centres[labels] + torch.randn(n, dim, generator=gen)
     if random_labels:
@@ -114,8 +139,12 @@ def test_corruption_grows_with_severity_and_is_repeatable():
             assert out.dtype == torch.uint8 and out.shape == clean.shape
             dist.append((out.float() - clean.float()).abs().mean().item())
         assert dist[0] > 0 and all(a < b for a, b in zip(dist, dist[1:])), (name, dist)
-    assert torch.equal(corrupt_images(clean, "gaussian_noise", 3, seed=5), corrupt_images(clean, "gaussian_noise", 3, seed=5))
-    assert not torch.equal(corrupt_images(clean, "gaussian_noise", 3, seed=5), corrupt_images(clean, "gaussian_noise", 3, seed=6))
+    assert torch.equal(
+        corrupt_images(clean, "gaussian_noise", 3, seed=5), corrupt_images(clean, "gaussian_noise", 3, seed=5)
+    )
+    assert not torch.equal(
+        corrupt_images(clean, "gaussian_noise", 3, seed=5), corrupt_images(clean, "gaussian_noise", 3, seed=6)
+    )
 
 
 def test_corruption_and_severity_specs():
@@ -150,8 +179,13 @@ def test_robustness_report():
     assert rob["severities"] == [1, 5]
     assert rob["drop_top1"] == pytest.approx(1.0 - rob["mean_top1"])
     # Uneven grids: the mean over corruptions weighs each corruption equally, the cell mean does not.
-    uneven = summarize_robustness({("fog", 1): {"top1": 1.0, "top5": 1.0}, ("fog", 2): {"top1": 1.0, "top5": 1.0},
-                                   ("snow", 1): {"top1": 0.0, "top5": 1.0}})
+    uneven = summarize_robustness(
+        {
+            ("fog", 1): {"top1": 1.0, "top5": 1.0},
+            ("fog", 2): {"top1": 1.0, "top5": 1.0},
+            ("snow", 1): {"top1": 0.0, "top5": 1.0},
+        }
+    )
     assert uneven["mean_top1"] == pytest.approx(2 / 3) and uneven["mean_over_corruptions_top1"] == pytest.approx(0.5)
 
 
@@ -186,9 +220,12 @@ def test_evaluate_model_encoder_with_probe(tiny_encoder):
     model, _, _ = tiny_encoder
     train_x, train_y = stripes(32, 0)
     val_x, val_y = stripes(8, 1)
-    metrics = evaluate_model(model, lambda: [(val_x[:4], val_y[:4]), (val_x[4:], val_y[4:])],
-                             lambda: [(train_x[i:i + 16], train_y[i:i + 16]) for i in range(0, 32, 16)],
-                             EvalOptions(corruptions=["gaussian_noise"], severities=[1, 5], probe_epochs=30))
+    metrics = evaluate_model(
+        model,
+        lambda: [(val_x[:4], val_y[:4]), (val_x[4:], val_y[4:])],
+        lambda: [(train_x[i : i + 16], train_y[i : i + 16]) for i in range(0, 32, 16)],
+        EvalOptions(corruptions=["gaussian_noise"], severities=[1, 5], probe_epochs=30),
+    )
     assert metrics["classifier"] == "linear_probe" and metrics["num_samples"] == 8
     # Stripe orientation is linearly readable even from a random ViT's frozen features.
     assert metrics["linear_probe"]["top1"] >= 0.9 and metrics["top1"] == metrics["linear_probe"]["top1"]
@@ -218,8 +255,24 @@ def test_mfm_evaluate_on_shards(tiny_encoder, tmp_path, capsys):
     export = str(tmp_path / "run" / "export")
     storage.write_bytes(storage.join(export, "model.safetensors"), save(state))
     storage.write_bytes(storage.join(export, "config.json"), json.dumps(config).encode())
-    common = ["--data", val, "--train-data", train, "--corruptions", "gaussian_noise", "--severities", "1,5",
-              "--device", "cpu", "--batch-size", "8", "--probe-epochs", "2", "--set", "data.workers=0"]
+    common = [
+        "--data",
+        val,
+        "--train-data",
+        train,
+        "--corruptions",
+        "gaussian_noise",
+        "--severities",
+        "1,5",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "8",
+        "--probe-epochs",
+        "2",
+        "--set",
+        "data.workers=0",
+    ]
 
     assert mfm(["evaluate", "--model", export, *common]) == 0
     metrics = json.loads((tmp_path / "run" / "export" / "metrics.json").read_text())
@@ -232,8 +285,23 @@ def test_mfm_evaluate_on_shards(tiny_encoder, tmp_path, capsys):
     reg.register("tiny", export)  # picks up the metrics.json beside the export
     assert reg.metrics("tiny@latest")["top1"] == metrics["top1"]
     out = str(tmp_path / "by-ref.json")
-    assert mfm(["evaluate", "--model", "tiny@latest", "--registry", reg.url, "--out", out, *common,
-                "--corruptions", "none"]) == 0
+    assert (
+        mfm(
+            [
+                "evaluate",
+                "--model",
+                "tiny@latest",
+                "--registry",
+                reg.url,
+                "--out",
+                out,
+                *common,
+                "--corruptions",
+                "none",
+            ]
+        )
+        == 0
+    )
     by_ref = json.loads(open(out).read())
     assert by_ref["model"] == "tiny@v1" and "robustness" not in by_ref
     assert by_ref["knn"] == metrics["knn"]  # same weights, same data, same features
@@ -251,6 +319,7 @@ def test_encoder_without_corruptions_reads_the_val_data_once(tiny_encoder):
     def val():
         reads.append(1)
         return [(val_x, val_y)]
+
     metrics = evaluate_model(model, val, lambda: [(train_x, train_y)], EvalOptions(probe_epochs=5))
     assert len(reads) == 1 and metrics["num_samples"] == 8
     assert (metrics["top1"], metrics["top5"]) == (metrics["linear_probe"]["top1"], metrics["linear_probe"]["top5"])

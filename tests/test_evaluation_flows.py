@@ -1,5 +1,6 @@
 """The mfm-evaluate and mfm-register flows under a real local Prefect server: same parameters
 as the CLI, results in the store, metrics published as table artifacts."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ def artifact_rows(key: str) -> list[dict]:
 
     async def read():
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                               sort=ArtifactSort.CREATED_DESC)
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC
+            )
 
     found = anyio.run(read)
     assert found, f"no artifact {key}"
@@ -86,8 +88,17 @@ def test_evaluate_flow_writes_metrics_and_artifact(prefect_server, tmp_path, one
     write_split(str(tmp_path / "train"), [10])
     write_split(str(tmp_path / "val"), [6], split="val")
 
-    result = evaluate_flow(export, str(tmp_path / "val"), train_data=str(tmp_path / "train"), corruptions="contrast",
-                           severities="2", device="cpu", batch_size=8, probe_epochs=2, overrides=["data.workers=0"])
+    result = evaluate_flow(
+        export,
+        str(tmp_path / "val"),
+        train_data=str(tmp_path / "train"),
+        corruptions="contrast",
+        severities="2",
+        device="cpu",
+        batch_size=8,
+        probe_epochs=2,
+        overrides=["data.workers=0"],
+    )
     assert result["metrics_url"] == storage.join(export, "metrics.json")
     metrics = json.loads(storage.read_bytes(result["metrics_url"]))
     assert result["top1"] == metrics["top1"] and result["corrupted_mean_top1"] == metrics["robustness"]["mean_top1"]

@@ -1,6 +1,7 @@
 """`mfm experiment pretext-comparison` end to end at a microscopic scale: real sample data,
 shards, DeepSpeed pretraining, registry, fine-tuning and frozen evaluation; then a rerun that
 skips finished runs and redoes only a missing one."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,32 @@ from pipeline.experiment import Settings, run_experiment
 
 pytestmark = pytest.mark.skipif(not sample_data.fashion_mnist_available(), reason="Fashion-MNIST not installed")
 
-ARGS = ["--pretexts", "mfm,denoise", "--seeds", "0", "--fractions", "0.5", "--per-class", "8",
-        "--per-class-test", "4", "--pretrain-steps", "2", "--finetune-steps", "2", "--pretrain-batch", "16",
-        "--finetune-batch", "8", "--probe-epochs", "2",
-        "--pretrain-set", "optim.lr_base_batch=16", "--finetune-set", "finetune.label_smoothing=0.2"]
+ARGS = [
+    "--pretexts",
+    "mfm,denoise",
+    "--seeds",
+    "0",
+    "--fractions",
+    "0.5",
+    "--per-class",
+    "8",
+    "--per-class-test",
+    "4",
+    "--pretrain-steps",
+    "2",
+    "--finetune-steps",
+    "2",
+    "--pretrain-batch",
+    "16",
+    "--finetune-batch",
+    "8",
+    "--probe-epochs",
+    "2",
+    "--pretrain-set",
+    "optim.lr_base_batch=16",
+    "--finetune-set",
+    "finetune.label_smoothing=0.2",
+]
 
 
 def test_comparison_end_to_end_then_rerun_skips_finished_runs(tmp_path, caplog, capsys):
@@ -29,8 +52,9 @@ def test_comparison_end_to_end_then_rerun_skips_finished_runs(tmp_path, caplog, 
 
     res = out / "results"
     arms = ["random", "mfm", "denoise"]
-    names = [f"{stage}-{a}-s0" for a in arms for stage in ("pretrain", "frozen")] + \
-            [f"finetune-{a}-s0-50pct" for a in arms]
+    names = [f"{stage}-{a}-s0" for a in arms for stage in ("pretrain", "frozen")] + [
+        f"finetune-{a}-s0-50pct" for a in arms
+    ]
     assert sorted(p.stem for p in res.glob("*.json")) == sorted(names)
     for a in arms:
         ft = json.loads((res / f"finetune-{a}-s0-50pct.json").read_text())
@@ -49,7 +73,11 @@ def test_comparison_end_to_end_then_rerun_skips_finished_runs(tmp_path, caplog, 
     for arm, row in zip(arms, rows):  # the table shows the result files' numbers, as percent
         top1 = 100 * json.loads((res / f"finetune-{arm}-s0-50pct.json").read_text())["top1"]
         assert row.split("|")[2].strip() == f"{top1:.1f} ± 0.0"
-    assert "--pretexts mfm,denoise" in table and "--seeds 0" in table and "--finetune-set finetune.label_smoothing=0.2" in table
+    assert (
+        "--pretexts mfm,denoise" in table
+        and "--seeds 0" in table
+        and "--finetune-set finetune.label_smoothing=0.2" in table
+    )
     # the overrides reached the runs
     ft_config = (out / "runs" / "finetune-mfm-s0-50pct" / "config.yaml").read_text()
     assert "label_smoothing: 0.2" in ft_config and "mixup: 0.0" in ft_config and "randaugment: null" in ft_config
@@ -66,8 +94,9 @@ def test_comparison_end_to_end_then_rerun_skips_finished_runs(tmp_path, caplog, 
     assert ran == ["run finetune-denoise-s0-50pct"]
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in res.glob("*.json")}
     assert after.keys() == before.keys()
-    assert {k: v for k, v in after.items() if "finetune-denoise" not in k} == \
-           {k: v for k, v in before.items() if "finetune-denoise" not in k}
+    assert {k: v for k, v in after.items() if "finetune-denoise" not in k} == {
+        k: v for k, v in before.items() if "finetune-denoise" not in k
+    }
     assert Registry(str(out.resolve() / "registry")).versions("pretext-comparison-mfm-s0") == [1]
 
     # results made with other settings are never mixed in
@@ -81,10 +110,21 @@ def test_comparison_end_to_end_then_rerun_skips_finished_runs(tmp_path, caplog, 
 
     caplog.clear()
     with prefect_test_harness(server_startup_timeout=120):
-        means = pretext_comparison_flow(out=str(out), pretexts=["mfm", "denoise"], seeds=[0], fractions=[0.5],
-                                        pretrain_steps=2, finetune_steps=2, per_class=8, per_class_test=4,
-                                        pretrain_batch=16, finetune_batch=8, probe_epochs=2,
-                                        pretrain_set=["optim.lr_base_batch=16"], finetune_set=["finetune.label_smoothing=0.2"])
+        means = pretext_comparison_flow(
+            out=str(out),
+            pretexts=["mfm", "denoise"],
+            seeds=[0],
+            fractions=[0.5],
+            pretrain_steps=2,
+            finetune_steps=2,
+            per_class=8,
+            per_class_test=4,
+            pretrain_batch=16,
+            finetune_batch=8,
+            probe_epochs=2,
+            pretrain_set=["optim.lr_base_batch=16"],
+            finetune_set=["finetune.label_smoothing=0.2"],
+        )
     assert not [r for r in caplog.records if r.getMessage().startswith("run ")]
     top1 = 100 * json.loads((res / "finetune-mfm-s0-50pct.json").read_text())["top1"]
     assert list(means) == arms and means["mfm"]["finetune_50pct"] == round(top1, 2)

@@ -5,6 +5,7 @@ checkpoint -> the same run finished through the `mfm-finetune` Prefect flow, whi
 metrics.json and a classifier export that timm loads with its head.
 
 Process start-up dominates on CPU, so the three launches are shared between the assertions."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,15 @@ def _sets(values: dict) -> list[str]:
 
 
 def _run(args: list[str], env: dict) -> str:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
     return proc.stdout
 
@@ -46,7 +54,7 @@ def _keys(s3_endpoint, url: str) -> set[str]:
     bucket, prefix = url.removeprefix("s3://").split("/", 1)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint.url)
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-    return {o["Key"][len(prefix) + 1:] for page in pages for o in page.get("Contents", [])}
+    return {o["Key"][len(prefix) + 1 :] for page in pages for o in page.get("Contents", [])}
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +69,47 @@ def pipeline_run(s3_endpoint, tmp_path_factory):
     manifests = shard_dataset(sample["folder"], f"{store}/shards", splits=["train", "val"], shard_size_mb=1)
     assert manifests["train"]["num_samples"] == 80 and manifests["val"]["num_samples"] == 20
     env = _env(root / "staging")
-    data = {"data.train": f"{store}/shards/train", "data.val": f"{store}/shards/val", "data.backend": "torch",
-            "data.workers": 0, "data.batch_size": BATCH}
+    data = {
+        "data.train": f"{store}/shards/train",
+        "data.val": f"{store}/shards/val",
+        "data.backend": "torch",
+        "data.workers": 0,
+        "data.batch_size": BATCH,
+    }
 
-    _run(["pretrain", "--config", "tiny_cpu", *_sets({**data, "train.run_dir": f"{store}/pretrain", "train.nprocs": 1,
-                                                      "train.max_steps": 2, "optim.warmup_epochs": 0})], env)
+    _run(
+        [
+            "pretrain",
+            "--config",
+            "tiny_cpu",
+            *_sets(
+                {
+                    **data,
+                    "train.run_dir": f"{store}/pretrain",
+                    "train.nprocs": 1,
+                    "train.max_steps": 2,
+                    "optim.warmup_epochs": 0,
+                }
+            ),
+        ],
+        env,
+    )
     registry = f"{store}/registry"
     ref = Registry(registry).register("tiny-mfm", f"{store}/pretrain/export")
     assert str(ref) == "tiny-mfm@v1"
 
     run_dir = f"{store}/finetune"
-    finetune = {**data, "finetune.init": "tiny-mfm@latest", "finetune.registry": registry, "train.run_dir": run_dir,
-                "train.nprocs": 2, "train.checkpoint_every": 2, "train.log_every": 1, "optim.warmup_epochs": 1,
-                "finetune.reprob": 0.5}
+    finetune = {
+        **data,
+        "finetune.init": "tiny-mfm@latest",
+        "finetune.registry": registry,
+        "train.run_dir": run_dir,
+        "train.nprocs": 2,
+        "train.checkpoint_every": 2,
+        "train.log_every": 1,
+        "optim.warmup_epochs": 1,
+        "finetune.reprob": 0.5,
+    }
     first = _run(["finetune", "--config", "finetune_tiny_cpu", *_sets({**finetune, "train.max_steps": 2})], env)
     # What a kill during step 3's checkpoint leaves: step-2 complete, step-3 half written, no
     # export or metrics yet.
@@ -83,8 +119,15 @@ def pipeline_run(s3_endpoint, tmp_path_factory):
     storage.write_bytes(f"{run_dir}/step-3/mp_rank_00_model_states.pt", b"half")
     # meanwhile `latest` moves on; the run must still say it started from v1
     assert str(Registry(registry).register("tiny-mfm", f"{store}/pretrain/export")) == "tiny-mfm@v2"
-    return {"store": store, "run_dir": run_dir, "registry": registry, "first": first, "finetune": finetune,
-            "env": env, "root": root}
+    return {
+        "store": store,
+        "run_dir": run_dir,
+        "registry": registry,
+        "first": first,
+        "finetune": finetune,
+        "env": env,
+        "root": root,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +161,7 @@ def resumed(pipeline_run):
 
 def test_first_run_pins_the_registry_version_and_reports_metrics(pipeline_run, s3_endpoint):
     out = pipeline_run["first"]
-    result = json.loads(out[out.rindex("{\n \"run_dir\""):])
+    result = json.loads(out[out.rindex('{\n "run_dir"') :])
     assert set(result["metrics"]) == {"top1", "top5", "num_samples"} and result["metrics"]["num_samples"] == 20
     assert "new ['fc_norm', 'head']; dropped ['norm']" in out  # the encoder's final norm gives way to fc_norm
     from pipeline import storage
@@ -135,8 +178,13 @@ def test_flow_resumes_the_cut_short_run(pipeline_run, resumed, s3_endpoint):
     run_dir = pipeline_run["run_dir"]
     keys = _keys(s3_endpoint, run_dir)
     assert not any(k.startswith("step-3/") for k in keys)  # the half-written folder was dropped
-    assert {"step-2/COMPLETE", "step-4/COMPLETE", "export/model.safetensors", "export/config.json",
-            "metrics.json"} <= keys
+    assert {
+        "step-2/COMPLETE",
+        "step-4/COMPLETE",
+        "export/model.safetensors",
+        "export/config.json",
+        "metrics.json",
+    } <= keys
     logged = [json.loads(r) for r in storage.read_bytes(f"{run_dir}/metrics.jsonl").decode().splitlines()]
     rows = [r for r in logged if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -176,8 +224,9 @@ def test_export_is_a_timm_classifier_with_its_head(pipeline_run, resumed, tmp_pa
     state = load(storage.read_bytes(f"{export}/model.safetensors"))
     assert config["num_classes"] == 10 and config["model_args"]["global_pool"] == "avg"
     assert len(config["label_names"]) == 10
-    model = timm.create_model(config["architecture"], pretrained=False, num_classes=config["num_classes"],
-                              **config["model_args"])
+    model = timm.create_model(
+        config["architecture"], pretrained=False, num_classes=config["num_classes"], **config["model_args"]
+    )
     model.load_state_dict(state, strict=True)  # head and fc_norm included, nothing left over
     assert model.head.out_features == 10 and model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     # The fine-tune started from the pretrained encoder: a handful of steps at a layer-decayed
@@ -190,7 +239,13 @@ def test_export_is_a_timm_classifier_with_its_head(pipeline_run, resumed, tmp_pa
     # the export, evaluated alone in this process, scores what the ranks reported
     loaded, _ = load_export(export)
     assert loaded.head.out_features == 10
-    metrics, _ = evaluation.run(export, f"{pipeline_run['store']}/shards/val", corruptions="none",
-                                out=str(tmp_path / "metrics.json"), batch_size=8, device="cpu")
+    metrics, _ = evaluation.run(
+        export,
+        f"{pipeline_run['store']}/shards/val",
+        corruptions="none",
+        out=str(tmp_path / "metrics.json"),
+        batch_size=8,
+        device="cpu",
+    )
     reported = json.loads(storage.read_bytes(f"{pipeline_run['run_dir']}/metrics.json"))
     assert metrics["top1"] == pytest.approx(reported["top1"]) and metrics["top5"] == pytest.approx(reported["top5"])

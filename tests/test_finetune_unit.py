@@ -1,5 +1,6 @@
 """Fine-tuning pieces in one process: layer-wise lr decay through timm's groups and scheduler,
 encoder loading, per-sample seeded augmentation, and configs refused before any process starts."""
+
 from __future__ import annotations
 
 import io
@@ -135,25 +136,41 @@ def no_launch(monkeypatch):
 
 def _export(url: str, architecture: str, model_args: dict | None = None) -> str:
     storage.write_bytes(storage.join(url, "model.safetensors"), save({"w": torch.zeros(1)}))
-    storage.write_bytes(storage.join(url, "config.json"),
-                        json.dumps({"architecture": architecture, "model_args": model_args or {}}).encode())
+    storage.write_bytes(
+        storage.join(url, "config.json"),
+        json.dumps({"architecture": architecture, "model_args": model_args or {}}).encode(),
+    )
     return url
 
 
-@pytest.mark.parametrize("init, message", [
-    ("nosuch@latest", "finetune.init='nosuch@latest': nosuch@latest: no alias 'latest'"),
-    ("model@v1o", "finetune.init='model@v1o'"),
-    ("{tmp}/empty", "no model.safetensors there"),
-    ("{tmp}/resnet", "finetune.recipe='vit' but finetune.init="),
-])
+@pytest.mark.parametrize(
+    "init, message",
+    [
+        ("nosuch@latest", "finetune.init='nosuch@latest': nosuch@latest: no alias 'latest'"),
+        ("model@v1o", "finetune.init='model@v1o'"),
+        ("{tmp}/empty", "no model.safetensors there"),
+        ("{tmp}/resnet", "finetune.recipe='vit' but finetune.init="),
+    ],
+)
 def test_bad_init_is_refused_before_any_process_starts(tmp_path, no_launch, capsys, init, message):
     from pipeline.cli import main
 
     (tmp_path / "empty").mkdir()
     _export(str(tmp_path / "resnet"), "resnet18")
     run_dir = tmp_path / "run"
-    code = main(["finetune", "--config", "finetune_tiny_cpu", "--set", f"finetune.init={init.format(tmp=tmp_path)}",
-                 "--set", f"finetune.registry={tmp_path / 'registry'}", "--set", f"train.run_dir={run_dir}"])
+    code = main(
+        [
+            "finetune",
+            "--config",
+            "finetune_tiny_cpu",
+            "--set",
+            f"finetune.init={init.format(tmp=tmp_path)}",
+            "--set",
+            f"finetune.registry={tmp_path / 'registry'}",
+            "--set",
+            f"train.run_dir={run_dir}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert not run_dir.exists()
@@ -167,9 +184,23 @@ def test_odd_micro_batch_with_mixup_is_refused(tmp_path, no_launch, capsys):
     sample = sample_data.build(str(tmp_path / "sample"), per_class=2, size=32)
     shard_dataset(sample["folder"], str(tmp_path / "shards"), splits=["train", "val"], shard_size_mb=1)
     init = _export(str(tmp_path / "export"), "vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4})
-    args = ["finetune", "--config", "finetune_tiny_cpu", "--set", f"finetune.init={init}",
-            "--set", f"data.train={tmp_path / 'shards' / 'train'}", "--set", f"data.val={tmp_path / 'shards' / 'val'}",
-            "--set", "train.nprocs=2", "--set", "data.batch_size=6", "--set", f"train.run_dir={tmp_path / 'run'}"]
+    args = [
+        "finetune",
+        "--config",
+        "finetune_tiny_cpu",
+        "--set",
+        f"finetune.init={init}",
+        "--set",
+        f"data.train={tmp_path / 'shards' / 'train'}",
+        "--set",
+        f"data.val={tmp_path / 'shards' / 'val'}",
+        "--set",
+        "train.nprocs=2",
+        "--set",
+        "data.batch_size=6",
+        "--set",
+        f"train.run_dir={tmp_path / 'run'}",
+    ]
     assert main(args) == 2
     assert "the micro batch (data.batch_size 6 / 2 ranks / 1) = 3 must be even" in capsys.readouterr().err
 
@@ -187,8 +218,9 @@ def test_resnet_recipe_loads_the_encoder_and_trains_plain_groups():
     assert {g["lr_scale"] for g in opt.param_groups} == {1.0}
     names = {id(p): n for n, p in model.named_parameters()}
     for g in opt.param_groups:  # no decay on biases and batch norms, the recipe's decay elsewhere
-        assert {p.ndim > 1 for p in g["params"]} == {g["weight_decay"] == cfg.optim.weight_decay}, \
-            [names[id(p)] for p in g["params"]]
+        assert {p.ndim > 1 for p in g["params"]} == {g["weight_decay"] == cfg.optim.weight_decay}, [
+            names[id(p)] for p in g["params"]
+        ]
 
 
 def test_randaugment_survives_its_strongest_posterize():

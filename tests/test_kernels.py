@@ -1,4 +1,5 @@
 """kernels.frequency against numpy formulas of shared/MFM_SPEC.md written out here, in float64."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -59,8 +60,9 @@ def test_np_gradient_formula_matches_finite_differences():
     for idx in [(0, 0, 0, 0), (1, 1, 4, 5), (0, 1, 2, 3)]:
         step = np.zeros_like(pred)
         step[idx] = 1e-6
-        numeric = (np_loss_and_grad(pred + step, target, keep)[0]
-                   - np_loss_and_grad(pred - step, target, keep)[0]) / 2e-6
+        numeric = (
+            np_loss_and_grad(pred + step, target, keep)[0] - np_loss_and_grad(pred - step, target, keep)[0]
+        ) / 2e-6
         assert abs(numeric - grad[idx]) < 1e-6
 
 
@@ -125,8 +127,9 @@ def test_frequency_loss_and_gradient_match_numpy(op, h, w, keep_kind, alpha):
         keep = torch.stack([F.circle_mask(h, w, 3, high_pass=b) for b in (False, True, False)])
     else:  # not Hermitian-symmetric: the half-spectrum formulation must still be exact
         keep = (torch.rand(n, h, w, generator=g) < 0.4).float()
-    want, want_grad = np_loss_and_grad(pred.double().numpy(), target.double().numpy(),
-                                       None if keep is None else keep.double().numpy(), alpha)
+    want, want_grad = np_loss_and_grad(
+        pred.double().numpy(), target.double().numpy(), None if keep is None else keep.double().numpy(), alpha
+    )
     pred.requires_grad_(True)
     loss = op(pred, target, keep, focal_alpha=alpha)
     loss.backward()
@@ -140,8 +143,9 @@ def test_frequency_loss_dtypes_and_target_gradient(dtype):
     pred = torch.randn(2, 3, 9, 10, generator=g).to(dtype).requires_grad_(True)
     target = torch.randn(2, 3, 9, 10, generator=g).to(dtype).requires_grad_(True)
     keep = torch.stack([F.circle_mask(9, 10, 2), F.circle_mask(9, 10, 2, high_pass=True)])
-    want, want_grad = np_loss_and_grad(pred.double().detach().numpy(), target.double().detach().numpy(),
-                                       keep.double().numpy())
+    want, want_grad = np_loss_and_grad(
+        pred.double().detach().numpy(), target.double().detach().numpy(), keep.double().numpy()
+    )
     loss = F.frequency_loss(pred, target, keep)
     loss.backward()
     assert abs(loss.item() - want) <= TOL

@@ -1,4 +1,5 @@
 """`mfm bench kernels` runs end to end on a tiny batch and prints a well-formed table."""
+
 from __future__ import annotations
 
 import re
@@ -11,8 +12,26 @@ from pipeline.benchmarks import kernels as bench
 
 
 def test_cpu_table(capsys):
-    assert bench_cli(["kernels", "--device", "cpu", "--batch", "2", "--size", "16", "--radius", "3",
-                      "--repeats", "2", "--warmup", "0"]) == 0
+    assert (
+        bench_cli(
+            [
+                "kernels",
+                "--device",
+                "cpu",
+                "--batch",
+                "2",
+                "--size",
+                "16",
+                "--radius",
+                "3",
+                "--repeats",
+                "2",
+                "--warmup",
+                "0",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert "CPU: batch 2x3x16x16" in out
     assert "[cpu 3/3] loss fwd+bwd" in err  # progress goes to stderr, the table to stdout
@@ -35,6 +54,10 @@ def test_roofline_share_is_bytes_over_time_against_peak(capsys):
 
 
 def test_roofline_share_also_against_measured_copy(capsys):
-    bench._print_table("GPU (test)", 4, 224, [("fused reduction", 0.002, 1500.0, 3000.0, "test"),
-                                              ("device copy", None, 2000.0, None, "measured")])
+    bench._print_table(
+        "GPU (test)",
+        4,
+        224,
+        [("fused reduction", 0.002, 1500.0, 3000.0, "test"), ("device copy", None, 2000.0, None, "measured")],
+    )
     assert "50% of 3000 GB/s peak (test), 75% of the 2000 GB/s a device copy reaches" in capsys.readouterr().out

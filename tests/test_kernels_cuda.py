@@ -1,6 +1,7 @@
 """The GPU path of kernels.frequency (compiled Triton kernels) against the literal formulation
 computed in float64 on the CPU. Skipped on machines without CUDA; run on a GPU machine with
 `pytest tests/test_kernels_cuda.py`."""
+
 from __future__ import annotations
 
 import sys

@@ -1,6 +1,7 @@
 """The Triton kernels of kernels.triton_frequency on CPU through Triton's interpreter, against the
 literal formulation. TRITON_INTERPRET must be set before triton is imported, so the checks run
 in a fresh interpreter (this file run as a script) and print their worst differences as JSON."""
+
 from __future__ import annotations
 
 import importlib

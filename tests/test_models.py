@@ -14,11 +14,14 @@ def tiny():
     return load_config("tiny_cpu")
 
 
-@pytest.mark.parametrize("name, size, stride, dim", [
-    ("vit_tiny_patch16_224", 32, 4, 192),
-    ("vit_small_patch16_224", 64, 16, 384),
-    ("resnet50", 64, 32, 2048),
-])
+@pytest.mark.parametrize(
+    "name, size, stride, dim",
+    [
+        ("vit_tiny_patch16_224", 32, 4, 192),
+        ("vit_small_patch16_224", 64, 16, 384),
+        ("resnet50", 64, 32, 2048),
+    ],
+)
 def test_shapes_and_decoder(name, size, stride, dim):
     overrides = [f"model.name={name}", f"model.img_size={size}", "corruption.radius=4"]
     if name == "vit_tiny_patch16_224":

@@ -2,6 +2,7 @@
 `mfm deploy` onto a process work pool, a process worker running `prefect deployment run
 'mfm-pretrain/local'` to a complete checkpoint, and mfm-retrain failing at one stage and
 continuing from it on the rerun."""
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,17 @@ BIN = Path(sys.executable).parent
 POOL = "mfm-test-process"
 pytestmark = pytest.mark.slow
 
-TINY = {"data.backend": "torch", "data.workers": 0, "data.batch_size": 8, "train.nprocs": 1,
-        "train.max_steps": 2, "train.checkpoint_every": 1, "train.picture_every": 2, "train.log_every": 1,
-        "optim.warmup_epochs": 0}
+TINY = {
+    "data.backend": "torch",
+    "data.workers": 0,
+    "data.batch_size": 8,
+    "train.nprocs": 1,
+    "train.max_steps": 2,
+    "train.checkpoint_every": 1,
+    "train.picture_every": 2,
+    "train.log_every": 1,
+    "optim.warmup_epochs": 0,
+}
 FINETUNE = {"train.max_steps": 1, "train.checkpoint_every": 1, "train.log_every": 1, "optim.warmup_epochs": 0}
 
 
@@ -67,13 +76,23 @@ def server(tmp_path_factory):
     points a subprocess at it."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-           "MFM_STAGING_DIR": str(home / "staging")}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+        "MFM_STAGING_DIR": str(home / "staging"),
+    }
     log = open(home / "server.log", "wb")
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300  # a fresh database is migrated first; the machine is shared
         while True:
@@ -132,13 +151,32 @@ def test_deploy_and_run_pretrain_through_a_worker(server, sample, tmp_path):
     assert [(s.schedule.cron, s.active) for s in deployment.schedules] == [("0 3 * * 1", False)]
 
     log = open(tmp_path / "worker.log", "wb")
-    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"],
-                              env=server, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"],
+        env=server,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         run_dir = tmp_path / "run"
         overrides = {**TINY, "data.train": str(tmp_path / "shards" / "train"), "train.run_dir": str(run_dir)}
-        out = _run([str(BIN / "prefect"), "deployment", "run", "mfm-pretrain/local", "--param", "preset=tiny_cpu",
-                    "--param", f"overrides={json.dumps(overrides)}", "--watch"], server, 500)
+        out = _run(
+            [
+                str(BIN / "prefect"),
+                "deployment",
+                "run",
+                "mfm-pretrain/local",
+                "--param",
+                "preset=tiny_cpu",
+                "--param",
+                f"overrides={json.dumps(overrides)}",
+                "--watch",
+            ],
+            server,
+            500,
+        )
         assert "Completed" in out, out
     finally:
         _stop_group(worker)
@@ -154,11 +192,24 @@ def test_retrain_fails_at_a_stage_and_the_rerun_continues_there(server, sample, 
     from pipeline.registry import Registry
 
     store = tmp_path / "store"
-    kwargs = dict(source=sample, store=str(store), preset="tiny_cpu", overrides=TINY, registry_name="mfm-test",
-                  finetune_preset="finetune_tiny_cpu", finetune_overrides=FINETUNE,
-                  shard_options={"shard_size_mb": 1}, retry_delay_seconds=0,
-                  eval_options={"corruptions": "contrast", "severities": "3", "probe_epochs": 2,
-                                "device": "cpu", "batch_size": 8})
+    kwargs = dict(
+        source=sample,
+        store=str(store),
+        preset="tiny_cpu",
+        overrides=TINY,
+        registry_name="mfm-test",
+        finetune_preset="finetune_tiny_cpu",
+        finetune_overrides=FINETUNE,
+        shard_options={"shard_size_mb": 1},
+        retry_delay_seconds=0,
+        eval_options={
+            "corruptions": "contrast",
+            "severities": "3",
+            "probe_epochs": 2,
+            "device": "cpu",
+            "batch_size": 8,
+        },
+    )
     for key in ("TORCH_EXTENSIONS_DIR", "MFM_STAGING_DIR", "OMP_NUM_THREADS"):
         monkeypatch.setenv(key, server[key])
     with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
@@ -178,19 +229,28 @@ def test_retrain_fails_at_a_stage_and_the_rerun_continues_there(server, sample, 
         async def evaluate_runs(client):
             from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[failed.state_details.flow_run_id])))
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[failed.state_details.flow_run_id]))
+            )
             return [r.run_count for r in runs if r.name == "evaluate"]
 
         # InjectedFailure counts as transient: the stage ran 1 + 2 retries before the flow failed.
         assert _read(server, evaluate_runs) == [3]
 
         result = retrain_flow(**kwargs)
-        assert result["stages"] == {"shard": "Cached", "pretrain": "Cached", "finetune": "Cached",
-                                    "evaluate": "Completed", "register": "Completed"}
+        assert result["stages"] == {
+            "shard": "Cached",
+            "pretrain": "Cached",
+            "finetune": "Cached",
+            "evaluate": "Completed",
+            "register": "Completed",
+        }
         assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing re-sharded or retrained
         assert result["model"] == "mfm-test@v1" and result["promoted"]
         assert {result["export"], result["pretrained_export"]} == {str(p.parent) for p in exports}
-        assert result["export"] == result["finetune_run_dir"] + "/export" and result["finetune_run_dir"].endswith("-finetune")
+        assert result["export"] == result["finetune_run_dir"] + "/export" and result["finetune_run_dir"].endswith(
+            "-finetune"
+        )
         metrics = json.loads(Path(result["metrics"]).read_text())
         assert metrics["model"] == result["export"] and metrics["classifier"] == "head"
         assert Registry(result["registry"]).alias_version("mfm-test", "production") == 1

@@ -1,4 +1,5 @@
 """Registry round trips on a local folder and on the S3 endpoint: register, pull, load, verify."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +14,14 @@ from pipeline.cli import main as mfm
 from pipeline.config import ModelConfig
 from pipeline.models import build_model, export_encoder
 from pipeline.registry import (
-    IntegrityError, PromotionRefused, Ref, Registry, RegistryError, gate_decision, load_model, parse_ref,
+    IntegrityError,
+    PromotionRefused,
+    Ref,
+    Registry,
+    RegistryError,
+    gate_decision,
+    load_model,
+    parse_ref,
 )
 
 
@@ -46,8 +54,10 @@ def write_export(url: str, state: dict, config: dict, metrics: dict | None = Non
 
 
 def write_data_manifest(url: str) -> str:
-    storage.write_bytes(storage.join(url, "manifest.json"),
-                        json.dumps({"format_version": 1, "split": "train", "num_samples": 10, "shards": []}).encode())
+    storage.write_bytes(
+        storage.join(url, "manifest.json"),
+        json.dumps({"format_version": 1, "split": "train", "num_samples": 10, "shards": []}).encode(),
+    )
     return url
 
 
@@ -71,8 +81,10 @@ def test_register_pull_load_roundtrip(store_url, tiny_export, tmp_path):
     assert set(m["files"]) == {"model.safetensors", "config.json", "README.md", "metrics.json"}
     assert m["lineage"]["run_url"] == storage.join(store_url, "runs", "r1")
     assert m["lineage"]["run_config"] == {"model": {"name": "vit_tiny_patch16_224"}}
-    assert m["lineage"]["data_manifest"]["sha256"] == hashlib.sha256(
-        storage.read_bytes(storage.join(data, "manifest.json"))).hexdigest()
+    assert (
+        m["lineage"]["data_manifest"]["sha256"]
+        == hashlib.sha256(storage.read_bytes(storage.join(data, "manifest.json"))).hexdigest()
+    )
     assert m["lineage"]["code"]["package"] == "mfm-pipeline"
     assert m["metrics"] == {"top1": 0.25, "top5": 0.5}
     card = storage.read_bytes(storage.join(reg_url, "tiny", "v1", "README.md")).decode()

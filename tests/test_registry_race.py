@@ -1,4 +1,5 @@
 """Racing writers, in threads and in separate processes, on a local folder and on the S3 endpoint."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from safetensors.torch import save
 
 from pipeline import storage
 from pipeline.registry import PromotionRefused, Registry
-from safetensors.torch import save
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,9 @@ def _check_outcome(reg: Registry, name: str, owners: dict[str, list[int]], expor
     for owner, vs in owners.items():
         for v in vs:
             manifest = reg.manifest(f"{name}@v{v}")
-            assert manifest["files"]["model.safetensors"]["sha256"] == _sha(storage.join(exports[owner], "model.safetensors"))
+            assert manifest["files"]["model.safetensors"]["sha256"] == _sha(
+                storage.join(exports[owner], "model.safetensors")
+            )
             assert manifest["lineage"]["export_url"] == exports[owner]
     assert reg.alias_version(name, "latest") == len(versions)
 
@@ -105,11 +108,18 @@ def test_racing_registrations_in_processes(store_url, tmp_path):
     exports = {str(i): small_export(storage.join(store_url, f"e{i}"), i) for i in range(4)}
     go = tmp_path / "go"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    procs = {owner: subprocess.Popen([sys.executable, "-c", WORKER, reg.url, export, str(go), str(tmp_path / owner)],
-                                     env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
-             for owner, export in exports.items()}
+    procs = {
+        owner: subprocess.Popen(
+            [sys.executable, "-c", WORKER, reg.url, export, str(go), str(tmp_path / owner)],
+            env=env,
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for owner, export in exports.items()
+    }
     go.touch()  # all start together once imported: they race on every claim and alias move
-    for owner, p in procs.items():
+    for p in procs.values():
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
     owners = {owner: json.loads((tmp_path / owner).read_text()) for owner in exports}

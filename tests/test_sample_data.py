@@ -1,4 +1,5 @@
 """mfm sample-data: both layouts, deterministic, and the fallback without Debian's files."""
+
 import csv
 import hashlib
 import os
@@ -20,7 +21,9 @@ def _digest(root):
     return h.hexdigest()
 
 
-@pytest.mark.skipif(not sample_data.fashion_mnist_available(), reason="Debian package dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not sample_data.fashion_mnist_available(), reason="Debian package dataset-fashion-mnist not installed"
+)
 def test_fashion_mnist_in_both_layouts(tmp_path):
     from pipeline.sample_data import cli
 

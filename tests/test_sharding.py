@@ -1,5 +1,6 @@
 """End-to-end sharding: both input formats, read back with webdataset and DALI, bad files,
 determinism, idempotence, verify, a killed-and-resumed run, and S3 with an endpoint restart."""
+
 import hashlib
 import io
 import json
@@ -37,7 +38,11 @@ def expected_labels(folder: str, split: str) -> dict[str, str]:
 
 
 def local_shards(split_dir: str) -> dict[str, bytes]:
-    return {n: open(os.path.join(split_dir, n), "rb").read() for n in sorted(os.listdir(split_dir)) if n.endswith((".tar", ".idx"))}
+    return {
+        n: open(os.path.join(split_dir, n), "rb").read()
+        for n in sorted(os.listdir(split_dir))
+        if n.endswith((".tar", ".idx"))
+    }
 
 
 REJECTED = {f"n00000000_{k}" for k, v in sample_data.BAD_FILES.items() if v == "rejected"}
@@ -62,7 +67,9 @@ def test_layout_and_manifest_follow_the_contract(sharded, sample):
             assert m == json.loads((d / "manifest.json").read_text())
             assert m["format_version"] == 1 and m["split"] == split and m["tool"].startswith("mfm-pipeline ")
             assert len(m["shards"]) >= 2
-            assert sorted(os.listdir(d)) == sorted(["manifest.json", *(s["name"] for s in m["shards"]), *(s["index"] for s in m["shards"])])
+            assert sorted(os.listdir(d)) == sorted(
+                ["manifest.json", *(s["name"] for s in m["shards"]), *(s["index"] for s in m["shards"])]
+            )
             for i, s in enumerate(m["shards"]):
                 data = (d / s["name"]).read_bytes()
                 assert s["name"] == f"{split}-{i:06d}.tar" and s["index"] == f"{split}-{i:06d}.idx"
@@ -119,8 +126,12 @@ def test_dali_reads_every_good_image_once_with_its_label(sharded, sample):
     @pipeline_def(batch_size=16, num_threads=1, device_id=None)
     def pipe():
         jpg, cls, meta = fn.readers.webdataset(
-            paths=[str(d / s["name"]) for s in m["shards"]], index_paths=[str(d / s["index"]) for s in m["shards"]],
-            ext=["jpg", "cls", "json"], missing_component_behavior="error", random_shuffle=False, name="r",
+            paths=[str(d / s["name"]) for s in m["shards"]],
+            index_paths=[str(d / s["index"]) for s in m["shards"]],
+            ext=["jpg", "cls", "json"],
+            missing_component_behavior="error",
+            random_shuffle=False,
+            name="r",
         )
         return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), cls, meta
 
@@ -148,7 +159,11 @@ def test_index_files_match_dalis_wds2idx(sharded, tmp_path):
     d = out / "ilsvrc" / "val"
     m = read_manifest(str(d))
     for s in m["shards"][:2]:
-        subprocess.run([os.path.join(os.path.dirname(sys.executable), "wds2idx"), str(d / s["name"]), str(tmp_path / "x.idx")], check=True, capture_output=True)
+        subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "wds2idx"), str(d / s["name"]), str(tmp_path / "x.idx")],
+            check=True,
+            capture_output=True,
+        )
         assert (tmp_path / "x.idx").read_bytes() == (d / s["index"]).read_bytes()
 
 
@@ -164,7 +179,15 @@ def test_seed_shuffles_across_shards(sharded, sample, tmp_path):
     other = shard_dataset(sample["folder"], str(tmp_path / "s"), splits="val", shard_size_mb=SHARD_MB, seed=4)["val"]
     assert other["num_samples"] == folder["val"]["num_samples"]
     assert [s["sha256"] for s in other["shards"]] != [s["sha256"] for s in folder["val"]["shards"]]
-    first = json.loads(subprocess.run(["tar", "xOf", str(out / "folder" / "val" / "val-000000.tar"), "--wildcards", "*.json"], capture_output=True, check=True).stdout.replace(b"}{", b"},{").join([b"[", b"]"]))
+    first = json.loads(
+        subprocess.run(
+            ["tar", "xOf", str(out / "folder" / "val" / "val-000000.tar"), "--wildcards", "*.json"],
+            capture_output=True,
+            check=True,
+        )
+        .stdout.replace(b"}{", b"},{")
+        .join([b"[", b"]"])
+    )
     assert len({f["wnid"] for f in first}) > 3, "first shard should mix classes"
 
 
@@ -180,11 +203,16 @@ def test_rerun_is_a_noop_and_other_options_are_refused(sharded, sample):
 
 
 def test_decode_validation_and_max_side(sample, tmp_path):
-    m = shard_dataset(sample["ilsvrc"], str(tmp_path / "o"), splits="train", validation="decode", max_side=24, shard_size_mb=1)["train"]
+    m = shard_dataset(
+        sample["ilsvrc"], str(tmp_path / "o"), splits="train", validation="decode", max_side=24, shard_size_mb=1
+    )["train"]
     assert {os.path.basename(r["file"]).rsplit(".", 1)[0] for r in m["rejected"]} == REJECTED
     import webdataset as wds
 
-    sizes = {(json.loads(s["json"])["width"], json.loads(s["json"])["height"]) for s in wds.WebDataset(str(tmp_path / "o" / "train" / "train-000000.tar"), shardshuffle=False)}
+    sizes = {
+        (json.loads(s["json"])["width"], json.loads(s["json"])["height"])
+        for s in wds.WebDataset(str(tmp_path / "o" / "train" / "train-000000.tar"), shardshuffle=False)
+    }
     assert sizes == {(24, 24)}
 
 
@@ -205,20 +233,31 @@ def test_devkit_labels_and_names(sample, tmp_path):
     src = tmp_path / "ilsvrc"
     src.mkdir()
     os.symlink(os.path.join(sample["ilsvrc"], "ILSVRC2012_img_val.tar"), src / "ILSVRC2012_img_val.tar")
-    rows = [line.split(",") for line in open(os.path.join(sample["ilsvrc"], "LOC_val_solution.csv")).read().split("\n")[1:] if line]
+    rows = [
+        line.split(",")
+        for line in open(os.path.join(sample["ilsvrc"], "LOC_val_solution.csv")).read().split("\n")[1:]
+        if line
+    ]
     wnids = [f"n{i:08d}" for i in range(10)]
     dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")]
-    synsets = np.array([(i + 1, w, f"name {w}", 0) for i, w in enumerate(wnids)] + [(11, "n99999999", "parent", 2)], dtype=dtype)
+    synsets = np.array(
+        [(i + 1, w, f"name {w}", 0) for i, w in enumerate(wnids)] + [(11, "n99999999", "parent", 2)], dtype=dtype
+    )
     data = src / "ILSVRC2012_devkit_t12" / "data"
     data.mkdir(parents=True)
     savemat(data / "meta.mat", {"synsets": synsets})
     labels = dict((r[0], r[1].split()[0]) for r in rows)
-    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{wnids.index(labels[f'ILSVRC2012_val_{i:08d}']) + 1}\n" for i in range(1, len(labels) + 1)))
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text(
+        "".join(f"{wnids.index(labels[f'ILSVRC2012_val_{i:08d}']) + 1}\n" for i in range(1, len(labels) + 1))
+    )
     m = shard_dataset(str(src), str(tmp_path / "o"), splits="val", shard_size_mb=1)["val"]
     assert m["classes"][2] == {"index": 2, "wnid": "n00000002", "name": "name n00000002"}
     import webdataset as wds
 
-    got = {s["__key__"]: int(s["cls"]) for s in wds.WebDataset(str(tmp_path / "o" / "val" / "val-000000.tar"), shardshuffle=False)}
+    got = {
+        s["__key__"]: int(s["cls"])
+        for s in wds.WebDataset(str(tmp_path / "o" / "val" / "val-000000.tar"), shardshuffle=False)
+    }
     assert got == {k: wnids.index(w) for k, w in labels.items()}
 
 
@@ -238,17 +277,39 @@ def test_verify_catches_a_tampered_shard(sharded, tmp_path):
     tar.write_bytes(bytes(data))
     problems = verify_split(str(d / "val"))
     assert [p.shard for p in problems] == [str(tar)] and "sha256" in problems[0].message
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "shard", "verify", str(d / "val")], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "shard", "verify", str(d / "val")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 1 and "val-000001.tar" in r.stderr and "sha256" in r.stderr
     (d / "train" / "train-000002.tar").unlink()
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "shard", "verify", str(d)], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "shard", "verify", str(d)], capture_output=True, text=True, cwd=REPO
+    )
     assert r.returncode == 1 and "train-000002.tar: missing" in r.stderr
 
 
 def test_killed_run_resumes_to_identical_output(sample, tmp_path):
     dest, ref = tmp_path / "killed", tmp_path / "ref"
-    args = ["--source", sample["folder"], "--splits", "train", "--shard-size-mb", "0.004", "--seed", "1", "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "shard", "--dest", str(dest), *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "--source",
+        sample["folder"],
+        "--splits",
+        "train",
+        "--shard-size-mb",
+        "0.004",
+        "--seed",
+        "1",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "shard", "--dest", str(dest), *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first = dest / "train" / "_work" / "train-000000.json"
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -323,7 +384,22 @@ def test_cli_shards_and_names_a_bad_source(sample, tmp_path, capsys):
 
     assert main(["shard", "--source", str(tmp_path), "--dest", str(tmp_path / "o")]) == 2
     assert str(tmp_path) in capsys.readouterr().err
-    args = ["shard", "--source", sample["ilsvrc"], "--dest", str(tmp_path / "o"), "--splits", "val", "--seed", "5", "--shard-size-mb", "0.05", "--validation", "decode", "--no-progress"]
+    args = [
+        "shard",
+        "--source",
+        sample["ilsvrc"],
+        "--dest",
+        str(tmp_path / "o"),
+        "--splits",
+        "val",
+        "--seed",
+        "5",
+        "--shard-size-mb",
+        "0.05",
+        "--validation",
+        "decode",
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert "val: 30 samples" in capsys.readouterr().out
     m = read_manifest(str(tmp_path / "o" / "val"))

@@ -1,4 +1,5 @@
 """The mfm-shard flow under a real local Prefect server."""
+
 import json
 import os
 
@@ -22,7 +23,9 @@ def test_flow_shards_and_logs_progress(prefect_server, tmp_path):
     from flows.shard import shard_flow
 
     src = sample_data.build(str(tmp_path / "src"), per_class=4, size=32)
-    state = shard_flow(src["folder"], str(tmp_path / "out"), splits=["train", "val"], shard_size_mb=0.03, return_state=True)
+    state = shard_flow(
+        src["folder"], str(tmp_path / "out"), splits=["train", "val"], shard_size_mb=0.03, return_state=True
+    )
     assert state.is_completed()
     result = state.result()
     manifest = json.loads((tmp_path / "out" / "train" / "manifest.json").read_text())

@@ -1,4 +1,5 @@
 """The hand-built tar headers are the ones tarfile writes, and the tar reads back."""
+
 import hashlib
 import io
 import tarfile
@@ -8,7 +9,17 @@ import pytest
 from pipeline.sharding.tarfmt import TarWriter, member_header
 
 
-@pytest.mark.parametrize("name,size", [("n01440764_10026.jpg", 1555), ("a.cls", 1), ("x" * 100, 5), ("y" * 101 + ".json", 7), ("é.jpg", 3), ("big.jpg", 8**11)])
+@pytest.mark.parametrize(
+    "name,size",
+    [
+        ("n01440764_10026.jpg", 1555),
+        ("a.cls", 1),
+        ("x" * 100, 5),
+        ("y" * 101 + ".json", 7),
+        ("é.jpg", 3),
+        ("big.jpg", 8**11),
+    ],
+)
 def test_member_header_matches_tarfile(name, size):
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
@@ -27,7 +38,7 @@ def test_writer_offsets_point_at_the_data():
     assert lines[0] == "v1.2 2"
     for line in lines[1:]:
         f = line.split()
-        for ext, off, size, name in zip(f[0::4], f[1::4], f[2::4], f[3::4]):
+        for _ext, off, size, name in zip(f[0::4], f[1::4], f[2::4], f[3::4]):
             member = tarfile.open(fileobj=io.BytesIO(data)).getmember(name)
             assert (int(off), int(size)) == (member.offset_data, member.size)
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:

@@ -1,4 +1,5 @@
 """Image checks: which bytes are kept, re-encoded or rejected, and why."""
+
 import io
 
 import numpy as np

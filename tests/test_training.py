@@ -4,6 +4,7 @@ pipeline.sharding).
 
 The runs are slow to start, so one uninterrupted local run and one killed-and-restarted run on
 the S3 endpoint are shared between the assertions."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
 pytestmark = pytest.mark.slow
@@ -26,11 +26,22 @@ pytestmark = pytest.mark.slow
 
 def _overrides(data: str, run_dir: str, **extra) -> list[str]:
     values = {
-        "train.nprocs": 2, "train.zero_stage": 2, "data.train": f"{data}/train", "data.val": f"{data}/val",
+        "train.nprocs": 2,
+        "train.zero_stage": 2,
+        "data.train": f"{data}/train",
+        "data.val": f"{data}/val",
         "train.run_dir": run_dir,
-        "data.backend": "torch", "data.workers": 0, "data.batch_size": 16,
-        "train.max_steps": STEPS, "train.checkpoint_every": 2, "train.keep_last": 2, "train.log_every": 1,
-        "train.picture_every": 4, "optim.base_lr": 1.5e-2, "optim.warmup_epochs": 0, **extra,
+        "data.backend": "torch",
+        "data.workers": 0,
+        "data.batch_size": 16,
+        "train.max_steps": STEPS,
+        "train.checkpoint_every": 2,
+        "train.keep_last": 2,
+        "train.log_every": 1,
+        "train.picture_every": 4,
+        "optim.base_lr": 1.5e-2,
+        "optim.warmup_epochs": 0,
+        **extra,
     }
     out = []
     for k, v in values.items():
@@ -47,8 +58,15 @@ def _env(staging: Path) -> dict:
 
 
 def _pretrain(args: list[str], env: dict, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "pretrain", "--config", "tiny_cpu", *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "pretrain", "--config", "tiny_cpu", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 400) -> str:
@@ -113,7 +131,7 @@ def test_two_rank_zero2_run_learns_and_writes_its_run_folder(local_run):
         picture = matplotlib.image.imread(run_dir / "pictures" / f"step-{step}.png")
         assert picture.ndim == 3 and picture.shape[0] > 100
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    result = json.loads(out[out.rindex("{\n"):])
+    result = json.loads(out[out.rindex("{\n") :])
     assert result["latest"] == str(run_dir / "step-8") and result["export"] == str(run_dir / "export")
 
 
@@ -155,7 +173,9 @@ def test_killed_run_on_s3_resumes_exactly(s3_endpoint, tmp_path, data, local_run
     finally:
         first.wait(30)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint.url)
-    keys = {o["Key"][len(prefix) + 1:] for o in s3.list_objects_v2(Bucket="mfm-test", Prefix=prefix).get("Contents", [])}
+    keys = {
+        o["Key"][len(prefix) + 1 :] for o in s3.list_objects_v2(Bucket="mfm-test", Prefix=prefix).get("Contents", [])
+    }
     assert "step-4/COMPLETE" in keys and "step-8/COMPLETE" not in keys and "export/config.json" not in keys
 
     # A restart on another machine (empty staging folder) resumes from S3 by itself.
@@ -167,18 +187,21 @@ def test_killed_run_on_s3_resumes_exactly(s3_endpoint, tmp_path, data, local_run
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), (step, resumed, uninterrupted)
-    keys = {o["Key"][len(prefix) + 1:] for o in s3.list_objects_v2(Bucket="mfm-test", Prefix=prefix)["Contents"]}
+    keys = {o["Key"][len(prefix) + 1 :] for o in s3.list_objects_v2(Bucket="mfm-test", Prefix=prefix)["Contents"]}
     assert {k.split("/")[0] for k in keys if k.startswith("step-")} == {"step-6", "step-8"}
     assert {"export/model.safetensors", "export/config.json", "pictures/step-8.png", "config.yaml"} <= keys
     assert any(k.startswith("tensorboard/events.out.tfevents") for k in keys)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.batch_size=20", "data.batch_size (20) must be divisible by world size (2) x train.grad_accum (3) = 6"),
-    ("model.name=no_such_model_xyz", "model.name='no_such_model_xyz' is not a timm model"),
-    ("data.train=/nonexistent/shards/train", "data.train='/nonexistent/shards/train': no manifest.json"),
-    ("train.loader=no_such_module:build", "train.loader='no_such_module:build': No module named 'no_such_module'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batch_size=20", "data.batch_size (20) must be divisible by world size (2) x train.grad_accum (3) = 6"),
+        ("model.name=no_such_model_xyz", "model.name='no_such_model_xyz' is not a timm model"),
+        ("data.train=/nonexistent/shards/train", "data.train='/nonexistent/shards/train': no manifest.json"),
+        ("train.loader=no_such_module:build", "train.loader='no_such_module:build': No module named 'no_such_module'"),
+    ],
+)
 def test_bad_config_is_refused_before_any_process_starts(tmp_path, data, override, message, capsys, monkeypatch):
     data = f"{data}/train"
     from pipeline.cli import main
@@ -191,9 +214,23 @@ def test_bad_config_is_refused_before_any_process_starts(tmp_path, data, overrid
     monkeypatch.setattr(launcher.subprocess, "call", no_launch)
 
     run_dir = tmp_path / "run"
-    args = ["pretrain", "--config", "tiny_cpu", "--set", "train.nprocs=2", "--set", "train.grad_accum=3",
-            "--set", "data.batch_size=24", "--set", f"data.train={data}", "--set", f"train.run_dir={run_dir}",
-            "--set", override]
+    args = [
+        "pretrain",
+        "--config",
+        "tiny_cpu",
+        "--set",
+        "train.nprocs=2",
+        "--set",
+        "train.grad_accum=3",
+        "--set",
+        "data.batch_size=24",
+        "--set",
+        f"data.train={data}",
+        "--set",
+        f"train.run_dir={run_dir}",
+        "--set",
+        override,
+    ]
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not run_dir.exists()
@@ -202,8 +239,17 @@ def test_bad_config_is_refused_before_any_process_starts(tmp_path, data, overrid
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data):
     run_dir = tmp_path / "run"
     # An absurd lr: AdamW moves every weight by ~lr in step 1, so step 2's loss overflows.
-    args = _overrides(data, str(run_dir), **{"train.nprocs": 1, "data.batch_size": 8, "train.checkpoint_every": 1,
-                                             "optim.base_lr": 1e30, "train.max_steps": 4})
+    args = _overrides(
+        data,
+        str(run_dir),
+        **{
+            "train.nprocs": 1,
+            "data.batch_size": 8,
+            "train.checkpoint_every": 1,
+            "optim.base_lr": 1e30,
+            "train.max_steps": 4,
+        },
+    )
     proc = _pretrain(args, _env(tmp_path / "staging"))
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 3, out[-4000:]

@@ -1,4 +1,5 @@
 """Benchmarks: scripts that print figures as ratios against a baseline measured in the same run."""
+
 from __future__ import annotations
 
 import importlib

@@ -5,6 +5,7 @@ corruption on each batch), over the same shards in the same run.
 Without --split it writes ImageNet-like synthetic JPEGs (default 500x375) to a temporary folder.
 The first batch of each loader (worker start-up, pipeline build) is not timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,9 @@ def synthetic_split(dest: str, images: int, per_shard: int, width: int, height: 
         count = min(per_shard, images - i)
         with tarfile.open(fileobj=buf, mode="w") as tar:
             for _ in range(count):
-                coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+                coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+                    (width, height), Image.BICUBIC
+                )
                 arr = np.asarray(coarse, dtype=np.int16) + rng.integers(-20, 21, (height, width, 3))
                 jb = io.BytesIO()
                 Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(jb, format="JPEG", quality=90)
@@ -50,8 +53,10 @@ def synthetic_split(dest: str, images: int, per_shard: int, width: int, height: 
         name = f"train-{len(shards):06d}.tar"
         write_bytes(join(dest, name), buf.getvalue())
         shards.append({"name": name, "samples": count, "bytes": len(buf.getvalue())})
-    write_bytes(join(dest, "manifest.json"), json.dumps({"format_version": 1, "split": "train", "num_samples": images,
-                                                         "shards": shards}).encode())
+    write_bytes(
+        join(dest, "manifest.json"),
+        json.dumps({"format_version": 1, "split": "train", "num_samples": images, "shards": shards}).encode(),
+    )
     return dest
 
 
@@ -105,9 +110,9 @@ def bench_loader(cfg, backend: str, batch: int, device: str) -> tuple[float, int
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def batches():
-        for b in loader:
-            yield b
+        yield from loader
         sync()
+
     return _time(batches(), batch)
 
 
@@ -118,8 +123,9 @@ def corruption_threads(workers: int) -> int:
     return max(1, cores - workers)
 
 
-def bench_pil_baseline(cfg, split_url: str, batch: int, workers: int, device: str, *,
-                       tuned: bool = True) -> tuple[float, int]:
+def bench_pil_baseline(
+    cfg, split_url: str, batch: int, workers: int, device: str, *, tuned: bool = True
+) -> tuple[float, int]:
     """The plain way: webdataset tar streaming, PIL decode, torchvision RandomResizedCrop (bicubic)
     + flip + ToTensor in DataLoader workers, corruption on each batch in this process. `tuned`:
     the corruption the DALI path runs (corrupt_samples, per-sample seeds) on the cores the workers
@@ -133,10 +139,20 @@ def bench_pil_baseline(cfg, split_url: str, batch: int, workers: int, device: st
 
     split = read_split(split_url, cfg.storage)
     interp = T.InterpolationMode.BILINEAR if cfg.data.downscale == "bilinear" else T.InterpolationMode.BICUBIC
-    tf = T.Compose([T.RandomResizedCrop(cfg.model.img_size, scale=tuple(cfg.data.crop_scale), interpolation=interp),
-                    T.RandomHorizontalFlip(), T.ToTensor()])
-    ds = (wds.WebDataset([s.url for s in split.shards], shardshuffle=False, empty_check=False)
-          .decode("pil").to_tuple("jpg").map_tuple(tf).batched(batch, partial=False))
+    tf = T.Compose(
+        [
+            T.RandomResizedCrop(cfg.model.img_size, scale=tuple(cfg.data.crop_scale), interpolation=interp),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+        ]
+    )
+    ds = (
+        wds.WebDataset([s.url for s in split.shards], shardshuffle=False, empty_check=False)
+        .decode("pil")
+        .to_tuple("jpg")
+        .map_tuple(tf)
+        .batched(batch, partial=False)
+    )
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
     gen = torch.Generator().manual_seed(0)
     threads = corruption_threads(workers) if tuned and not device.startswith("cuda") else torch.get_num_threads()
@@ -156,6 +172,7 @@ def bench_pil_baseline(cfg, split_url: str, batch: int, workers: int, device: st
                 torch.cuda.synchronize()
         finally:
             torch.set_num_threads(before)
+
     return _time(batches(), batch)
 
 
@@ -188,41 +205,61 @@ def cli(argv: list[str]) -> int:
     for rnd in range(args.repeat):
         for device in devices:
             for down in args.downscale.split(","):
-                cfg = load_config(None, [f"data.train={url}", f"model.img_size={args.size}",
-                                         f"corruption.kind={args.kind}", f"data.workers={args.workers}",
-                                         "data.shuffle_buffer=256", f"data.downscale={down}"])
+                cfg = load_config(
+                    None,
+                    [
+                        f"data.train={url}",
+                        f"model.img_size={args.size}",
+                        f"corruption.kind={args.kind}",
+                        f"data.workers={args.workers}",
+                        "data.shuffle_buffer=256",
+                        f"data.downscale={down}",
+                    ],
+                )
                 # the backends of a round run back to back, so that a change in the machine's load
                 # between rounds moves them together
                 for name in names:
                     if name == "dali" and not dali_available():
                         continue
                     if name in ("pil", "pil-plain"):
-                        rate, cpu = bench_pil_baseline(cfg, url, args.batch, args.workers, device,
-                                                       tuned=name == "pil")
+                        rate, cpu = bench_pil_baseline(cfg, url, args.batch, args.workers, device, tuned=name == "pil")
                     else:
                         rate, cpu = bench_loader(cfg, name, args.batch, device)
                     runs.setdefault((device, down, name), []).append((rate, cpu))
-                    print(f"  round {rnd + 1}: {name} ({device}, {down} downscale): {rate:.1f} img/s, "
-                          f"{cpu:.1f} CPU ms/img", flush=True)
+                    print(
+                        f"  round {rnd + 1}: {name} ({device}, {down} downscale): {rate:.1f} img/s, "
+                        f"{cpu:.1f} CPU ms/img",
+                        flush=True,
+                    )
     if "dali" in names and not dali_available():
         print("dali: not installed, skipped")
-    print(f"\nimages/s: decode + RandomResizedCrop({args.size}) + flip + {args.kind}, batch {args.batch}, "
-          f"workers {args.workers}, {os.cpu_count()} CPUs, {args.repeat} interleaved rounds (medians)")
+    print(
+        f"\nimages/s: decode + RandomResizedCrop({args.size}) + flip + {args.kind}, batch {args.batch}, "
+        f"workers {args.workers}, {os.cpu_count()} CPUs, {args.repeat} interleaved rounds (medians)"
+    )
     print("img/s: wall clock (depends on the machine's load); CPU ms/img: all our processes' CPU time per image;")
-    print(f"idle bound: {os.cpu_count()} cores / CPU time per image. Ratios: median over rounds of the ratio to "
-          "pil in the same round, same filter.")
-    print(f"pil: the DALI path's corruption (corrupt_samples) on {corruption_threads(args.workers)} torch thread(s) "
-          f"on a CPU; pil-plain: corrupt() on torch's default {torch.get_num_threads()} threads")
+    print(
+        f"idle bound: {os.cpu_count()} cores / CPU time per image. Ratios: median over rounds of the ratio to "
+        "pil in the same round, same filter."
+    )
+    print(
+        f"pil: the DALI path's corruption (corrupt_samples) on {corruption_threads(args.workers)} torch thread(s) "
+        f"on a CPU; pil-plain: corrupt() on torch's default {torch.get_num_threads()} threads"
+    )
     med = statistics.median
-    print(f"{'loader':<10} {'device':<6} {'downscale':<9} {'img/s':>8} {'vs pil':>7} {'CPU ms/img':>11} "
-          f"{'idle img/s':>11} {'vs pil':>7}")
+    print(
+        f"{'loader':<10} {'device':<6} {'downscale':<9} {'img/s':>8} {'vs pil':>7} {'CPU ms/img':>11} "
+        f"{'idle img/s':>11} {'vs pil':>7}"
+    )
     for (dev, down, name), rs in runs.items():
         base = runs.get((dev, down, "pil"))
         rate, cpu = med(r for r, _ in rs), med(c for _, c in rs)
         ratio = f"{med(r / b for (r, _), (b, _) in zip(rs, base)):.2f}x" if base else "-"
         cratio = f"{med(b / c for (_, c), (_, b) in zip(rs, base)):.2f}x" if base else "-"
-        print(f"{name:<10} {dev:<6} {down:<9} {rate:>8.1f} {ratio:>7} {cpu:>11.1f} "
-              f"{1000 * os.cpu_count() / cpu:>11.1f} {cratio:>7}")
+        print(
+            f"{name:<10} {dev:<6} {down:<9} {rate:>8.1f} {ratio:>7} {cpu:>11.1f} "
+            f"{1000 * os.cpu_count() / cpu:>11.1f} {cratio:>7}"
+        )
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -4,6 +4,7 @@ Per-image times (median over repeats) for the corruption, the loss forward, and 
 forward + backward, on CPU and, when CUDA is present, on the GPU. On the GPU the fused
 masked-magnitude reduction is also reported against the memory-bandwidth roofline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,14 +17,21 @@ import torch
 from kernels import frequency as F
 
 # Peak memory bandwidth (GB/s) by device name, for when the driver does not report clocks.
-KNOWN_PEAK_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
-                  "A100-SXM4-80GB": 2039.0, "A100": 1555.0}
+KNOWN_PEAK_GBS = {
+    "H200": 4800.0,
+    "H100 SXM": 3350.0,
+    "H100 PCIe": 2000.0,
+    "H100": 3350.0,
+    "A100-SXM4-80GB": 2039.0,
+    "A100": 1555.0,
+}
 
 
 def _timer(device: torch.device):
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
     return sync
 
 
@@ -55,11 +63,14 @@ def _cases(x, hp, pred, target, keep, radius):
         def run():
             pred.grad = None
             op(pred, target, keep).backward()
+
         return run
 
-    return [("corruption", corrupt(F.literal_mask_frequencies), corrupt(F.mask_frequencies)),
-            ("loss forward", loss(F.literal_frequency_loss), loss(F.frequency_loss)),
-            ("loss fwd+bwd", loss_bwd(F.literal_frequency_loss), loss_bwd(F.frequency_loss))]
+    return [
+        ("corruption", corrupt(F.literal_mask_frequencies), corrupt(F.mask_frequencies)),
+        ("loss forward", loss(F.literal_frequency_loss), loss(F.frequency_loss)),
+        ("loss fwd+bwd", loss_bwd(F.literal_frequency_loss), loss_bwd(F.frequency_loss)),
+    ]
 
 
 def _peak_gbs(device: torch.device, override: float | None) -> tuple[float | None, str]:
@@ -75,8 +86,15 @@ def _peak_gbs(device: torch.device, override: float | None) -> tuple[float | Non
     return known, "datasheet figure by name" if known else "unknown"
 
 
-def bench_device(device: torch.device, batch: int, size: int, radius: float, warmup: int,
-                 repeats: int, peak_override: float | None = None) -> list[tuple]:
+def bench_device(
+    device: torch.device,
+    batch: int,
+    size: int,
+    radius: float,
+    warmup: int,
+    repeats: int,
+    peak_override: float | None = None,
+) -> list[tuple]:
     """Rows (op, literal s/img, ours s/img) and, on CUDA, the reduction roofline row."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 3, size, size, generator=g).to(device)

@@ -8,6 +8,7 @@ writes to the same temporary folder (same disk) as the shards. Methods run inter
 what the goals are about; CPU time (this process and its children: tar, worker processes)
 is printed beside it because it hardly moves with the machine's load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,11 +51,20 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--source", help="an ImageFolder dataset (default: build `mfm sample-data` in a temp dir)")
     p.add_argument("--per-class", type=int, default=200, help="sample-data images per class (default 200)")
     p.add_argument("--size", type=int, default=224, help="sample-data image side (default 224)")
-    p.add_argument("--workers", type=int, default=None, help="sharding workers (default: the CPUs available, as `mfm shard`; tar and Pillow use one core)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="sharding workers (default: the CPUs available, as `mfm shard`; tar and Pillow use one core)",
+    )
     p.add_argument("--shard-size-mb", type=float, default=256, help="shard size (default 256, the production default)")
     p.add_argument("--split", default="train")
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--skip-decode", action="store_true", help="only tar and structural sharding (the decode pair takes the longest)")
+    p.add_argument(
+        "--skip-decode",
+        action="store_true",
+        help="only tar and structural sharding (the decode pair takes the longest)",
+    )
     args = p.parse_args(argv)
     logging.getLogger("pipeline.sharding").setLevel(logging.WARNING)
 
@@ -78,7 +88,15 @@ def cli(argv: list[str]) -> int:
         def shard(validation):
             dest = tempfile.mkdtemp(dir=tmp, prefix=validation)
             dests.append(dest)
-            return lambda: shard_dataset(source, dest, splits=[args.split], workers=args.workers, shard_size_mb=args.shard_size_mb, validation=validation, progress=False)
+            return lambda: shard_dataset(
+                source,
+                dest,
+                splits=[args.split],
+                workers=args.workers,
+                shard_size_mb=args.shard_size_mb,
+                validation=validation,
+                progress=False,
+            )
 
         dests: list[str] = []
         tar_out = os.path.join(tmp, "plain.tar")
@@ -110,12 +128,18 @@ def cli(argv: list[str]) -> int:
     best = {name: min(w for w, _ in r) for name, r in runs.items()}
     cpu = {name: min(c for _, c in r) for name, r in runs.items()}
     used = min(args.workers, shards)
-    print(f"{n} images, {mb:.1f} MB from {source}/{args.split} -> {shards} shard(s); {args.workers} worker(s) asked, "
-          f"{used} used{' (in this process)' if used == 1 else ''}; {args.repeat} interleaved rounds, best wall and least CPU of each")
+    print(
+        f"{n} images, {mb:.1f} MB from {source}/{args.split} -> {shards} shard(s); {args.workers} worker(s) asked, "
+        f"{used} used{' (in this process)' if used == 1 else ''}; {args.repeat} interleaved rounds, "
+        "best wall and least CPU of each"
+    )
     if not args.skip_decode:
         from pipeline.sharding.job import decode_threads
 
-        print(f"decode validation: {decode_threads('decode', used)} decoding thread(s) per worker; the Pillow baseline uses one")
+        print(
+            f"decode validation: {decode_threads('decode', used)} decoding thread(s) per worker; "
+            "the Pillow baseline uses one"
+        )
     print()
     print(f"{'method':<26} {'wall s':>7} {'images/s':>9} {'MB/s':>7} {'CPU s':>7} {'CPU us/image':>13}")
     for name in methods:
@@ -129,14 +153,25 @@ def cli(argv: list[str]) -> int:
     speed, speed_med = ratios("tar cf (baseline)", "shard, structural")
     durable, _ = ratios("tar cf + fsync", "shard, structural")
     ok1 = speed >= 0.5
-    print(f"\nstructural MB/s / tar MB/s       = {speed:.2f}x best, {speed_med:.2f}x median of rounds  (goal >= 0.5x)  {'PASS' if ok1 else 'MISS'}")
-    print(f"  in CPU time                    = {cpu['tar cf (baseline)'] / cpu['shard, structural']:.2f}x  (context: tar is C, one process)")
+    print(
+        f"\nstructural MB/s / tar MB/s       = {speed:.2f}x best, {speed_med:.2f}x median of rounds  "
+        f"(goal >= 0.5x)  {'PASS' if ok1 else 'MISS'}"
+    )
+    print(
+        f"  in CPU time                    = {cpu['tar cf (baseline)'] / cpu['shard, structural']:.2f}x  "
+        "(context: tar is C, one process)"
+    )
     print(f"structural MB/s / (tar + fsync)  = {durable:.2f}x  (context: both outputs durable)")
     if not args.skip_decode:
         # Time ratio: >1 means sharding is slower than decoding alone.
         cost = best["shard, decode"] / best["Pillow decode (baseline)"]
-        cost_med = statistics.median(x[0] / y[0] for x, y in zip(runs["shard, decode"], runs["Pillow decode (baseline)"]))
+        cost_med = statistics.median(
+            x[0] / y[0] for x, y in zip(runs["shard, decode"], runs["Pillow decode (baseline)"])
+        )
         ok2 = cost <= 1.3
-        print(f"decode time / Pillow decode time = {cost:.2f}x best, {cost_med:.2f}x median of rounds  (goal <= 1.3x)  {'PASS' if ok2 else 'MISS'}")
+        print(
+            f"decode time / Pillow decode time = {cost:.2f}x best, {cost_med:.2f}x median of rounds  "
+            f"(goal <= 1.3x)  {'PASS' if ok2 else 'MISS'}"
+        )
         print(f"  in CPU time                    = {cpu['shard, decode'] / cpu['Pillow decode (baseline)']:.2f}x")
     return 0

@@ -7,6 +7,7 @@ ratio to DDP (goal: ZeRO within 10%).
 --gpu: ViT-B/16 MFM at 224 px, one rank per GPU, bf16, ZeRO stages 0-3: images/s per GPU and
 peak memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,9 @@ class ZeroContender:
         torch.manual_seed(cfg.train.seed)
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"zero_stage": stage})})
         model = build_model(cfg.model, cfg.corruption).to(device)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim, lr),
-                                               config=deepspeed_config(cfg, plan, precision))
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=build_optimizer(model, cfg.optim, lr), config=deepspeed_config(cfg, plan, precision)
+        )
 
     def step(self, batch):
         from pipeline.training.trainer import compute_dtype
@@ -117,14 +119,23 @@ def worker(args) -> dict:
         cfg = load_config("vit_b16_mfm", [f"data.batch_size={args.micro_batch * ranks.world_size}"])
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     else:
-        cfg = load_config("tiny_cpu", [f"data.batch_size={args.micro_batch * ranks.world_size}"] if args.micro_batch else [])
+        cfg = load_config(
+            "tiny_cpu", [f"data.batch_size={args.micro_batch * ranks.world_size}"] if args.micro_batch else []
+        )
         precision = "fp32"
     plan = batch_plan(cfg, ranks.world_size)
     lr = scaled_lrs(cfg.optim, plan.global_batch).lr
     batches = _batches(cfg, plan.micro_batch, 4, ranks.device, seed=ranks.rank)
-    result = {"world_size": ranks.world_size, "micro_batch": plan.micro_batch, "global_batch": plan.global_batch,
-              "model": cfg.model.name, "img_size": cfg.model.img_size, "precision": precision,
-              "device": torch.cuda.get_device_name() if args.gpu else f"cpu x{os.cpu_count()}", "rows": []}
+    result = {
+        "world_size": ranks.world_size,
+        "micro_batch": plan.micro_batch,
+        "global_batch": plan.global_batch,
+        "model": cfg.model.name,
+        "img_size": cfg.model.img_size,
+        "precision": precision,
+        "device": torch.cuda.get_device_name() if args.gpu else f"cpu x{os.cpu_count()}",
+        "rows": [],
+    }
     if args.gpu:
         for stage in (0, 1, 2, 3):
             torch.cuda.empty_cache()
@@ -132,13 +143,20 @@ def worker(args) -> dict:
             contender = ZeroContender(cfg, plan, lr, ranks.device, stage, precision)
             _timed(contender, batches, args.warmup, ranks.device)
             seconds = _timed(contender, batches, args.steps, ranks.device)
-            result["rows"].append({"name": f"zero-{stage}", "images_per_s_per_gpu": plan.micro_batch * args.steps / seconds,
-                                   "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
+            result["rows"].append(
+                {
+                    "name": f"zero-{stage}",
+                    "images_per_s_per_gpu": plan.micro_batch * args.steps / seconds,
+                    "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+                }
+            )
             del contender
         return result
-    contenders = {"ddp": DDPContender(cfg, lr, ranks.device),
-                  "zero-1": ZeroContender(cfg, plan, lr, ranks.device, 1, precision),
-                  "zero-2": ZeroContender(cfg, plan, lr, ranks.device, 2, precision)}
+    contenders = {
+        "ddp": DDPContender(cfg, lr, ranks.device),
+        "zero-1": ZeroContender(cfg, plan, lr, ranks.device, 1, precision),
+        "zero-2": ZeroContender(cfg, plan, lr, ranks.device, 2, precision),
+    }
     for c in contenders.values():
         _timed(c, batches, args.warmup, ranks.device)
     rates: dict[str, list[float]] = {name: [] for name in contenders}
@@ -147,14 +165,22 @@ def worker(args) -> dict:
             rates[name].append(plan.global_batch * args.steps / _timed(c, batches, args.steps, ranks.device))
     base = statistics.median(rates["ddp"])
     for name, r in rates.items():
-        result["rows"].append({"name": name, "images_per_s": statistics.median(r), "rounds": r,
-                               "ratio_to_ddp": statistics.median(r) / base})
+        result["rows"].append(
+            {
+                "name": name,
+                "images_per_s": statistics.median(r),
+                "rounds": r,
+                "ratio_to_ddp": statistics.median(r) / base,
+            }
+        )
     return result
 
 
 def print_table(result: dict) -> None:
-    print(f"model {result['model']} @ {result['img_size']} px, {result['world_size']} ranks, micro batch "
-          f"{result['micro_batch']}, global batch {result['global_batch']}, {result['precision']}, {result['device']}")
+    print(
+        f"model {result['model']} @ {result['img_size']} px, {result['world_size']} ranks, micro batch "
+        f"{result['micro_batch']}, global batch {result['global_batch']}, {result['precision']}, {result['device']}"
+    )
     if "ratio_to_ddp" in result["rows"][0]:
         print(f"{'contender':<10} {'images/s':>10} {'vs DDP':>8}   rounds")
         for r in result["rows"]:
@@ -167,8 +193,9 @@ def print_table(result: dict) -> None:
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mfm bench train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mfm bench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--nprocs", type=int, help="ranks (default: 2 on CPU, every GPU with --gpu)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="CPU: turns each contender takes")
@@ -191,8 +218,17 @@ def cli(argv: list[str]) -> int:
         nprocs = args.nprocs or 2
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        worker_args = ["--worker", "--out", str(out), "--steps", str(args.steps), "--rounds", str(args.rounds),
-                       "--warmup", str(args.warmup)]
+        worker_args = [
+            "--worker",
+            "--out",
+            str(out),
+            "--steps",
+            str(args.steps),
+            "--rounds",
+            str(args.rounds),
+            "--warmup",
+            str(args.warmup),
+        ]
         if args.micro_batch:
             worker_args += ["--micro-batch", str(args.micro_batch)]
         if args.gpu:

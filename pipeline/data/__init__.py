@@ -19,8 +19,25 @@ What holds (the modules say why):
   image is replaced by the next good sample of its batch, logged and counted (`loader.skipped`,
   `loader.skipped_keys`).
 """
-from pipeline.data.loader import (Batch, EvalLoader, LabelledBatch, TrainLoader, build_eval_loader,
-                                  build_labelled_train_loader, build_train_loader, resolve_backend)
 
-__all__ = ["Batch", "EvalLoader", "LabelledBatch", "TrainLoader", "build_eval_loader", "build_labelled_train_loader",
-           "build_train_loader", "resolve_backend"]
+from pipeline.data.loader import (
+    Batch,
+    EvalLoader,
+    LabelledBatch,
+    TrainLoader,
+    build_eval_loader,
+    build_labelled_train_loader,
+    build_train_loader,
+    resolve_backend,
+)
+
+__all__ = [
+    "Batch",
+    "EvalLoader",
+    "LabelledBatch",
+    "TrainLoader",
+    "build_eval_loader",
+    "build_labelled_train_loader",
+    "build_train_loader",
+    "resolve_backend",
+]

@@ -5,6 +5,7 @@ mix_seed(seed, epoch, sample id): a sample looks the same whichever rank, worker
 backend produces it, which is what makes resume exact. The crop window is computed here, from
 the JPEG header alone, so the DALI backend decodes exactly the region the torch backend crops.
 """
+
 from __future__ import annotations
 
 import io
@@ -81,7 +82,9 @@ def image_size(data: bytes) -> tuple[int, int]:
     return size
 
 
-def crop_window(width: int, height: int, scale: tuple[float, float], rng: np.random.Generator) -> tuple[int, int, int, int]:
+def crop_window(
+    width: int, height: int, scale: tuple[float, float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
     """RandomResizedCrop's window (torchvision's algorithm: 10 tries, then the centre crop
     clamped to the ratio range), drawn from `rng`."""
     area = width * height
@@ -105,8 +108,9 @@ def crop_window(width: int, height: int, scale: tuple[float, float], rng: np.ran
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def sample_params(seed: int, epoch: int, sample_id: int, width: int, height: int,
-                  scale: tuple[float, float]) -> SampleParams:
+def sample_params(
+    seed: int, epoch: int, sample_id: int, width: int, height: int, scale: tuple[float, float]
+) -> SampleParams:
     rng = np.random.default_rng(mix_seed(seed, epoch, sample_id))
     top, left, h, w = crop_window(width, height, scale, rng)
     flip = bool(rng.random() < 0.5)
@@ -160,8 +164,9 @@ def resize_uint8(image: torch.Tensor, size: int, downscale: str = "bicubic") -> 
     return F.interpolate(x, size=(size, size), mode=fy, antialias=True)[0]
 
 
-def train_view(data: bytes, p: SampleParams, size: int, downscale: str = "bicubic", *,
-               uint8: bool = False) -> torch.Tensor:
+def train_view(
+    data: bytes, p: SampleParams, size: int, downscale: str = "bicubic", *, uint8: bool = False
+) -> torch.Tensor:
     """Decode, crop the window, resize to size x size (resize_view), flip: float (3, S, S) in
     [0, 1], or uint8 0..255."""
     im = resize_view(decode_rgb(data), size, downscale, box=(p.left, p.top, p.left + p.width, p.top + p.height))
@@ -207,5 +212,16 @@ def corrupt_samples(images: torch.Tensor, cfg: CorruptionConfig, seeds: list[int
     return normalize(corrupted), normalize(images), keep
 
 
-__all__ = ["CorruptSample", "SampleParams", "image_bytes", "image_size", "sample_params", "resize_view", "resize_uint8",
-           "train_view", "eval_view", "corrupt_samples", "normalize"]
+__all__ = [
+    "CorruptSample",
+    "SampleParams",
+    "image_bytes",
+    "image_size",
+    "sample_params",
+    "resize_view",
+    "resize_uint8",
+    "train_view",
+    "eval_view",
+    "corrupt_samples",
+    "normalize",
+]

@@ -9,15 +9,16 @@ The crop windows, flips and corruption seeds are the ones the torch backend uses
 (pipeline.data.augment.sample_params), so both backends agree up to decoder/resize rounding
 and a resumed run reproduces its batches exactly.
 """
+
 from __future__ import annotations
 
 import os
 import queue
 import threading
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -98,20 +99,40 @@ def build_pipeline(cfg: Config, batch_size: int, source, *, num_threads: int, de
         dtypes = [types.UINT8, types.INT32, types.INT32, types.INT32] + ([types.INT64] if gpu else [])
         inputs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, dtype=dtypes)
         encoded, anchor, shape, flip = inputs[:4]
-        images = fn.decoders.image_slice(encoded, anchor, shape, device="mixed" if gpu else "cpu",
-                                         output_type=types.RGB, axis_names="WH")
+        images = fn.decoders.image_slice(
+            encoded, anchor, shape, device="mixed" if gpu else "cpu", output_type=types.RGB, axis_names="WH"
+        )
         if not gpu:
-            return fn.python_function(images, flip, batch_processing=True,
-                                      function=partial(_views_cpu, size=size, downscale=cfg.data.downscale))
-        images = fn.resize(images, resize_x=size, resize_y=size, antialias=True, mag_filter=types.INTERP_CUBIC,
-                           min_filter=types.INTERP_LINEAR if cfg.data.downscale == "bilinear" else types.INTERP_CUBIC)
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[0.0] * 3,
-                                          std=[255.0] * 3, mirror=flip)
+            return fn.python_function(
+                images,
+                flip,
+                batch_processing=True,
+                function=partial(_views_cpu, size=size, downscale=cfg.data.downscale),
+            )
+        images = fn.resize(
+            images,
+            resize_x=size,
+            resize_y=size,
+            antialias=True,
+            mag_filter=types.INTERP_CUBIC,
+            min_filter=types.INTERP_LINEAR if cfg.data.downscale == "bilinear" else types.INTERP_CUBIC,
+        )
+        images = fn.crop_mirror_normalize(
+            images, dtype=types.FLOAT, output_layout="CHW", mean=[0.0] * 3, std=[255.0] * 3, mirror=flip
+        )
         from nvidia.dali.plugin.pytorch.fn import torch_python_function
 
         # a GPU function takes GPU inputs only: the seeds go up too
-        return tuple(torch_python_function(images, inputs[4].gpu(), function=partial(_corrupt_gpu, cfg=cfg),
-                                           num_outputs=3, batch_processing=True, device="gpu"))
+        return tuple(
+            torch_python_function(
+                images,
+                inputs[4].gpu(),
+                function=partial(_corrupt_gpu, cfg=cfg),
+                num_outputs=3,
+                batch_processing=True,
+                device="gpu",
+            )
+        )
 
     p = pipe()
     p.build()
@@ -119,11 +140,13 @@ def build_pipeline(cfg: Config, batch_size: int, source, *, num_threads: int, de
 
 
 def _inputs(raw: RawBatch) -> tuple[list, ...]:
-    return ([np.frombuffer(d, dtype=np.uint8) for d in raw.data],
-            [np.array([q.left, q.top], np.int32) for q in raw.params],
-            [np.array([q.width, q.height], np.int32) for q in raw.params],
-            [np.array(int(q.flip), np.int32) for q in raw.params],
-            [np.array(q.corruption_seed, np.int64) for q in raw.params])
+    return (
+        [np.frombuffer(d, dtype=np.uint8) for d in raw.data],
+        [np.array([q.left, q.top], np.int32) for q in raw.params],
+        [np.array([q.width, q.height], np.int32) for q in raw.params],
+        [np.array(int(q.flip), np.int32) for q in raw.params],
+        [np.array(q.corruption_seed, np.int64) for q in raw.params],
+    )
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
@@ -155,8 +178,9 @@ def _reader_thread(out: queue.Queue, stop: threading.Event, batches) -> None:
         out.put(e)
 
 
-def iterate(split: Split, cfg: Config, plan, start: int, readers: int, epoch: int, *,
-            device: torch.device) -> Iterator[dict]:
+def iterate(
+    split: Split, cfg: Config, plan, start: int, readers: int, epoch: int, *, device: torch.device
+) -> Iterator[dict]:
     """Batches start.. of the plan; reader thread r reads the batches of reader r."""
     if start >= len(plan):
         return
@@ -166,10 +190,18 @@ def iterate(split: Split, cfg: Config, plan, start: int, readers: int, epoch: in
     threads = []
     for r in range(readers):
         sr = SampleReader(split, cfg.storage, prefetch=d.prefetch_shards, cache_dir=d.cache_dir)
-        batches = raw_batches(split, plan, reader_batches(len(plan), start, readers, r), sr,
-                              seed=cfg.train.seed, epoch=epoch, scale=tuple(d.crop_scale))
-        t = threading.Thread(target=_reader_thread, args=(queues[r], stop, batches), daemon=True,
-                             name=f"dali-reader-{r}")
+        batches = raw_batches(
+            split,
+            plan,
+            reader_batches(len(plan), start, readers, r),
+            sr,
+            seed=cfg.train.seed,
+            epoch=epoch,
+            scale=tuple(d.crop_scale),
+        )
+        t = threading.Thread(
+            target=_reader_thread, args=(queues[r], stop, batches), daemon=True, name=f"dali-reader-{r}"
+        )
         t.start()
         threads.append(t)
     fed: deque[RawBatch] = deque()  # batches handed to DALI, in order, awaiting their outputs
@@ -203,10 +235,17 @@ def iterate(split: Split, cfg: Config, plan, start: int, readers: int, epoch: in
             if device.type == "cuda":
                 enc, target, keep = (_to_torch(o, device) for o in outs)
             else:
-                enc, target, keep = _corrupt_cpu(_to_torch(outs[0], device), [q.corruption_seed for q in raw.params],
-                                                 cfg, threads)
-            yield {"encoder_input": enc, "target": target, "keep": keep if cfg.corruption.kind == "mfm" else None,
-                   "index": raw.index, "skipped": raw.skipped, "ids": torch.tensor(raw.ids)}
+                enc, target, keep = _corrupt_cpu(
+                    _to_torch(outs[0], device), [q.corruption_seed for q in raw.params], cfg, threads
+                )
+            yield {
+                "encoder_input": enc,
+                "target": target,
+                "keep": keep if cfg.corruption.kind == "mfm" else None,
+                "index": raw.index,
+                "skipped": raw.skipped,
+                "ids": torch.tensor(raw.ids),
+            }
     finally:
         stop.set()
         del p

@@ -1,10 +1,12 @@
 """The loaders the trainer and the evaluation code hold: epoch bookkeeping, resumable state,
 skip counters; the backends only turn a rank's plan into batches."""
+
 from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -52,8 +54,18 @@ class TrainLoader:
     replaced on this rank since the loader was built, `skipped_keys` names the latest ones.
     """
 
-    def __init__(self, cfg: Config, split: Split, *, rank: int, world_size: int, micro_batch: int,
-                 device, backend: str | None = None, make: Callable | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        split: Split,
+        *,
+        rank: int,
+        world_size: int,
+        micro_batch: int,
+        device,
+        backend: str | None = None,
+        make: Callable | None = None,
+    ):
         self.cfg, self.split, self.rank = cfg, split, rank
         self.device = torch.device(device)
         # `make` (RawBatch -> {"images", "labels"}, e.g. torch_backend.SeededLabelledBatches) runs
@@ -66,8 +78,9 @@ class TrainLoader:
         full = split.num_samples
         self.steps_per_epoch = full // (world_size * micro_batch)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{split.url}: {full} samples are fewer than one global batch "
-                             f"({world_size} ranks x {micro_batch})")
+            raise ValueError(
+                f"{split.url}: {full} samples are fewer than one global batch ({world_size} ranks x {micro_batch})"
+            )
         self.skipped = 0
         self.skipped_keys: list[str] = []
         self.last_ids: list[int] = []  # sample ids (manifest order) of the latest batch, for logs and tests
@@ -85,11 +98,16 @@ class TrainLoader:
 
     def _plan(self) -> np.ndarray:
         # the plan depends on the epoch and the earlier segments only: recompute when those change
-        key = (self.state.seed, self.state.epoch, tuple((s.layout, s.batches) for s in self.state.segments[:-1]),
-               self.state.segments[-1].layout)
+        key = (
+            self.state.seed,
+            self.state.epoch,
+            tuple((s.layout, s.batches) for s in self.state.segments[:-1]),
+            self.state.segments[-1].layout,
+        )
         if getattr(self, "_plan_key", None) != key:
-            self._plan_cached = rank_plan(self.split.counts, self.state, self.rank,
-                                          shuffle_buffer=self.cfg.data.shuffle_buffer)
+            self._plan_cached = rank_plan(
+                self.split.counts, self.state, self.rank, shuffle_buffer=self.cfg.data.shuffle_buffer
+            )
             self._plan_key = key
         return self._plan_cached
 
@@ -98,12 +116,17 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_samples") != self.split.num_samples:
-            raise ValueError(f"{self.split.url}: loader state is for a split of {state.get('num_samples')} samples, "
-                             f"this one holds {self.split.num_samples}")
+            raise ValueError(
+                f"{self.split.url}: loader state is for a split of {state.get('num_samples')} samples, "
+                f"this one holds {self.split.num_samples}"
+            )
         st = SamplerState.from_dict(state)
         if st.seed != self.cfg.train.seed:
-            log.warning("loader state has seed %d, config train.seed is %d: continuing with the state's", st.seed,
-                        self.cfg.train.seed)
+            log.warning(
+                "loader state has seed %d, config train.seed is %d: continuing with the state's",
+                st.seed,
+                self.cfg.train.seed,
+            )
         st.use_layout(self.layout)  # a new world size / batch / workers finishes the epoch on the new layout
         self.state = st
         self.skipped = int(state.get("skipped", 0))
@@ -123,11 +146,21 @@ class TrainLoader:
         if self.backend == "dali":
             from pipeline.data import dali_backend
 
-            return dali_backend.iterate(self.split, self.cfg, plan, start, self.layout.workers, self.epoch,
-                                        device=self.device)
+            return dali_backend.iterate(
+                self.split, self.cfg, plan, start, self.layout.workers, self.epoch, device=self.device
+            )
         make = self.make or torch_backend.PretextBatches(self.cfg)
-        return torch_backend.iterate(self.split, self.cfg, plan, start, self.layout.workers, self.epoch, make,
-                                     workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda")
+        return torch_backend.iterate(
+            self.split,
+            self.cfg,
+            plan,
+            start,
+            self.layout.workers,
+            self.epoch,
+            make,
+            workers=self.cfg.data.workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         plan = self._roll()
@@ -140,14 +173,20 @@ class TrainLoader:
             self.last_ids = out["ids"].tolist()
             seg.batches += 1  # counted before the yield: a state taken now resumes after this batch
             if "labels" in out:
-                yield LabelledBatch(out["images"].to(self.device, torch.float32, non_blocking=True),
-                                    out["labels"].to(self.device, non_blocking=True))
+                yield LabelledBatch(
+                    out["images"].to(self.device, torch.float32, non_blocking=True),
+                    out["labels"].to(self.device, non_blocking=True),
+                )
                 continue
             if "views" in out:
                 yield Batch(*torch_backend.corrupt_views(out, self.cfg, self.device))
                 continue
-            yield Batch(*(None if out[k] is None else out[k].to(self.device, torch.float32, non_blocking=True)
-                          for k in ("encoder_input", "target", "keep")))
+            yield Batch(
+                *(
+                    None if out[k] is None else out[k].to(self.device, torch.float32, non_blocking=True)
+                    for k in ("encoder_input", "target", "keep")
+                )
+            )
         if seg.batches >= len(plan):
             self.state.next_epoch()
 
@@ -160,16 +199,31 @@ class EvalLoader:
     (train_augment=True): shuffled per epoch, drop-last, equal batches, like TrainLoader.
     """
 
-    def __init__(self, cfg: Config, split: Split, *, rank: int, world_size: int, batch_size: int, device,
-                 train_augment: bool = False, sample_transform: Callable | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        split: Split,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        device,
+        train_augment: bool = False,
+        sample_transform: Callable | None = None,
+    ):
         self.cfg, self.split, self.rank, self.world_size = cfg, split, rank, world_size
         self.batch_size, self.device, self.train = batch_size, torch.device(device), train_augment
         self.make = torch_backend.LabelledBatches(cfg.model.img_size, train_augment, sample_transform)
         self.epoch = 0
 
     def _plan(self):
-        order = epoch_order(self.split.counts, seed=self.cfg.train.seed, epoch=self.epoch,
-                            shuffle_buffer=self.cfg.data.shuffle_buffer, shuffle=self.train)
+        order = epoch_order(
+            self.split.counts,
+            seed=self.cfg.train.seed,
+            epoch=self.epoch,
+            shuffle_buffer=self.cfg.data.shuffle_buffer,
+            shuffle=self.train,
+        )
         layout = Layout(self.world_size, self.batch_size, max(1, self.cfg.data.workers) if self.train else 1)
         plan = deal(order, layout, self.rank, drop_last=self.train)
         return plan, layout.workers
@@ -180,32 +234,74 @@ class EvalLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         plan, readers = self._plan()
         workers = self.cfg.data.workers if self.train else min(self.cfg.data.workers, 1)
-        for out in torch_backend.iterate(self.split, self.cfg, plan, 0, readers, self.epoch, self.make,
-                                         workers=workers, pin_memory=self.device.type == "cuda", augment=self.train):
+        for out in torch_backend.iterate(
+            self.split,
+            self.cfg,
+            plan,
+            0,
+            readers,
+            self.epoch,
+            self.make,
+            workers=workers,
+            pin_memory=self.device.type == "cuda",
+            augment=self.train,
+        ):
             yield out["images"].to(self.device, non_blocking=True), out["labels"].to(self.device, non_blocking=True)
         self.epoch += 1
 
 
-def build_train_loader(cfg: Config, *, rank: int, world_size: int, micro_batch: int, device,
-                       backend: str | None = None) -> TrainLoader:
+def build_train_loader(
+    cfg: Config, *, rank: int, world_size: int, micro_batch: int, device, backend: str | None = None
+) -> TrainLoader:
     """The pretraining loader of cfg.data.train for one rank (see docs/architecture.md)."""
-    return TrainLoader(cfg, read_split(cfg.data.train, cfg.storage), rank=rank, world_size=world_size,
-                       micro_batch=micro_batch, device=device, backend=backend)
+    return TrainLoader(
+        cfg,
+        read_split(cfg.data.train, cfg.storage),
+        rank=rank,
+        world_size=world_size,
+        micro_batch=micro_batch,
+        device=device,
+        backend=backend,
+    )
 
 
-def build_labelled_train_loader(cfg: Config, *, rank: int, world_size: int, micro_batch: int, device,
-                                transform: Callable) -> TrainLoader:
+def build_labelled_train_loader(
+    cfg: Config, *, rank: int, world_size: int, micro_batch: int, device, transform: Callable
+) -> TrainLoader:
     """A resumable labelled loader of cfg.data.train yielding LabelledBatch: `transform` (PIL RGB
     image -> normalised float (3, S, S)) runs per sample with that sample's own seed, so the
     augmentation does not depend on rank, worker or resume (see SeededLabelledBatches)."""
-    return TrainLoader(cfg, read_split(cfg.data.train, cfg.storage), rank=rank, world_size=world_size,
-                       micro_batch=micro_batch, device=device, make=torch_backend.SeededLabelledBatches(transform))
+    return TrainLoader(
+        cfg,
+        read_split(cfg.data.train, cfg.storage),
+        rank=rank,
+        world_size=world_size,
+        micro_batch=micro_batch,
+        device=device,
+        make=torch_backend.SeededLabelledBatches(transform),
+    )
 
 
-def build_eval_loader(cfg: Config, split_url: str, *, rank: int, world_size: int, batch_size: int, device,
-                      train_augment: bool = False, sample_transform: Callable | None = None) -> EvalLoader:
+def build_eval_loader(
+    cfg: Config,
+    split_url: str,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    device,
+    train_augment: bool = False,
+    sample_transform: Callable | None = None,
+) -> EvalLoader:
     """A labelled loader: evaluation views (resize S*256/224, centre crop S) or, with train_augment,
     RandomResizedCrop + flip, or any `sample_transform(PIL image) -> (3, S, S) in [0, 1]`."""
-    return EvalLoader(cfg, read_split(split_url, cfg.storage), rank=rank, world_size=world_size,
-                      batch_size=batch_size, device=device, train_augment=train_augment,
-                      sample_transform=sample_transform)
+    return EvalLoader(
+        cfg,
+        read_split(split_url, cfg.storage),
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        device=device,
+        train_augment=train_augment,
+        sample_transform=sample_transform,
+    )

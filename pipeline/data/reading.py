@@ -5,11 +5,12 @@ is skipped, logged with its shard and key, counted, and its slot is filled with 
 sample of the same batch (keeping the skipped sample's own random params). Batches therefore
 keep their size and every rank its batch count, and a resumed run sees the same replacements.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -42,8 +43,16 @@ def _name(split: Split, gid: int, sample: dict) -> str:
     return f"{split.shards[int(split.locate(np.array([gid]))[0][0])].name}/{sample.get('__key__')}"
 
 
-def raw_batches(split: Split, plan: np.ndarray, batch_indices: range, reader: SampleReader, *,
-                seed: int, epoch: int, scale: tuple[float, float] | None) -> Iterator[RawBatch]:
+def raw_batches(
+    split: Split,
+    plan: np.ndarray,
+    batch_indices: range,
+    reader: SampleReader,
+    *,
+    seed: int,
+    epoch: int,
+    scale: tuple[float, float] | None,
+) -> Iterator[RawBatch]:
     """The batches `batch_indices` of `plan` ((num_batches, B) sample ids), read in order.
     scale None: no crop/flip/corruption params (evaluation views take none); params are None."""
     ids = np.concatenate([plan[j] for j in batch_indices]) if len(batch_indices) else np.zeros(0, np.int64)
@@ -67,7 +76,7 @@ def raw_batches(split: Split, plan: np.ndarray, batch_indices: range, reader: Sa
         for pos, (gid, _) in enumerate(entries):
             src = good[pos]
             if src is None:  # the next good sample of the batch, wrapping around
-                src = next(g for g in good[pos + 1:] + good[:pos] if g is not None)
+                src = next(g for g in good[pos + 1 :] + good[:pos] if g is not None)
             _, data, (w, h), label, name = src
             batch.names.append(name)
             batch.ids.append(gid)

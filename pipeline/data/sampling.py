@@ -21,6 +21,7 @@ epoch's order (including the previous layout's dropped tail), are re-dealt on th
 layout with the same drop-last rule: the epoch is finished on the new layout, no sample is
 seen twice, and the new layout's remainder is dropped.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -59,11 +60,15 @@ class SamplerState:
     segments: list[Segment] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch,
-                "segments": [{**asdict(s.layout), "batches": s.batches} for s in self.segments]}
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "segments": [{**asdict(s.layout), "batches": s.batches} for s in self.segments],
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SamplerState":
+    def from_dict(cls, d: dict) -> SamplerState:
         if d.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {d.get('version')!r} is not {STATE_VERSION}")
         segs = [Segment(Layout(s["world_size"], s["micro_batch"], s["workers"]), s["batches"]) for s in d["segments"]]
@@ -106,7 +111,7 @@ def epoch_order(counts: list[int], *, seed: int, epoch: int, shuffle_buffer: int
     order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     if shuffle_buffer > 1:
         for start in range(0, len(order), shuffle_buffer):
-            rng.shuffle(order[start:start + shuffle_buffer])  # in place on the view
+            rng.shuffle(order[start : start + shuffle_buffer])  # in place on the view
     return order
 
 
@@ -122,14 +127,14 @@ def deal(order: np.ndarray, layout: Layout, rank: int, *, drop_last: bool = True
     b, w = layout.micro_batch, layout.workers
     if not drop_last:
         part = np.array_split(order, layout.world_size)[rank]
-        return [part[i:i + b] for i in range(0, len(part), b)]
+        return [part[i : i + b] for i in range(0, len(part), b)]
     nb = len(order) // (layout.world_size * b)
-    block = order[rank * nb * b:(rank + 1) * nb * b]
+    block = order[rank * nb * b : (rank + 1) * nb * b]
     out = np.empty((nb, b), dtype=np.int64)
     start = 0
     for reader in range(w):
         js = np.arange(reader, nb, w)
-        out[js] = block[start:start + len(js) * b].reshape(len(js), b)
+        out[js] = block[start : start + len(js) * b].reshape(len(js), b)
         start += len(js) * b
     return out
 
@@ -139,13 +144,16 @@ def remaining_order(order: np.ndarray, segments: list[Segment]) -> np.ndarray:
     for seg in segments:
         if seg.batches == 0:
             continue
-        consumed = np.concatenate([deal(order, seg.layout, r)[:seg.batches].ravel()
-                                   for r in range(seg.layout.world_size)])
+        consumed = np.concatenate(
+            [deal(order, seg.layout, r)[: seg.batches].ravel() for r in range(seg.layout.world_size)]
+        )
         order = order[~np.isin(order, consumed)]
     return order
 
 
-def rank_plan(counts: list[int], state: SamplerState, rank: int, *, shuffle_buffer: int, shuffle: bool = True) -> np.ndarray:
+def rank_plan(
+    counts: list[int], state: SamplerState, rank: int, *, shuffle_buffer: int, shuffle: bool = True
+) -> np.ndarray:
     """All batches of the rank for the current segment of the state's epoch (consumed ones included)."""
     order = epoch_order(counts, seed=state.seed, epoch=state.epoch, shuffle_buffer=shuffle_buffer, shuffle=shuffle)
     order = remaining_order(order, state.segments[:-1])

@@ -1,6 +1,7 @@
 """Reading a sharded split: the manifest, samples located through each shard's `.idx` (or, without
 one, sequential tar streaming), resuming at a byte offset after transient errors, an optional
 local cache, and a reader that streams the samples of an id sequence with prefetch."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,9 +11,9 @@ import os
 import tarfile
 import threading
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -60,15 +61,23 @@ class TransientStorageError(ConnectionError):
 def _transient(fn):
     """Map botocore's own connection and 5xx errors to a ConnectionError, so that
     pipeline.storage.retry retries them like any other transient error."""
+
     def call():
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - classified below, re-raised otherwise
             mod = type(e).__module__ or ""
-            status = getattr(e, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") if hasattr(e, "response") else None
-            if mod.startswith(("botocore", "aiobotocore", "aiohttp")) and (status is None or status >= 500 or status == 429):
+            status = (
+                getattr(e, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if hasattr(e, "response")
+                else None
+            )
+            if mod.startswith(("botocore", "aiobotocore", "aiohttp")) and (
+                status is None or status >= 500 or status == 429
+            ):
                 raise TransientStorageError(f"{type(e).__name__}: {e}") from e
             raise
+
     return call
 
 
@@ -85,8 +94,16 @@ def read_split(url: str, storage: StorageConfig | None = None) -> Split:
         m = json.loads(raw)
         if m.get("format_version") != 1:
             raise ValueError(f"format_version {m.get('format_version')!r} is not 1")
-        shards = tuple(Shard(s["name"], join(url, s["name"]), int(s["samples"]), s.get("bytes"),
-                             join(url, s["index"]) if s.get("index") else None) for s in m["shards"])
+        shards = tuple(
+            Shard(
+                s["name"],
+                join(url, s["name"]),
+                int(s["samples"]),
+                s.get("bytes"),
+                join(url, s["index"]) if s.get("index") else None,
+            )
+            for s in m["shards"]
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{murl}: not a valid manifest: {e}") from e
     if not shards or sum(s.samples for s in shards) == 0:
@@ -115,6 +132,7 @@ def cache_shard(shard: Shard, storage: StorageConfig | None, cache_dir: str) -> 
     tmp = f"{local}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
         with open(tmp, "wb") as out:
+
             def attempt():
                 with fs.open(path, "rb", block_size=READ_BLOCK) as f:
                     f.seek(out.tell())
@@ -200,7 +218,7 @@ def _read_indexed(f, rows, order: list[int], cur: _TarCursor, url: str) -> None:
     """Samples order[len(cur.samples):] read by offset: one read per sample spanning its members
     (and the headers between them). The first member's tar header must carry the name the
     index gives, so a stale index is caught, not read as wrong bytes."""
-    for i in order[len(cur.samples):]:
+    for i in order[len(cur.samples) :]:
         members = rows[i]
         start, end = members[0][1] - BLOCK, members[-1][1] + members[-1][2]
         f.seek(start)
@@ -213,12 +231,13 @@ def _read_indexed(f, rows, order: list[int], cur: _TarCursor, url: str) -> None:
         base = name.rsplit("/", 1)[-1]
         sample = {"__key__": name[: len(name) - len(base)] + base.partition(".")[0]}
         for ext, off, size, _ in members:
-            sample[ext] = buf[off - start: off - start + size]
+            sample[ext] = buf[off - start : off - start + size]
         cur.samples[i] = sample
 
 
-def read_samples(shard: Shard, wanted: Iterable[int], storage: StorageConfig | None = None,
-                 cache_dir: str | None = None) -> dict[int, dict]:
+def read_samples(
+    shard: Shard, wanted: Iterable[int], storage: StorageConfig | None = None, cache_dir: str | None = None
+) -> dict[int, dict]:
     """The samples `wanted` (indices within the shard) as {index: {"__key__", "jpg", ...}}.
 
     With the shard's index, each wanted sample is one read at its offset; without one, a single
@@ -270,8 +289,9 @@ class SampleReader:
     handed out: memory holds the wanted samples of the in-flight shards, never a whole shard.
     """
 
-    def __init__(self, split: Split, storage: StorageConfig | None = None, *, prefetch: int = 2,
-                 cache_dir: str | None = None):
+    def __init__(
+        self, split: Split, storage: StorageConfig | None = None, *, prefetch: int = 2, cache_dir: str | None = None
+    ):
         self.split, self.storage, self.prefetch, self.cache_dir = split, storage, prefetch, cache_dir
 
     def read(self, ids: Iterable[int]) -> Iterator[tuple[int, dict]]:
@@ -293,8 +313,12 @@ class SampleReader:
             nonlocal nxt
             while nxt < len(sequence) and len(inflight) <= self.prefetch:
                 shard = self.split.shards[sequence[nxt]]
-                inflight.append((sequence[nxt], pool.submit(read_samples, shard, wanted[sequence[nxt]], self.storage,
-                                                            self.cache_dir)))
+                inflight.append(
+                    (
+                        sequence[nxt],
+                        pool.submit(read_samples, shard, wanted[sequence[nxt]], self.storage, self.cache_dir),
+                    )
+                )
                 nxt += 1
 
         pending: dict[tuple[int, int], dict] = {}

@@ -1,13 +1,14 @@
 """The pure-PyTorch backend: DataLoader workers, each a reader of its run of the rank's batches,
 Pillow decode + crop/resize (bicubic) + flip to uint8; the corruption (each sample's own seed)
 then runs in the training process, on its device."""
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -42,8 +43,10 @@ class PretextBatches:
                 raw.skipped.append(f"{name}: {e}")
                 views.append(None)
         views = fill_gaps(views, raw)
-        return {"views": torch.stack(views),
-                "seeds": torch.tensor([p.corruption_seed for p in raw.params], dtype=torch.int64)}
+        return {
+            "views": torch.stack(views),
+            "seeds": torch.tensor([p.corruption_seed for p in raw.params], dtype=torch.int64),
+        }
 
 
 def fill_gaps(views: list, raw: RawBatch) -> list:
@@ -51,8 +54,10 @@ def fill_gaps(views: list, raw: RawBatch) -> list:
     if all(v is None for v in views):
         raise ValueError(f"every sample of batch {raw.index} is corrupt: {raw.skipped}")
     n = len(views)
-    return [v if v is not None else next(views[(i + k) % n] for k in range(1, n) if views[(i + k) % n] is not None)
-            for i, v in enumerate(views)]
+    return [
+        v if v is not None else next(views[(i + k) % n] for k in range(1, n) if views[(i + k) % n] is not None)
+        for i, v in enumerate(views)
+    ]
 
 
 def corrupt_views(out: dict, cfg: Config, device: torch.device) -> tuple:
@@ -117,8 +122,17 @@ class SeededLabelledBatches:
 class PlanDataset(IterableDataset):
     """Yields the processed batches start.. of a rank's plan, reader w in DataLoader worker w."""
 
-    def __init__(self, split: Split, cfg: Config, plan, start: int, readers: int, epoch: int,
-                 make: Callable[[RawBatch], dict], augment: bool = True):
+    def __init__(
+        self,
+        split: Split,
+        cfg: Config,
+        plan,
+        start: int,
+        readers: int,
+        epoch: int,
+        make: Callable[[RawBatch], dict],
+        augment: bool = True,
+    ):
         self.split, self.cfg, self.plan, self.start = split, cfg, plan, start
         self.readers, self.epoch, self.make, self.augment = readers, epoch, make, augment
 
@@ -128,9 +142,18 @@ class PlanDataset(IterableDataset):
         readers = [reader_id] if info is not None else range(self.readers)
         d = self.cfg.data
         sr = SampleReader(self.split, self.cfg.storage, prefetch=d.prefetch_shards, cache_dir=d.cache_dir)
-        streams = [raw_batches(self.split, self.plan, reader_batches(len(self.plan), self.start, self.readers, r), sr,
-                               seed=self.cfg.train.seed, epoch=self.epoch,
-                               scale=tuple(d.crop_scale) if self.augment else None) for r in readers]
+        streams = [
+            raw_batches(
+                self.split,
+                self.plan,
+                reader_batches(len(self.plan), self.start, self.readers, r),
+                sr,
+                seed=self.cfg.train.seed,
+                epoch=self.epoch,
+                scale=tuple(d.crop_scale) if self.augment else None,
+            )
+            for r in readers
+        ]
         # in-process (workers=0) with several readers: round-robin, as a DataLoader would
         while streams:
             for s in list(streams):
@@ -143,8 +166,19 @@ class PlanDataset(IterableDataset):
                 yield out
 
 
-def iterate(split: Split, cfg: Config, plan, start: int, readers: int, epoch: int, make, *, workers: int,
-            pin_memory: bool = False, augment: bool = True) -> Iterator[dict]:
+def iterate(
+    split: Split,
+    cfg: Config,
+    plan,
+    start: int,
+    readers: int,
+    epoch: int,
+    make,
+    *,
+    workers: int,
+    pin_memory: bool = False,
+    augment: bool = True,
+) -> Iterator[dict]:
     """`make`'s batches; augment=False draws no per-sample crop params (evaluation views)."""
     ds = PlanDataset(split, cfg, plan, start, readers, epoch, make, augment)
     if workers == 0:
@@ -152,5 +186,6 @@ def iterate(split: Split, cfg: Config, plan, start: int, readers: int, epoch: in
         return
     # DataLoader worker w is reader w and the DataLoader's round-robin over its workers gives
     # the batches back in plan order (see sampling.reader_batches)
-    yield from DataLoader(ds, batch_size=None, num_workers=readers, pin_memory=pin_memory,
-                          prefetch_factor=2, persistent_workers=False)
+    yield from DataLoader(
+        ds, batch_size=None, num_workers=readers, pin_memory=pin_memory, prefetch_factor=2, persistent_workers=False
+    )

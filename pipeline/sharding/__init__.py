@@ -2,6 +2,7 @@
 
 Layout and manifest: docs/architecture.md, "Contract: a sharded split".
 """
+
 from pipeline.sharding.job import ShardingError, shard_dataset
 from pipeline.sharding.manifest import read_manifest, verify_split
 from pipeline.sharding.sources import SourceError

@@ -1,4 +1,5 @@
 """`mfm shard --source PATH --dest URL ...` and `mfm shard verify URL`."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,11 +10,22 @@ from pipeline import storage as st
 
 
 def _shard_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mfm shard", description="Shard ILSVRC2012 archives or an ImageFolder tree into WebDataset tars.")
-    p.add_argument("--source", required=True, help="folder with ILSVRC2012_img_{train,val}.tar (+ labels) or <split>/<class>/<image>")
+    p = argparse.ArgumentParser(
+        prog="mfm shard", description="Shard ILSVRC2012 archives or an ImageFolder tree into WebDataset tars."
+    )
+    p.add_argument(
+        "--source",
+        required=True,
+        help="folder with ILSVRC2012_img_{train,val}.tar (+ labels) or <split>/<class>/<image>",
+    )
     p.add_argument("--dest", required=True, help="output URL: a path or s3://bucket/prefix")
     p.add_argument("--splits", default=None, help="comma-separated (default: train,val where present)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: the CPUs available; a split of one shard runs in this process)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: the CPUs available; a split of one shard runs in this process)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size-mb", type=float, default=256)
     p.add_argument("--max-side", type=int, default=None, help="re-encode images whose longer side exceeds PX")
@@ -32,20 +44,31 @@ def cli(argv: list[str]) -> int:
 
     try:
         manifests = shard_dataset(
-            args.source, args.dest, splits=args.splits, workers=args.workers or available_cpus(), seed=args.seed,
-            shard_size_mb=args.shard_size_mb, max_side=args.max_side, validation=args.validation,
+            args.source,
+            args.dest,
+            splits=args.splits,
+            workers=args.workers or available_cpus(),
+            seed=args.seed,
+            shard_size_mb=args.shard_size_mb,
+            max_side=args.max_side,
+            validation=args.validation,
             progress=False if args.no_progress else None,
         )
     except (SourceError, ShardingError, ValueError) as e:
         print(f"mfm shard: {e}", file=sys.stderr)
         return 2
     for split, m in manifests.items():
-        print(f"{st.join(args.dest, split)}: {m['num_samples']} samples, {len(m['shards'])} shards, {len(m['rejected'])} rejected")
+        print(
+            f"{st.join(args.dest, split)}: {m['num_samples']} samples, {len(m['shards'])} shards, "
+            f"{len(m['rejected'])} rejected"
+        )
     return 0
 
 
 def verify_cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mfm shard verify", description="Re-read every shard and check it against manifest.json.")
+    p = argparse.ArgumentParser(
+        prog="mfm shard verify", description="Re-read every shard and check it against manifest.json."
+    )
     p.add_argument("url", help="a split (folder holding manifest.json) or a dest holding <split>/manifest.json")
     args = p.parse_args(argv)
     from pipeline.sharding.manifest import MANIFEST, verify_split

@@ -5,6 +5,7 @@ share (the GIL). Decoding is different: Pillow releases the GIL while it decodes
 so `threads` > 1 decodes that many images at once; the order, and so the shard's bytes, stay
 those of the plan.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -17,7 +18,9 @@ from pipeline.sharding.validate import Checked, check_image, clean_size
 Image = tuple[Entry, "bytes | None", "tuple[int, int] | str", bool]
 
 
-def checked_images(entries: Sequence[Entry], validation: str, max_side: int | None, threads: int = 1) -> Iterator[Image]:
+def checked_images(
+    entries: Sequence[Entry], validation: str, max_side: int | None, threads: int = 1
+) -> Iterator[Image]:
     handles: dict = {}
     try:
         if validation == "decode" and threads > 1:

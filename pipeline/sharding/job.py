@@ -1,4 +1,5 @@
 """shard_dataset: list, plan, write shards in worker processes, then commit the manifest."""
+
 from __future__ import annotations
 
 import logging
@@ -73,7 +74,12 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress) -> d
     if st.exists(st.join(split_url, mf.MANIFEST), cfg):
         old = mf.read_manifest(split_url, cfg)
         if old["options"] == options and old["source"]["fingerprint"] == src["fingerprint"]:
-            log.info("%s: complete already (%d samples in %d shards); nothing to do", split_url, old["num_samples"], len(old["shards"]))
+            log.info(
+                "%s: complete already (%d samples in %d shards); nothing to do",
+                split_url,
+                old["num_samples"],
+                len(old["shards"]),
+            )
             return old
         raise ShardingError(
             f"{split_url}: holds a split sharded from another source or with other options "
@@ -83,15 +89,29 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress) -> d
     _remove_stale_temporaries(split_url, cfg)
     # The tool version is part of each shard's plan digest: a newer writer never reuses older shards.
     plans = plan_shards(
-        split, listing.entries, listing.classes, seed=options["seed"], shard_size_mb=options["shard_size_mb"],
+        split,
+        listing.entries,
+        listing.classes,
+        seed=options["seed"],
+        shard_size_mb=options["shard_size_mb"],
         options={**options, "tool": mf.tool_version()},
     )
     class_of = {c["wnid"]: c["index"] for c in listing.classes}
     missing = sorted({e.wnid for e in listing.entries} - class_of.keys())
     if missing:
         raise SourceError(f"{source}: split {split!r} has images of classes not in the class list: {missing[:5]}")
-    opts = WriteOptions(options["validation"], options["max_side"], decode_threads(options["validation"], min(workers, len(plans))))
-    log.info("%s: %d images from %s (%s) -> %d shards, %d workers", split_url, len(listing.entries), source, listing.kind, len(plans), workers)
+    opts = WriteOptions(
+        options["validation"], options["max_side"], decode_threads(options["validation"], min(workers, len(plans)))
+    )
+    log.info(
+        "%s: %d images from %s (%s) -> %d shards, %d workers",
+        split_url,
+        len(listing.entries),
+        source,
+        listing.kind,
+        len(plans),
+        workers,
+    )
     results = _run(plans, split_url, class_of, opts, workers, cfg, log, progress)
     _remove_extra_shards(split_url, split, len(plans), cfg)
     rejected = listing.rejected + [r for res in results for r in res.rejected]
@@ -100,8 +120,12 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress) -> d
     _remove_work_dir(split_url, cfg, log)
     log.info(
         "%s: committed %d samples in %d shards (%d reused, %d re-encoded, %d rejected)",
-        split_url, manifest["num_samples"], len(results), sum(r.reused for r in results),
-        sum(r.reencoded for r in results), len(rejected),
+        split_url,
+        manifest["num_samples"],
+        len(results),
+        sum(r.reused for r in results),
+        sum(r.reencoded for r in results),
+        len(rejected),
     )
     return manifest
 
@@ -121,7 +145,12 @@ def _run(plans, split_url, class_of, opts, workers, cfg, log, progress):
     from tqdm import tqdm
 
     results = [None] * len(plans)
-    bar = tqdm(total=len(plans), unit="shard", desc=split_url.rsplit("/", 1)[-1], disable=(None if progress is None else not progress))
+    bar = tqdm(
+        total=len(plans),
+        unit="shard",
+        desc=split_url.rsplit("/", 1)[-1],
+        disable=(None if progress is None else not progress),
+    )
     every = max(1, len(plans) // 20)
     count = [0]
 
@@ -131,7 +160,15 @@ def _run(plans, split_url, class_of, opts, workers, cfg, log, progress):
         count[0] += 1
         n = count[0]
         if n % every == 0 or n == len(plans):
-            log.info("%s: %d/%d shards (%s: %d samples%s)", split_url, n, len(plans), r.name, r.samples, ", reused" if r.reused else "")
+            log.info(
+                "%s: %d/%d shards (%s: %d samples%s)",
+                split_url,
+                n,
+                len(plans),
+                r.name,
+                r.samples,
+                ", reused" if r.reused else "",
+            )
 
     try:
         if workers == 1 or len(plans) <= 1:
@@ -140,7 +177,9 @@ def _run(plans, split_url, class_of, opts, workers, cfg, log, progress):
         else:
             # spawn, not fork: the caller may run threads (Prefect, an S3 client) that fork would copy mid-state.
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(min(workers, len(plans)), mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+            with ProcessPoolExecutor(
+                min(workers, len(plans)), mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)
+            ) as pool:
                 futures = {pool.submit(write_shard, p, split_url, class_of, opts, cfg): i for i, p in enumerate(plans)}
                 for fut in as_completed(futures):
                     done(futures[fut], fut.result())
@@ -190,4 +229,3 @@ def _remove_work_dir(split_url, cfg, log):
         pass
     except Exception as e:  # the manifest is committed; leftover sidecars are harmless
         log.warning("%s: could not remove %s: %s", split_url, WORK_DIR, e)
-

@@ -1,4 +1,5 @@
 """manifest.json: the commit record of a sharded split (docs/architecture.md), and `verify`."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,9 +22,13 @@ def tool_version() -> str:
         return "mfm-pipeline 0.1.0"
 
 
-def build_manifest(split: str, results: list, classes: list[dict], source: dict, options: dict, rejected: list[dict]) -> dict:
+def build_manifest(
+    split: str, results: list, classes: list[dict], source: dict, options: dict, rejected: list[dict]
+) -> dict:
     """Pure: the manifest dict from the shard results, in shard order."""
-    shards = [{"name": r.name, "index": r.index, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256} for r in results]
+    shards = [
+        {"name": r.name, "index": r.index, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256} for r in results
+    ]
     return {
         "format_version": FORMAT_VERSION,
         "tool": tool_version(),
@@ -83,7 +88,11 @@ def verify_split(split_url: str, storage: StorageConfig | None = None) -> list[P
         try:
             head = st.read_bytes(idx_url, storage).split(b"\n", 1)[0].split()
             if head[:1] != [b"v1.2"] or len(head) != 2 or int(head[1]) != s["samples"]:
-                problems.append(Problem(idx_url, f"index header {b' '.join(head).decode(errors='replace')!r} != 'v1.2 {s['samples']}'"))
+                problems.append(
+                    Problem(
+                        idx_url, f"index header {b' '.join(head).decode(errors='replace')!r} != 'v1.2 {s['samples']}'"
+                    )
+                )
         except FileNotFoundError:
             problems.append(Problem(idx_url, "missing"))
     if m["num_samples"] != sum(s["samples"] for s in m["shards"]):

@@ -1,4 +1,5 @@
 """The shard plan: which samples go to which shard, decided before any image is read (pure)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +29,9 @@ class ShardPlan:
         return f"{self.split}-{self.index:06d}.idx"
 
 
-def plan_shards(split: str, entries: list[Entry], classes: list[dict], *, seed: int, shard_size_mb: float, options: dict) -> list[ShardPlan]:
+def plan_shards(
+    split: str, entries: list[Entry], classes: list[dict], *, seed: int, shard_size_mb: float, options: dict
+) -> list[ShardPlan]:
     """Shuffle samples with the seed (independent of listing order) and cut into shards of
     about shard_size_mb of source bytes."""
     if shard_size_mb <= 0:

@@ -5,6 +5,7 @@ inside ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar. The archives are read 
 streams (tarfile 'r|'), nested per-class tars included, and never extracted: the listing
 records each member's offset, and workers later read just that range.
 """
+
 from __future__ import annotations
 
 import csv
@@ -52,7 +53,9 @@ class Listing:
 def detect(source: str) -> str:
     """'ilsvrc-tar' or 'folder'; anything else is a SourceError naming the path."""
     if not os.path.isdir(source):
-        raise SourceError(f"{source}: source must be a directory holding {TRAIN_TAR}/{VAL_TAR} or <split>/<class>/<image>")
+        raise SourceError(
+            f"{source}: source must be a directory holding {TRAIN_TAR}/{VAL_TAR} or <split>/<class>/<image>"
+        )
     names = set(os.listdir(source))
     if TRAIN_TAR in names or VAL_TAR in names:
         return "ilsvrc-tar"
@@ -79,7 +82,9 @@ def list_split(source: str, split: str) -> Listing:
 
 
 def fingerprint(entries: list[Entry]) -> str:
-    return hashlib.sha256("".join(f"{name}\t{size}\n" for name, size in sorted((e.file, e.size) for e in entries)).encode()).hexdigest()
+    return hashlib.sha256(
+        "".join(f"{name}\t{size}\n" for name, size in sorted((e.file, e.size) for e in entries)).encode()
+    ).hexdigest()
 
 
 _NOT_KEY = re.compile(r"[^A-Za-z0-9_-]")
@@ -143,6 +148,7 @@ def class_table(wnids, names: dict[str, str] | None = None) -> list[dict]:
 
 # --- ImageFolder ---------------------------------------------------------------------------
 
+
 def _folder_splits(source: str) -> list[str]:
     out = []
     for d in sorted(os.scandir(source), key=lambda d: d.name):
@@ -190,6 +196,7 @@ def _walk_files(top: str):
 
 
 # --- ILSVRC2012 archives ---------------------------------------------------------------------
+
 
 def _list_ilsvrc(source: str, split: str) -> Listing:
     if split not in ("train", "val"):

@@ -4,10 +4,10 @@ Members get mtime 0, uid/gid 0, no user names and mode 0644, so the same samples
 order give byte-identical tars. Offsets are tracked while writing, so the `.idx` file (the
 format of DALI's wds2idx, version v1.2) needs no second pass over the tar.
 """
+
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import tarfile
 import threading
@@ -41,7 +41,9 @@ def member_header(name: str, size: int) -> bytes:
 # The three members of an image sample, in one bytes format: header (name, padding, size,
 # checksum), then data and padding, for .cls, .jpg and .json in turn. One format per image
 # instead of three headers and a join: per-image Python is most of the sharder's time.
-_SAMPLE = b"".join(b"%b." + ext + b"%b" + _PRE + b"%b" + _MTIME + b"%06o\0 " + _TAIL + b"%b%b" for ext in (b"cls", b"jpg", b"json"))
+_SAMPLE = b"".join(
+    b"%b." + ext + b"%b" + _PRE + b"%b" + _MTIME + b"%06o\0 " + _TAIL + b"%b%b" for ext in (b"cls", b"jpg", b"json")
+)
 assert b"%" not in _PRE + _MTIME + _TAIL  # they are spliced into format strings
 
 
@@ -98,7 +100,7 @@ class TarWriter:
         self._thread = threading.Thread(target=self._drain, name="tar-writer", daemon=True)
         self._thread.start()
 
-    def __enter__(self) -> "TarWriter":
+    def __enter__(self) -> TarWriter:
         return self
 
     def __exit__(self, exc_type, *_) -> None:
@@ -172,11 +174,28 @@ class TarWriter:
         jpos = pos + 2 * BLOCK + nc + len(zc)  # data offsets, as the index records them
         mpos = jpos + nj + pj + BLOCK
         buf += _SAMPLE % (
-            kb, _NULS[k + 4 :], oc, ks + sc, cls, zc,
-            kb, _NULS[k + 4 :], oj, ks + _JPG_FIXED + sum(oj), jpeg, _ZEROS[:pj],
-            kb, _NULS[k + 5 :], om, ks + sm, meta, zm,
+            kb,
+            _NULS[k + 4 :],
+            oc,
+            ks + sc,
+            cls,
+            zc,
+            kb,
+            _NULS[k + 4 :],
+            oj,
+            ks + _JPG_FIXED + sum(oj),
+            jpeg,
+            _ZEROS[:pj],
+            kb,
+            _NULS[k + 5 :],
+            om,
+            ks + sm,
+            meta,
+            zm,
         )
-        self.index_rows.append(f"cls {pos + BLOCK} {nc} {key}.cls jpg {jpos} {nj} {key}.jpg json {mpos} {nm} {key}.json")
+        self.index_rows.append(
+            f"cls {pos + BLOCK} {nc} {key}.cls jpg {jpos} {nj} {key}.jpg json {mpos} {nm} {key}.json"
+        )
         if len(buf) >= self.chunk:
             self._flush()
 

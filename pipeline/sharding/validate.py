@@ -4,6 +4,7 @@
 progressive SOF with 3 components, and ends with EOI. Anything else, and every image in
 `decode` mode, goes through Pillow; what decodes is written back as an RGB JPEG.
 """
+
 from __future__ import annotations
 
 import io

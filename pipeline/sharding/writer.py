@@ -5,6 +5,7 @@ A shard is committed in three atomic writes: the tar, its `.idx`, then a small s
 the shard's commit record: a rerun reuses a shard whose sidecar matches its plan and whose
 tar has the recorded size, and rewrites anything else (the same bytes, by construction).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline import storage
 from pipeline.config import StorageConfig
-from pipeline.sharding.plan import ShardPlan
 from pipeline.sharding.images import checked_images
+from pipeline.sharding.plan import ShardPlan
 from pipeline.sharding.tarfmt import TarWriter
 
 WORK_DIR = "_work"
@@ -70,7 +71,7 @@ def committed(plan: ShardPlan, split_url: str, cfg: StorageConfig | None) -> Sha
 
 
 # What json.dumps (ensure_ascii) leaves as it is inside quotes: printable ASCII except quote and backslash.
-_PLAIN = re.compile(r'[ !#-\[\]-~]*')
+_PLAIN = re.compile(r"[ !#-\[\]-~]*")
 
 
 def sample_json(file: str, wnid: str, cls: int, width: int, height: int) -> bytes:
@@ -89,7 +90,9 @@ def _json_tail(wnid: str, cls: int) -> bytes:
     return f', "wnid": {json.dumps(wnid).replace("%", "%%")}, "class": {cls}, "width": %d, "height": %d}}'.encode()
 
 
-def write_samples(plan: ShardPlan, fileobj, class_of: dict[str, int], opts: WriteOptions, sync: bool = False) -> tuple[TarWriter, list[dict], int]:
+def write_samples(
+    plan: ShardPlan, fileobj, class_of: dict[str, int], opts: WriteOptions, sync: bool = False
+) -> tuple[TarWriter, list[dict], int]:
     """Fill one tar from the plan's sources; bad images are listed, never raised.
 
     sync: fileobj is a file to be fsynced: start writing it to disk while the shard is built."""
@@ -110,7 +113,9 @@ def write_samples(plan: ShardPlan, fileobj, class_of: dict[str, int], opts: Writ
     return tw, rejected, reencoded
 
 
-def write_shard(plan: ShardPlan, split_url: str, class_of: dict[str, int], opts: WriteOptions, cfg: StorageConfig | None = None) -> ShardResult:
+def write_shard(
+    plan: ShardPlan, split_url: str, class_of: dict[str, int], opts: WriteOptions, cfg: StorageConfig | None = None
+) -> ShardResult:
     """Commit one shard (or reuse it when already committed); runs in a worker process."""
     done = committed(plan, split_url, cfg)
     if done is not None:
@@ -128,7 +133,9 @@ def write_shard(plan: ShardPlan, split_url: str, class_of: dict[str, int], opts:
                 tw, rejected, reencoded = write_samples(plan, f, class_of, opts)
             _upload(local, tar_url, cfg)
     storage.write_bytes(storage.join(split_url, plan.index_name), tw.index(), cfg)
-    result = ShardResult(plan.name, plan.index_name, plan.digest, len(tw.index_rows), tw.pos, tw.sha.hexdigest(), rejected, reencoded)
+    result = ShardResult(
+        plan.name, plan.index_name, plan.digest, len(tw.index_rows), tw.pos, tw.sha.hexdigest(), rejected, reencoded
+    )
     storage.write_bytes(sidecar_url(split_url, plan.name), json.dumps(asdict(result), indent=1).encode(), cfg)
     return result
 

@@ -12,6 +12,7 @@ Layout of `<run_dir>` (any fsspec URL):
 DeepSpeed writes to a local folder; when run_dir is remote that folder is a staging mirror
 whose step folders are uploaded (and whose logs are synced) at every checkpoint.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -127,8 +128,13 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -162,7 +168,7 @@ def _download_tree(folder: RunFolder, url: str, local: Path) -> None:
     if not _retry(folder, lambda: fs.exists(path), f"stat {url}"):
         return
     for remote in _retry(folder, lambda: fs.find(path), f"list {url}"):
-        dest = local / remote[len(path):].lstrip("/")
+        dest = local / remote[len(path) :].lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
         _retry(folder, lambda: fs.get_file(remote, str(dest)), f"download {remote}")
 
@@ -192,8 +198,17 @@ def sync_logs_down(folder: RunFolder) -> None:
             _download_tree(folder, url, folder.local / item)
 
 
-def save(engine, folder: RunFolder, step: int, client: dict, *, rank: int, local_rank: int,
-         keep_last: int, extra: dict | None = None) -> str:
+def save(
+    engine,
+    folder: RunFolder,
+    step: int,
+    client: dict,
+    *,
+    rank: int,
+    local_rank: int,
+    keep_last: int,
+    extra: dict | None = None,
+) -> str:
     """Collective: every rank writes its DeepSpeed shard and client state, then rank 0 marks
     the folder complete and prunes old ones. Returns the step folder's URL."""
     tag = f"step-{step}"
@@ -213,11 +228,17 @@ def save(engine, folder: RunFolder, step: int, client: dict, *, rank: int, local
         sync_logs_up(folder)
         fs, path = folder.fs()
         files = sorted(f.rsplit(f"/{tag}/", 1)[-1] for f in _retry(folder, lambda: fs.find(f"{path}/{tag}"), "list"))
-        marker = {"format_version": FORMAT_VERSION, "step": step, "time": time.time(),
-                  "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                  "files": files, **(extra or {})}
-        storage.write_bytes(storage.join(folder.step_url(step), MARKER),
-                            json.dumps(marker, indent=1).encode(), folder.storage)
+        marker = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "time": time.time(),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "files": files,
+            **(extra or {}),
+        }
+        storage.write_bytes(
+            storage.join(folder.step_url(step), MARKER), json.dumps(marker, indent=1).encode(), folder.storage
+        )
         prune(folder, keep_last)
         if folder.remote:
             shutil.rmtree(local_step, ignore_errors=True)
@@ -234,14 +255,17 @@ def load(engine, folder: RunFolder, step: int, *, rank: int, local_rank: int) ->
         _download_tree(folder, folder.step_url(step), folder.local / tag)
     _barrier()
     # DeepSpeed's own files, written by this run: its loader unpickles them (not weights_only).
-    path, _ = engine.load_checkpoint(str(folder.local), tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False)
+    path, _ = engine.load_checkpoint(
+        str(folder.local), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {folder.step_url(step)}")
     client_file = folder.local / tag / _client_name(rank)
     if not client_file.exists():
-        raise RuntimeError(f"{folder.step_url(step)} has no {client_file.name}: it was written by a "
-                           "run with fewer ranks; resume with the same number of processes")
+        raise RuntimeError(
+            f"{folder.step_url(step)} has no {client_file.name}: it was written by a "
+            "run with fewer ranks; resume with the same number of processes"
+        )
     client = torch.load(client_file, weights_only=True)
     _barrier()
     if folder.remote and local_rank == 0:
@@ -278,6 +302,8 @@ def export(engine, cfg: Config, folder: RunFolder, *, rank: int) -> str | None:
         tensors, timm_config = export_encoder(model, cfg.model)
         url = storage.join(folder.url, "export")
         storage.write_bytes(storage.join(url, "model.safetensors"), safetensors_bytes(tensors), folder.storage)
-        storage.write_bytes(storage.join(url, "config.json"), json.dumps(timm_config, indent=1).encode(), folder.storage)
+        storage.write_bytes(
+            storage.join(url, "config.json"), json.dumps(timm_config, indent=1).encode(), folder.storage
+        )
     _barrier()
     return url

@@ -9,6 +9,7 @@ everywhere, run_dir on shared storage such as S3):
     mfm pretrain --config vit_b16_mfm --hostfile hosts.txt --master-addr 10.0.0.1 \
         --set train.run_dir=s3://bucket/runs/vitb
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,9 @@ def validate(cfg: Config, world_size: int) -> None:
     batch_plan(cfg, world_size)
     if not timm.is_model(cfg.model.name):
         close = timm.list_models(f"*{cfg.model.name.split('_')[0]}*")[:8]
-        raise ConfigError(f"model.name={cfg.model.name!r} is not a timm model"
-                          + (f"; similar: {', '.join(close)}" if close else ""))
+        raise ConfigError(
+            f"model.name={cfg.model.name!r} is not a timm model" + (f"; similar: {', '.join(close)}" if close else "")
+        )
     manifest = storage.join(cfg.data.train, "manifest.json")
     if not storage.exists(manifest, cfg.storage):
         raise ConfigError(f"data.train={cfg.data.train!r}: no manifest.json there (shard the data first: mfm shard)")
@@ -95,14 +97,19 @@ def spawn_local(module: str, args: list[str], nprocs: int, *, env: dict | None =
     """Run `python -m module args` as nprocs ranks of one process group on this machine; if
     one fails, stop the others. Returns the first non-zero exit code, else 0."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    base = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-            "WORLD_SIZE": str(nprocs), "LOCAL_WORLD_SIZE": str(nprocs),
-            "OMP_NUM_THREADS": str(max(1, cores // nprocs))}
+    base = {
+        **os.environ,
+        **(env or {}),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": str(nprocs),
+        "LOCAL_WORLD_SIZE": str(nprocs),
+        "OMP_NUM_THREADS": str(max(1, cores // nprocs)),
+    }
     procs = []
     for rank in range(nprocs):
         rank_env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=rank_env,
-                                      preexec_fn=_die_with_parent))
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=rank_env, preexec_fn=_die_with_parent))
 
     def forward(signum, _frame):
         for p in procs:
@@ -150,8 +157,10 @@ def run_result(cfg: Config) -> RunResult:
     fs, path = folder.fs()
     pics = []
     if fs.exists(f"{path}/pictures"):
-        pics = sorted((p for p in fs.ls(f"{path}/pictures", detail=False) if p.endswith(".png")),
-                      key=lambda p: int(p.rsplit("step-", 1)[-1].removesuffix(".png")))
+        pics = sorted(
+            (p for p in fs.ls(f"{path}/pictures", detail=False) if p.endswith(".png")),
+            key=lambda p: int(p.rsplit("step-", 1)[-1].removesuffix(".png")),
+        )
         pics = [storage.join(cfg.train.run_dir, "pictures", p.rsplit("/", 1)[-1]) for p in pics]
     urls = [folder.step_url(s) for s in steps]
     return RunResult(cfg.train.run_dir, urls, urls[-1] if urls else None, export if has_export else None, pics)
@@ -163,8 +172,14 @@ class LaunchError(RuntimeError):
         super().__init__(message)
 
 
-def launch(cfg: Config, *, hostfile: str | None = None, master_addr: str | None = None,
-           master_port: int | None = None, task: str | None = None) -> RunResult:
+def launch(
+    cfg: Config,
+    *,
+    hostfile: str | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    task: str | None = None,
+) -> RunResult:
     """Validate, run training to the end (or resume it), and say where the results are.
     `task` ("module:function", (cfg) -> trainer.Task) trains something other than the MFM
     pretext, e.g. "pipeline.finetune:task"."""
@@ -181,17 +196,33 @@ def launch(cfg: Config, *, hostfile: str | None = None, master_addr: str | None 
         if not master_addr:
             raise ConfigError("--hostfile needs --master-addr (an address of the first host that the others reach)")
         runner = Path(sys.executable).with_name("deepspeed")  # the venv's, even when not activated
-        cmd = [str(runner) if runner.exists() else "deepspeed", "--hostfile", hostfile, "--master_addr", master_addr,
-               "--master_port", str(master_port or 29500), "--module", TRAINER, *args]
+        cmd = [
+            str(runner) if runner.exists() else "deepspeed",
+            "--hostfile",
+            hostfile,
+            "--master_addr",
+            master_addr,
+            "--master_port",
+            str(master_port or 29500),
+            "--module",
+            TRAINER,
+            *args,
+        ]
         code = subprocess.call(cmd)
     else:
         code = spawn_local(TRAINER, args, cfg.train.nprocs)
     if code == EXIT_NON_FINITE:
-        raise LaunchError(code, "training stopped on a non-finite loss (see the log above); the last good "
-                                f"checkpoint in {cfg.train.run_dir} is kept")
+        raise LaunchError(
+            code,
+            "training stopped on a non-finite loss (see the log above); the last good "
+            f"checkpoint in {cfg.train.run_dir} is kept",
+        )
     if code:
-        raise LaunchError(code, f"training failed with exit code {code}; rerun the same command to resume "
-                                f"from the newest complete checkpoint in {cfg.train.run_dir}")
+        raise LaunchError(
+            code,
+            f"training failed with exit code {code}; rerun the same command to resume "
+            f"from the newest complete checkpoint in {cfg.train.run_dir}",
+        )
     return run_result(cfg)
 
 
@@ -205,8 +236,9 @@ def add_launch_arguments(p: argparse.ArgumentParser, *, config_help: str) -> Non
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mfm pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mfm pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_launch_arguments(p, config_help="preset name or YAML file")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)

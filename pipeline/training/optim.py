@@ -1,4 +1,5 @@
 """The paper's optimisation (shared/MFM_SPEC.md section 5) from timm's and DeepSpeed's pieces."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
     if cfg.data.batch_size % (world_size * ga):
         raise ConfigError(
             f"data.batch_size ({cfg.data.batch_size}) must be divisible by world size ({world_size}) "
-            f"x train.grad_accum ({ga}) = {world_size * ga}")
+            f"x train.grad_accum ({ga}) = {world_size * ga}"
+        )
     return BatchPlan(cfg.data.batch_size, cfg.data.batch_size // (world_size * ga), world_size, ga)
 
 
@@ -53,23 +55,26 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float,
-                    layer_decay: float | None = None) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, optim: OptimConfig, lr: float, layer_decay: float | None = None
+) -> torch.optim.AdamW:
     """AdamW; no weight decay on 1-D params, biases and the model's no_weight_decay() names.
 
     With `layer_decay` (fine-tuning), timm's layer-wise groups: group "layer i" of a model with L
     blocks gets lr_scale = layer_decay ** (L + 1 - i) (embeddings i = 0, head L + 1), which
     timm's schedulers multiply into every lr they set; 1.0 gives every group scale 1."""
     if layer_decay is not None:
-        groups = param_groups_layer_decay(model, optim.weight_decay, sorted(no_weight_decay_names(model)),
-                                          layer_decay=layer_decay)
+        groups = param_groups_layer_decay(
+            model, optim.weight_decay, sorted(no_weight_decay_names(model)), layer_decay=layer_decay
+        )
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps)
     groups = param_groups_weight_decay(model, optim.weight_decay, no_weight_decay_list=no_weight_decay_names(model))
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, lrs: LearningRates,
-                    steps_per_epoch: int) -> CosineLRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, optim: OptimConfig, lrs: LearningRates, steps_per_epoch: int
+) -> CosineLRScheduler:
     """Per-iteration cosine over all `epochs` with a linear warmup, as the official code
     (SimMIM's scheduler): step it with step_update(step) after every optimiser step."""
     total = optim.epochs * steps_per_epoch

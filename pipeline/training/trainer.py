@@ -5,6 +5,7 @@ Started by `pipeline.training.launcher` (never directly by users) as
 MASTER_ADDR / MASTER_PORT set, locally or by the DeepSpeed launcher on every node.
 A "step" is one optimizer step: grad_accum micro batches on every rank.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -35,8 +36,10 @@ EXIT_NON_FINITE = 3
 class NonFiniteLoss(RuntimeError):
     def __init__(self, step: int, loss: float, last_good: str | None):
         self.step, self.loss, self.last_good = step, loss, last_good
-        super().__init__(f"non-finite loss {loss} at step {step}; stopped without saving. "
-                         f"Last good checkpoint: {last_good or 'none'}")
+        super().__init__(
+            f"non-finite loss {loss} at step {step}; stopped without saving. "
+            f"Last good checkpoint: {last_good or 'none'}"
+        )
 
 
 def resolve_precision(precision: str, cuda: bool) -> str:
@@ -99,7 +102,7 @@ def _pretrain_forward(engine, batch):
     return engine(batch.encoder_input.to(compute_dtype(engine)), batch.target, batch.keep)
 
 
-def _pretrain_val_batch(cfg: Config, ranks: "Ranks", size: int):
+def _pretrain_val_batch(cfg: Config, ranks: Ranks, size: int):
     """One batch of data.val per rank (evaluation views), corrupted once with a fixed seed."""
     from pipeline import storage
     from pipeline.corruptions import corrupt, denormalize
@@ -107,8 +110,9 @@ def _pretrain_val_batch(cfg: Config, ranks: "Ranks", size: int):
 
     if not cfg.data.val or not storage.exists(storage.join(cfg.data.val, "manifest.json"), cfg.storage):
         return None
-    loader = build_eval_loader(cfg, cfg.data.val, rank=ranks.rank, world_size=ranks.world_size, batch_size=size,
-                               device="cpu")
+    loader = build_eval_loader(
+        cfg, cfg.data.val, rank=ranks.rank, world_size=ranks.world_size, batch_size=size, device="cpu"
+    )
     images = next(iter(loader), (None,))[0]
     if images is None or len(images) == 0:
         return None
@@ -118,7 +122,7 @@ def _pretrain_val_batch(cfg: Config, ranks: "Ranks", size: int):
     return Batch(*(None if t is None else t.to(ranks.device) for t in corrupt(views, cfg.corruption, g)))
 
 
-def _pretrain_finish(trainer: "Trainer") -> dict:
+def _pretrain_finish(trainer: Trainer) -> dict:
     return {"export": ckpt.export(trainer.engine, trainer.cfg, trainer.folder, rank=trainer.ranks.rank)}
 
 
@@ -170,6 +174,7 @@ def seed_everything(seed: int) -> None:
 @dataclass
 class StepStats:
     """Accumulates timing between two log lines."""
+
     steps: int = 0
     images: int = 0
     seconds: float = 0.0
@@ -208,8 +213,12 @@ class Trainer:
             yield from self.loader
 
     def client_state(self) -> dict:
-        return {"step": self.step, "loader": self.loader.state_dict(), "rng": ckpt.rng_state(),
-                "scheduler": self.scheduler.state_dict()}
+        return {
+            "step": self.step,
+            "loader": self.loader.state_dict(),
+            "rng": ckpt.rng_state(),
+            "scheduler": self.scheduler.state_dict(),
+        }
 
     def restore(self, step: int) -> None:
         client = ckpt.load(self.engine, self.folder, step, rank=self.ranks.rank, local_rank=self.ranks.local_rank)
@@ -222,9 +231,15 @@ class Trainer:
 
     def save(self) -> None:
         self.last_checkpoint = ckpt.save(
-            self.engine, self.folder, self.step, self.client_state(), rank=self.ranks.rank,
-            local_rank=self.ranks.local_rank, keep_last=self.cfg.train.keep_last,
-            extra={"zero_stage": self.cfg.train.zero_stage, "model": self.cfg.model.name})
+            self.engine,
+            self.folder,
+            self.step,
+            self.client_state(),
+            rank=self.ranks.rank,
+            local_rank=self.ranks.local_rank,
+            keep_last=self.cfg.train.keep_last,
+            extra={"zero_stage": self.cfg.train.zero_stage, "model": self.cfg.model.name},
+        )
         if self.is_main:
             log.info("checkpoint %s", self.last_checkpoint)
 
@@ -285,14 +300,26 @@ class Trainer:
             row["val_loss"] = val_loss
         s.reset()
         self.log_row(row)
-        for key, tag in (("loss", "train/loss"), ("val_loss", "val/loss"), ("lr", "train/lr"),
-                         ("grad_norm", "train/grad_norm"),
-                         ("images_per_s", "perf/images_per_s"), ("data_wait", "perf/data_wait_share")):
+        for key, tag in (
+            ("loss", "train/loss"),
+            ("val_loss", "val/loss"),
+            ("lr", "train/lr"),
+            ("grad_norm", "train/grad_norm"),
+            ("images_per_s", "perf/images_per_s"),
+            ("data_wait", "perf/data_wait_share"),
+        ):
             if row.get(key) is not None:
                 self.writer.add_scalar(tag, row[key], self.step)
-        log.info("step %d/%d loss %.4f lr %.3g grad_norm %s %.1f img/s data wait %.0f%%", self.step,
-                 self.total_steps, loss, row["lr"], "-" if row["grad_norm"] is None else f"{row['grad_norm']:.3f}",
-                 row["images_per_s"] or 0, 100 * (row["data_wait"] or 0))
+        log.info(
+            "step %d/%d loss %.4f lr %.3g grad_norm %s %.1f img/s data wait %.0f%%",
+            self.step,
+            self.total_steps,
+            loss,
+            row["lr"],
+            "-" if row["grad_norm"] is None else f"{row['grad_norm']:.3f}",
+            row["images_per_s"] or 0,
+            100 * (row["data_wait"] or 0),
+        )
 
     def picture(self, batch, pred) -> None:
         from pipeline.pictures import save_picture
@@ -306,8 +333,13 @@ class Trainer:
 
         cfg = self.cfg.train
         batches = self._batches()
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.is_main and sys.stderr.isatty()))
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.is_main and sys.stderr.isatty()),
+        )
         try:
             if self.step == 0:
                 val_loss = self.validate()
@@ -361,12 +393,15 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
     model = task.build_model(cfg).to(ranks.device)
     seed_everything(cfg.train.seed + 1000 * ranks.rank + 1)
 
-    loader = task.build_loader(cfg, rank=ranks.rank, world_size=ranks.world_size, micro_batch=plan.micro_batch,
-                          device=ranks.device)
+    loader = task.build_loader(
+        cfg, rank=ranks.rank, world_size=ranks.world_size, micro_batch=plan.micro_batch, device=ranks.device
+    )
     steps_per_epoch = loader.steps_per_epoch // plan.grad_accum
     if steps_per_epoch < 1:
-        raise ConfigError(f"data.train yields {loader.steps_per_epoch} micro batches per rank per epoch, fewer "
-                          f"than train.grad_accum ({plan.grad_accum}): use a smaller data.batch_size")
+        raise ConfigError(
+            f"data.train yields {loader.steps_per_epoch} micro batches per rank per epoch, fewer "
+            f"than train.grad_accum ({plan.grad_accum}): use a smaller data.batch_size"
+        )
     total = cfg.optim.epochs * steps_per_epoch
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
@@ -374,11 +409,21 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
     lrs = scaled_lrs(cfg.optim, plan.global_batch)
     optimizer = task.build_optimizer(model, cfg, lrs.lr)
     scheduler = build_scheduler(optimizer, cfg.optim, lrs, steps_per_epoch)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(cfg, plan, precision))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, plan, precision))
 
-    trainer = Trainer(cfg, ranks, plan, engine, scheduler, loader, folder, steps_per_epoch, total, task=task,
-                      val_batch=task.val_batch(cfg, ranks, plan.micro_batch) if task.val_batch else None)
+    trainer = Trainer(
+        cfg,
+        ranks,
+        plan,
+        engine,
+        scheduler,
+        loader,
+        folder,
+        steps_per_epoch,
+        total,
+        task=task,
+        val_batch=task.val_batch(cfg, ranks, plan.micro_batch) if task.val_batch else None,
+    )
     if resume_step is not None:
         if ranks.rank == 0:
             ckpt.sync_logs_down(folder)
@@ -389,12 +434,25 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
 
         storage.write_bytes(storage.join(folder.url, "config.yaml"), dump_config(cfg).encode(), cfg.storage)
         # purge_step drops events a killed run wrote after its last checkpoint.
-        trainer.writer = SummaryWriter(str(folder.local / "tensorboard"),
-                                       purge_step=trainer.step + 1 if resume_step is not None else None)
-        log.info("%s: %d ranks, micro batch %d x grad_accum %d = %d, zero %d, %s, lr %.3g, %d steps/epoch, "
-                 "%s at step %d of %d", cfg.train.run_dir, ranks.world_size, plan.micro_batch, plan.grad_accum,
-                 plan.global_batch, cfg.train.zero_stage, precision, lrs.lr, steps_per_epoch,
-                 "resuming" if resume_step is not None else "starting", trainer.step, total)
+        trainer.writer = SummaryWriter(
+            str(folder.local / "tensorboard"), purge_step=trainer.step + 1 if resume_step is not None else None
+        )
+        log.info(
+            "%s: %d ranks, micro batch %d x grad_accum %d = %d, zero %d, %s, lr %.3g, %d steps/epoch, "
+            "%s at step %d of %d",
+            cfg.train.run_dir,
+            ranks.world_size,
+            plan.micro_batch,
+            plan.grad_accum,
+            plan.global_batch,
+            cfg.train.zero_stage,
+            precision,
+            lrs.lr,
+            steps_per_epoch,
+            "resuming" if resume_step is not None else "starting",
+            trainer.step,
+            total,
+        )
     return trainer
 
 
@@ -422,8 +480,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", help="module:function, (cfg) -> Task (default: MFM pretraining)")
     args = p.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        stream=sys.stdout,
+        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
+        force=True,
+    )
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = build_config(json.loads(base64.urlsafe_b64decode(args.config_b64)))
