@@ -278,3 +278,18 @@ def _local_swap(path: str, data: bytes, token: str) -> bool:
         with _local_atomic(path, "wb") as f:
             f.write(data)
         return True
+
+
+# --- Names read from shared storage ------------------------------------------------------------
+# A manifest, an index or a listing is written by whoever can write the bucket: a name taken from
+# one is joined under its folder only when it cannot leave it.
+
+
+def plain_name(name: object, where: str) -> str:
+    """`name` when it is a plain file name (no `/`, `\\`, `:`, control characters, not `.` or
+    `..`); else a ValueError naming `where` (the file and entry the name came from)."""
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\:"):
+        raise ValueError(f"{where}: {name!r} is not a plain file name")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError(f"{where}: {name!r} is not a plain file name (control characters)")
+    return name

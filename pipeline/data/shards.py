@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import StorageConfig
-from pipeline.storage import filesystem, join, retry
+from pipeline.sharding.manifest import check_manifest
+from pipeline.storage import filesystem, join, plain_name, retry
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -92,28 +93,30 @@ def read_split(url: str, storage: StorageConfig | None = None) -> Split:
         raise FileNotFoundError(f"{murl}: no manifest; the split is missing or not complete") from None
     try:
         m = json.loads(raw)
-        if m.get("format_version") != 1:
-            raise ValueError(f"format_version {m.get('format_version')!r} is not 1")
-        shards = tuple(
-            Shard(
-                s["name"],
-                join(url, s["name"]),
-                int(s["samples"]),
-                s.get("bytes"),
-                join(url, s["index"]) if s.get("index") else None,
-            )
-            for s in m["shards"]
+    except ValueError as e:  # UnicodeDecodeError included
+        raise ValueError(f"{murl}: not a valid manifest: not JSON: {e}") from None
+    # the shape, and names that stay inside the split: a manifest is as untrusted as its bucket
+    m = check_manifest(m, murl)
+    shards = tuple(
+        Shard(
+            s["name"],
+            join(url, s["name"]),
+            s["samples"],
+            s.get("bytes"),
+            join(url, s["index"]) if s.get("index") is not None else None,
         )
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{murl}: not a valid manifest: {e}") from e
+        for s in m["shards"]
+    )
     if not shards or sum(s.samples for s in shards) == 0:
         raise ValueError(f"{murl}: the split holds no samples")
     return Split(url, shards, tuple(m.get("classes", ())))
 
 
 def _cache_path(cache_dir: str, shard: Shard) -> str:
+    # checked again here: a Shard need not come from read_split, and this path is written to
     tag = hashlib.sha256(shard.url.encode()).hexdigest()[:16]
-    return os.path.join(os.path.expanduser(cache_dir), f"{tag}-{shard.name}")
+    name = plain_name(shard.name, f"{shard.url}: shard name")
+    return os.path.join(os.path.expanduser(cache_dir), f"{tag}-{name}")
 
 
 READ_BLOCK = 8 << 20  # readahead of a remote shard: few large sequential GETs

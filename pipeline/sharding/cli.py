@@ -84,7 +84,13 @@ def verify_cli(argv: list[str]) -> int:
         return 1
     bad = 0
     for url in split_urls:
-        problems = verify_split(url)
+        try:
+            problems = verify_split(url)
+        except ValueError as e:  # a manifest of the wrong shape, or names leaving the split
+            print(f"BAD {e}", file=sys.stderr)
+            print(f"{url}: bad manifest")
+            bad += 1
+            continue
         for problem in problems:
             print(f"MISMATCH {problem}", file=sys.stderr)
         bad += len(problems)

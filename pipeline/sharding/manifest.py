@@ -50,11 +50,53 @@ def read_manifest(split_url: str, storage: StorageConfig | None = None) -> dict:
     """The manifest of a complete split; FileNotFoundError names the URL when it is absent."""
     url = st.join(split_url, MANIFEST)
     try:
-        m = json.loads(st.read_bytes(url, storage))
+        raw = st.read_bytes(url, storage)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url}: no manifest: {split_url} is not a complete sharded split") from None
+    try:
+        m = json.loads(raw)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise ValueError(f"{url}: not a valid manifest: not JSON: {e}") from None
+    return check_manifest(m, url)
+
+
+def check_manifest(m: object, url: str) -> dict:
+    """`m` when it has the manifest's shape, and every shard and index name is a plain file name
+    (a manifest on shared storage must not point outside its split); else a ValueError naming the
+    manifest and the entry."""
+
+    def bad(what: str):
+        return ValueError(f"{url}: not a valid manifest: {what}")
+
+    if not isinstance(m, dict):
+        raise bad(f"expected a JSON object, got {type(m).__name__}")
     if m.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{url}: format_version={m.get('format_version')!r}, this tool reads {FORMAT_VERSION}")
+        raise bad(f"format_version={m.get('format_version')!r}, this tool reads {FORMAT_VERSION}")
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        raise bad(f"shards: expected a list, got {type(shards).__name__}")
+    for i, s in enumerate(shards):
+        if not isinstance(s, dict):
+            raise bad(f"shards[{i}]: expected an object, got {type(s).__name__}")
+        try:
+            st.plain_name(s.get("name"), f"shards[{i}].name")
+            if s.get("index") is not None:
+                st.plain_name(s["index"], f"shards[{i}].index")
+        except ValueError as e:
+            raise bad(str(e)) from None
+        for key, optional in (("samples", False), ("bytes", True)):
+            v = s.get(key)
+            if not (v is None and optional) and (type(v) is not int or v < 0):
+                raise bad(f"shards[{i}].{key}: expected a count, got {v!r}")
+        if not isinstance(s.get("sha256", ""), str):
+            raise bad(f"shards[{i}].sha256: expected a string, got {s['sha256']!r}")
+    for key, kind in (("classes", list), ("rejected", list), ("options", dict), ("source", dict)):
+        if key in m and not isinstance(m[key], kind):
+            raise bad(f"{key}: expected a {kind.__name__}, got {type(m[key]).__name__}")
+    if not all(isinstance(c, dict) for c in m.get("classes", [])):
+        raise bad("classes: expected a list of objects")
+    if "num_samples" in m and type(m["num_samples"]) is not int:
+        raise bad(f"num_samples: expected a count, got {m['num_samples']!r}")
     return m
 
 
@@ -78,16 +120,19 @@ def verify_split(split_url: str, storage: StorageConfig | None = None) -> list[P
         except FileNotFoundError:
             problems.append(Problem(url, "missing"))
             continue
-        if size != s["bytes"]:
-            problems.append(Problem(url, f"size {size} != manifest {s['bytes']}"))
-        if digest != s["sha256"]:
-            problems.append(Problem(url, f"sha256 {digest[:16]}... != manifest {s['sha256'][:16]}..."))
+        if size != s.get("bytes"):
+            problems.append(Problem(url, f"size {size} != manifest {s.get('bytes')}"))
+        if digest != s.get("sha256"):
+            problems.append(Problem(url, f"sha256 {digest[:16]}... != manifest {str(s.get('sha256'))[:16]}..."))
         if n != s["samples"]:
             problems.append(Problem(url, f"{n} samples != manifest {s['samples']}" if n >= 0 else "not a readable tar"))
+        if s.get("index") is None:
+            problems.append(Problem(url, "no index in the manifest"))
+            continue
         idx_url = st.join(split_url, s["index"])
         try:
             head = st.read_bytes(idx_url, storage).split(b"\n", 1)[0].split()
-            if head[:1] != [b"v1.2"] or len(head) != 2 or int(head[1]) != s["samples"]:
+            if head[:1] != [b"v1.2"] or len(head) != 2 or head[1] != str(s["samples"]).encode():
                 problems.append(
                     Problem(
                         idx_url, f"index header {b' '.join(head).decode(errors='replace')!r} != 'v1.2 {s['samples']}'"
@@ -95,8 +140,8 @@ def verify_split(split_url: str, storage: StorageConfig | None = None) -> list[P
                 )
         except FileNotFoundError:
             problems.append(Problem(idx_url, "missing"))
-    if m["num_samples"] != sum(s["samples"] for s in m["shards"]):
-        problems.append(Problem(split_url, f"num_samples {m['num_samples']} != the sum over its shards"))
+    if m.get("num_samples") != sum(s["samples"] for s in m["shards"]):
+        problems.append(Problem(split_url, f"num_samples {m.get('num_samples')} != the sum over its shards"))
     return problems
 
 
