@@ -18,8 +18,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fine-tune a pretrained encoder into a classifier (DeepSpeed) -> export, metrics.json",
     ),
     "bench": ("pipeline.benchmarks:cli", "benchmarks: mfm bench {kernels,data,shard,train}"),
-    "registry": ("pipeline.registry:cli", "model registry: mfm registry {list,show,register,promote}"),
-    "pull": ("pipeline.registry:pull_cli", "download a registered model, verified: mfm pull NAME@ALIAS --dest DIR"),
+    "registry": ("pipeline.registry.commands:cli", "model registry: mfm registry {list,show,register,promote}"),
+    "pull": (
+        "pipeline.registry.commands:pull_cli",
+        "download a registered model, verified: mfm pull NAME@ALIAS --dest DIR",
+    ),
     "evaluate": ("pipeline.evaluation:cli", "top-1/5, corruption robustness, k-NN, linear probe -> metrics.json"),
     "experiment": (
         "pipeline.experiment:cli",

@@ -1,0 +1,86 @@
+"""Model registry on any fsspec store: immutable numbered versions, movable aliases, verified pulls.
+
+Layout (`<registry>` is a local folder or `s3://bucket/prefix`):
+```
+<registry>/<name>/v<N>/.claim            who took version N (written first, create-if-absent)
+<registry>/<name>/v<N>/model.safetensors the weights (never a pickle)
+<registry>/<name>/v<N>/config.json       timm config of the export
+<registry>/<name>/v<N>/README.md         model card
+<registry>/<name>/v<N>/metrics.json      optional evaluation results
+<registry>/<name>/v<N>/manifest.json     written LAST: sha256 + size of every file, lineage
+<registry>/<name>/aliases/<alias>.json   pointer {"version": N}, moved by compare-and-swap
+```
+A version exists only once its manifest exists. Version numbers are claimed with a
+create-if-absent write, so racing registrations get distinct numbers; aliases are moved with a
+compare-and-swap, so no racing move is lost (`latest` only ever moves to a larger version).
+
+Modules: `refs` (names, refs, errors: pure), `gate` (promotion gate: pure), `card` (model card),
+`store` (`Registry`: reads, conditional writes), `loading` (verified pulls, timm models),
+`commands` (the CLI).
+"""
+
+from pipeline.registry.card import code_version, model_card
+from pipeline.registry.commands import cli, pull_cli
+from pipeline.registry.gate import flatten_metrics, gate_decision
+from pipeline.registry.loading import (
+    fetch_verified,
+    load_export,
+    load_model,
+    model_from_export,
+    model_from_folder,
+    pull,
+)
+from pipeline.registry.refs import (
+    ALIAS_FORMAT_VERSION,
+    CARD,
+    CLAIM,
+    CONFIG,
+    DEFAULT_REGISTRY,
+    FORMAT_VERSION,
+    MANIFEST,
+    METRICS,
+    WEIGHTS,
+    IntegrityError,
+    PromotionRefused,
+    Ref,
+    RegistryError,
+    check_name,
+    check_safetensors,
+    parse_ref,
+    sha256_bytes,
+)
+from pipeline.registry.store import Registry, default_registry
+
+__all__ = [
+    "ALIAS_FORMAT_VERSION",
+    "CARD",
+    "CLAIM",
+    "CONFIG",
+    "DEFAULT_REGISTRY",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "METRICS",
+    "WEIGHTS",
+    "IntegrityError",
+    "PromotionRefused",
+    "Ref",
+    "Registry",
+    "RegistryError",
+    "check_name",
+    "check_safetensors",
+    "cli",
+    "code_version",
+    "default_registry",
+    "fetch_verified",
+    "flatten_metrics",
+    "gate_decision",
+    "load_export",
+    "load_model",
+    "model_card",
+    "model_from_export",
+    "model_from_folder",
+    "parse_ref",
+    "pull",
+    "pull_cli",
+    "sha256_bytes",
+]

@@ -1,0 +1,87 @@
+"""The model card (README.md) stored with each version, and the code version it records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def model_card(name: str, version: int, config: dict, lineage: dict, metrics: dict[str, float]) -> str:
+    """The README.md stored with a version."""
+    lines = [
+        f"# {name} v{version}",
+        "",
+        f"Architecture: `{config.get('architecture')}` (timm), "
+        f"model args `{json.dumps(config.get('model_args', {}))}`,",
+        f"num_classes {config.get('num_classes')}, num_features {config.get('num_features')}.",
+        "",
+        "## Lineage",
+        "",
+        f"- pretraining run: `{lineage.get('run_url')}`",
+        f"- export: `{lineage.get('export_url')}`",
+    ]
+    data = lineage.get("data_manifest")
+    lines.append(
+        f"- data manifest: `{data['url']}` (sha256 `{data['sha256']}`)" if data else "- data manifest: not recorded"
+    )
+    if lineage.get("parent"):
+        lines.append(f"- parent model: `{lineage['parent']}`")
+    code = lineage.get("code", {})
+    lines.append(f"- code: {code.get('package')} {code.get('version')}, git commit `{code.get('git_commit')}`")
+    if lineage.get("run_config") is not None:
+        lines += ["", "## Recipe", "", "```json", json.dumps(lineage["run_config"], indent=2, sort_keys=True), "```"]
+    lines += ["", "## Metrics", ""]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items())]
+    else:
+        lines.append("none recorded")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from pipeline.registry import load_model",
+        f'model = load_model("{name}@v{version}", registry="<registry URL>")',
+        "```",
+        f"or `mfm pull {name}@v{version} --registry <registry URL> --dest DIR`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def code_version() -> dict:
+    """Package version and, when run from a git checkout, its commit (read from .git, no subprocess)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("mfm-pipeline")
+    except metadata.PackageNotFoundError:
+        version = None
+    return {
+        "package": "mfm-pipeline",
+        "version": version,
+        "git_commit": _git_commit(Path(__file__).resolve().parents[2]),
+    }
+
+
+def _git_commit(root: Path) -> str | None:
+    try:
+        git = root / ".git"
+        if git.is_file():  # a worktree: "gitdir: <path>"
+            git = Path(git.read_text().split(":", 1)[1].strip())
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head.split(":", 1)[1].strip()
+        common = Path((git / "commondir").read_text().strip()) if (git / "commondir").exists() else None
+        for base in filter(None, [git, (git / common) if common else None]):
+            if (base / ref).exists():
+                return (base / ref).read_text().strip()
+            packed = base / "packed-refs"
+            if packed.exists():
+                for line in packed.read_text().splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split()[0]
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,119 @@
+"""`mfm registry {list,show,register,promote}` and `mfm pull`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from pipeline import storage
+from pipeline.registry.loading import pull
+from pipeline.registry.refs import DEFAULT_REGISTRY, Ref, RegistryError, parse_ref
+from pipeline.registry.store import Registry, default_registry
+
+
+def _registry_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", default=None, help=f"registry URL (default: $MFM_REGISTRY or {DEFAULT_REGISTRY})")
+
+
+def _run(fn: Callable[[], int], prog: str) -> int:
+    try:
+        return fn()
+    except (RegistryError, storage.ConditionalWriteUnsupported) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mfm registry", description="the model registry")
+    sub = p.add_subparsers(dest="action", required=True)
+    a = sub.add_parser("list", help="names, or the versions and aliases of NAME")
+    a.add_argument("name", nargs="?")
+    _registry_arg(a)
+    a = sub.add_parser("show", help="the manifest of NAME@vN|NAME@ALIAS")
+    a.add_argument("ref")
+    _registry_arg(a)
+    a = sub.add_parser("register", help="register a run's export folder as a new version")
+    a.add_argument("name")
+    a.add_argument("--export", required=True, help="export folder URL (model.safetensors + config.json)")
+    a.add_argument("--metrics", help="metrics.json URL (default: EXPORT/metrics.json when present)")
+    a.add_argument("--data-manifest", help="the training split's folder or manifest.json URL")
+    a.add_argument("--run-config", help="the run's config (default: RUN/config.yaml or config.json when present)")
+    a.add_argument("--parent", help="registry ref this model was fine-tuned from")
+    a.add_argument("--alias", action="append", default=[], help="also point these aliases at it (ungated)")
+    _registry_arg(a)
+    a = sub.add_parser("promote", help="move an alias to a version if it beats the current one")
+    a.add_argument("ref", help="NAME@vN or NAME@ALIAS")
+    a.add_argument("--alias", default="production")
+    a.add_argument("--gate-metric", default="top1", help="metric that must improve (dotted key; default top1)")
+    a.add_argument("--lower-is-better", action="store_true")
+    a.add_argument("--no-gate", action="store_true", help="move without comparing")
+    a.add_argument("--force", action="store_true", help="move even if the gate refuses")
+    _registry_arg(a)
+    args = p.parse_args(argv)
+    reg = Registry(args.registry or default_registry())
+
+    def go() -> int:
+        if args.action == "list":
+            if not args.name:
+                for name in reg.names():
+                    print(name)
+                return 0
+            by_version: dict[int, list[str]] = {}
+            for alias, v in reg.aliases(args.name).items():
+                by_version.setdefault(v, []).append(alias)
+            for v in reg.versions(args.name):
+                m = reg.manifest(Ref(args.name, version=v))
+                top = {k: m["metrics"][k] for k in ("top1", "top5") if k in m.get("metrics", {})}
+                print(
+                    f"v{v}\t{m['created']}\t{m['model']['architecture']}\t"
+                    f"{' '.join(f'{k}={x:.4g}' for k, x in top.items()) or '-'}\t"
+                    f"{','.join(sorted(by_version.get(v, [])))}"
+                )
+            return 0
+        if args.action == "show":
+            target = reg.resolve(args.ref)
+            out = dict(
+                reg.manifest(target), aliases={a: v for a, v in reg.aliases(target.name).items() if v == target.version}
+            )
+            print(json.dumps(out, indent=2, sort_keys=True))
+            return 0
+        if args.action == "register":
+            ref = reg.register(
+                args.name,
+                args.export,
+                metrics_url=args.metrics,
+                data_manifest_url=args.data_manifest,
+                run_config_url=args.run_config,
+                parent=args.parent,
+                aliases=("latest", *[x for x in args.alias if x != "latest"]),
+            )
+            print(f"registered {ref} in {reg.url}")
+            return 0
+        why = reg.promote(
+            args.ref,
+            args.alias,
+            gate_metric=None if args.no_gate else args.gate_metric,
+            higher_is_better=not args.lower_is_better,
+            force=args.force,
+        )
+        print(f"{reg.resolve(args.ref)} is {parse_ref(args.ref).name}@{args.alias}: {why}")
+        return 0
+
+    return _run(go, "mfm registry")
+
+
+def pull_cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mfm pull", description="download a registered model and verify its checksums")
+    p.add_argument("ref", help="NAME@ALIAS or NAME@vN")
+    p.add_argument("--dest", required=True, help="local folder")
+    _registry_arg(p)
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        ref, dest = pull(args.ref, args.dest, args.registry)
+        print(f"pulled {ref} into {dest} (all checksums verified)")
+        return 0
+
+    return _run(go, "mfm pull")
