@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -22,7 +22,28 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no inf/nan anywhere: a non-finite rate or size is a typo that would only show up as NaN losses
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _crop_scale(v: tuple[float, float]) -> tuple[float, float]:
+    if not 0 < v[0] <= v[1] <= 1:
+        raise ValueError("must be (low, high) with 0 < low <= high <= 1 (fractions of the image area)")
+    return v
+
+
+def _betas(v: tuple[float, float]) -> tuple[float, float]:
+    if not all(0 <= b < 1 for b in v):
+        raise ValueError("each of Adam's betas must be in [0, 1)")
+    return v
+
+
+CropScale = Annotated[tuple[float, float], AfterValidator(_crop_scale)]
+Betas = Annotated[tuple[float, float], AfterValidator(_betas)]
+# Upper bounds far above any real run: they catch a typo (1e23, an extra digit) at config time,
+# not as an allocation failure or a fork bomb an hour in.
+MAX_BATCH = 1 << 20
+MAX_WORKERS = 1024
 
 
 class ModelConfig(Section):
@@ -83,11 +104,11 @@ class DataConfig(Section):
     train: str = "demo-out/shards/train"  # URL of a sharded split (the folder holding manifest.json)
     val: str | None = "demo-out/shards/val"
     backend: Literal["auto", "dali", "torch"] = "auto"  # auto: DALI when installed
-    batch_size: int = Field(64, gt=0)  # global, across all ranks and accumulation steps
-    workers: int = Field(2, ge=0)  # loader workers per rank
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH)  # global, across all ranks and accumulation steps
+    workers: int = Field(2, ge=0, le=MAX_WORKERS)  # loader workers per rank
     shuffle_buffer: int = Field(1000, ge=0)
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    prefetch_shards: int = Field(2, ge=0)
+    crop_scale: CropScale = (0.2, 1.0)
+    prefetch_shards: int = Field(2, ge=0, le=64)  # each holds a shard's wanted samples in memory
     cache_dir: str | None = None  # optional local shard cache
     # filter when a crop is shrunk to the image size (enlarging is always bicubic): bicubic is the
     # paper's; bilinear (antialiased) is much cheaper on CPUs, DALI's CPU resize especially
@@ -96,8 +117,8 @@ class DataConfig(Section):
 
 class OptimConfig(Section):
     base_lr: float = Field(3e-4, gt=0)  # scaled by global batch / lr_base_batch
-    lr_base_batch: int = Field(512, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    lr_base_batch: int = Field(512, gt=0, le=MAX_BATCH)
+    betas: Betas = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     epochs: int = Field(300, gt=0)
@@ -140,7 +161,7 @@ class FinetuneConfig(Section):
     randaugment: str | None = "rand-m9-mstd0.5-inc1"  # timm auto_augment string; None = off
     reprob: float = Field(0.25, ge=0, le=1)  # random erasing probability
     remode: Literal["pixel", "const", "rand"] = "pixel"
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop (timm's default)
+    crop_scale: CropScale = (0.08, 1.0)  # RandomResizedCrop (timm's default)
     global_pool: Literal["avg", "token"] = "avg"  # ViT: mean-pooled tokens ...
     fc_norm: bool = True  # ... through a new norm (replaces the encoder's final norm)
 

@@ -73,3 +73,71 @@ def test_cache_path_stays_inside_the_cache(tmp_path, s3_endpoint):
     # the checked path works and lands inside the cache
     local = cache_shard(good, StorageConfig(), str(cache))
     assert os.path.dirname(local) == str(cache) and len(read_samples(good, [0, 1], cache_dir=str(cache))) == 2
+
+
+# --- 8: manifests of the wrong shape -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "manifest,entry",
+    [
+        ([1, 2, 3], "expected a JSON object"),
+        ({"format_version": 1, "shards": {"name": "x.tar"}}, "shards: expected a list"),
+        ({"format_version": 1, "shards": ["train-000000.tar"]}, r"shards\[0\]: expected an object"),
+        ({"format_version": 1, "shards": [{"name": "a.tar", "samples": "3"}]}, r"shards\[0\]\.samples"),
+        ({"format_version": 1, "shards": [{"name": "a.tar", "samples": -1}]}, r"shards\[0\]\.samples"),
+        ({"format_version": 1, "shards": [{"name": 7, "samples": 1}]}, r"shards\[0\]\.name"),
+        ({"format_version": 1, "shards": [{"name": "a.tar", "samples": 1}], "classes": {"a": 1}}, "classes"),
+    ],
+)
+def test_manifest_of_the_wrong_shape_is_named(tmp_path, manifest, entry, capsys):
+    url = str(tmp_path / "train")
+    write_bytes(join(url, "manifest.json"), json.dumps(manifest).encode())
+    for read in (read_split, verify_split):
+        with pytest.raises(ValueError, match=rf"manifest\.json: not a valid manifest: {entry}"):
+            read(url)
+    assert shard_cli(["verify", url]) == 1 and "manifest.json" in capsys.readouterr().err
+    write_bytes(join(url, "manifest.json"), b"\xff\xfe not json")
+    with pytest.raises(ValueError, match=r"manifest\.json: not a valid manifest: not JSON"):
+        read_split(url)
+
+
+# --- 8: impossible config values are refused early, naming the key -------------------------------
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("data.crop_scale=[0.9, 0.1]", "data.crop_scale"),
+        ("data.crop_scale=[0, 1]", "data.crop_scale"),
+        ("data.crop_scale=[0.5, 1.5]", "data.crop_scale"),
+        ("finetune.crop_scale=[0.9, 0.1]", "finetune.crop_scale"),
+        ("optim.betas=[0.9, 1.0]", "optim.betas"),
+        ("optim.betas=[-0.1, 0.9]", "optim.betas"),
+        ("optim.base_lr=.inf", "optim.base_lr"),
+        ("optim.base_lr=.nan", "optim.base_lr"),
+        ("optim.min_lr=.inf", "optim.min_lr"),
+        ("optim.warmup_lr=.inf", "optim.warmup_lr"),
+        ("optim.weight_decay=.inf", "optim.weight_decay"),
+        ("optim.clip_grad=.inf", "optim.clip_grad"),
+        ("data.batch_size=100000000000000000000000", "data.batch_size"),
+        ("data.batch_size=1.0e+23", "data.batch_size"),
+        ("optim.lr_base_batch=100000000000000000000000", "optim.lr_base_batch"),
+        ("data.workers=100000000", "data.workers"),
+        ("data.prefetch_shards=100000000", "data.prefetch_shards"),
+    ],
+)
+def test_impossible_config_values_name_the_key(override, key):
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"{key}: ") as e:
+        load_config("tiny_cpu", [override])
+    assert "invalid config" in str(e.value)
+
+
+def test_possible_config_edges_still_load():
+    from pipeline.config import load_config
+
+    edges = ["data.crop_scale=[1.0, 1.0]", "optim.betas=[0.0, 0.999]", "data.workers=64", "data.batch_size=65536"]
+    cfg = load_config("tiny_cpu", edges)
+    assert cfg.data.crop_scale == (1.0, 1.0) and cfg.optim.betas == (0.0, 0.999)
