@@ -141,3 +141,71 @@ def test_possible_config_edges_still_load():
     edges = ["data.crop_scale=[1.0, 1.0]", "optim.betas=[0.0, 0.999]", "data.workers=64", "data.batch_size=65536"]
     cfg = load_config("tiny_cpu", edges)
     assert cfg.data.crop_scale == (1.0, 1.0) and cfg.optim.betas == (0.0, 0.999)
+
+
+# --- 11: a lying or stale index is caught and the tar scanned instead ----------------------------
+
+
+def _rewrite_index(url: str, edit) -> None:
+    idx = join(url, "train-000000.idx")
+    lines = read_bytes(idx).decode().splitlines()
+    rows = [line.split() for line in lines[1:]]
+    edit(rows)
+    write_bytes(idx, ("\n".join([lines[0], *(" ".join(r) for r in rows)]) + "\n").encode())
+
+
+def _labels_ok(got: dict) -> bool:
+    return all(int(s["cls"]) == int(s["__key__"][1:]) % 10 for s in got.values())
+
+
+def test_index_lying_about_a_later_member_is_caught(store_url, caplog):
+    """Sample 0's `.cls` entry points at sample 1's label bytes while keeping its own name: only
+    the first member's header was checked, so sample 0 came back with sample 1's label."""
+    url = join(store_url, "train")
+    keys = write_split(url, [4])
+
+    def borrow_label(rows):  # members: jpg, cls, json as (ext, offset, size, name) quadruples
+        rows[0][5:7], rows[0][9:11] = rows[1][5:7], rows[1][9:11]  # still in file order
+
+    _rewrite_index(url, borrow_label)
+    shard = read_split(url).shards[0]
+    with caplog.at_level("WARNING"):
+        got = read_samples(shard, range(4))
+    assert [got[i]["__key__"] for i in range(4)] == keys and _labels_ok(got)
+    assert "does not match the tar" in caplog.text and "s00000.cls" in caplog.text
+
+
+def test_index_pointing_past_the_end_is_stale_not_a_network_error(store_url, caplog):
+    url = join(store_url, "train")
+    keys = write_split(url, [4])
+
+    def past_the_end(rows):
+        for k in range(1, len(rows[3]), 4):
+            rows[3][k] = str(int(rows[3][k]) + 10_000_000)
+
+    _rewrite_index(url, past_the_end)
+    shard = read_split(url).shards[0]
+    with caplog.at_level("WARNING"):
+        got = read_samples(shard, range(4), StorageConfig(retries=2))
+    assert [got[i]["__key__"] for i in range(4)] == keys and _labels_ok(got)
+    assert "scanning the tar instead" in caplog.text
+    assert "retry" not in caplog.text  # never retried as if the network had failed
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda rows: rows[2].__setitem__(1, "not-a-number"),
+        lambda rows: rows[2].__setitem__(1, "-4096"),
+        lambda rows: rows[2].__setitem__(2, "-5"),
+    ],
+    ids=["word", "negative-offset", "negative-size"],
+)
+def test_index_with_bad_numbers_falls_back_to_the_scan(tmp_path, caplog, edit):
+    url = str(tmp_path / "train")
+    keys = write_split(url, [4])
+    _rewrite_index(url, edit)
+    with caplog.at_level("WARNING"):
+        got = read_samples(read_split(url).shards[0], range(4), StorageConfig(retries=1))
+    assert [got[i]["__key__"] for i in range(4)] == keys and _labels_ok(got)
+    assert "scanning the tar instead" in caplog.text

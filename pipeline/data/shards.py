@@ -198,15 +198,25 @@ def read_index(shard: Shard, storage: StorageConfig | None = None) -> list[list[
     except FileNotFoundError:
         log.warning("%s: missing; scanning the tar instead", shard.index_url)
         return None
-    lines = text.decode().splitlines()
+    lines = text.decode(errors="replace").splitlines()
     head = lines[0].split() if lines else []
     rows = []
     for line in lines[1:]:
         f = line.split()
-        if not f or len(f) % 4:
+        try:
+            if not f or len(f) % 4:
+                raise ValueError(line)
+            row = [(f[k], int(f[k + 1]), int(f[k + 2]), f[k + 3]) for k in range(0, len(f), 4)]
+        except ValueError:
             rows = None
             break
-        rows.append([(f[k], int(f[k + 1]), int(f[k + 2]), f[k + 3]) for k in range(0, len(f), 4)])
+        # members in file order, each after a header block: anything else cannot be a wds2idx index
+        if any(off < BLOCK or size < 0 for _, off, size, _ in row) or any(
+            b[1] < a[1] + a[2] + BLOCK for a, b in zip(row, row[1:])
+        ):
+            rows = None
+            break
+        rows.append(row)
     if head != ["v1.2", str(shard.samples)] or rows is None or len(rows) != shard.samples:
         log.warning("%s: not a v1.2 index of %d samples; scanning the tar instead", shard.index_url, shard.samples)
         return None
@@ -217,23 +227,43 @@ class _IndexMismatch(ValueError):
     pass
 
 
+def _header(block: bytes) -> tuple[str, int | None]:
+    """(name, size) from a ustar header block; size None when the field is not octal."""
+    name = block[:100].split(b"\0", 1)[0].decode(errors="replace")
+    prefix = block[345:500].split(b"\0", 1)[0].decode(errors="replace") if block[257:262] == b"ustar" else ""
+    try:
+        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        size = None
+    return (f"{prefix}/{name}" if prefix else name), size
+
+
 def _read_indexed(f, rows, order: list[int], cur: _TarCursor, url: str) -> None:
     """Samples order[len(cur.samples):] read by offset: one read per sample spanning its members
-    (and the headers between them). The first member's tar header must carry the name the
-    index gives, so a stale index is caught, not read as wrong bytes."""
+    (and the headers between them). Every member's tar header must carry the name and size the
+    index gives, and the members one key, so a stale or lying index is caught, not read as wrong
+    bytes (one sample's image with another's label); a range past the end of the file is a stale
+    index too, not a network error."""
     for i in order[len(cur.samples) :]:
         members = rows[i]
         start, end = members[0][1] - BLOCK, members[-1][1] + members[-1][2]
         f.seek(start)
         buf = f.read(end - start)
         if len(buf) != end - start:
+            size = getattr(f, "size", None)
+            if size is not None and start + len(buf) >= size:
+                raise _IndexMismatch(f"{url}: the index points past the end of the file (sample {i}, byte {end})")
             raise TransientStorageError(f"{url}: sample {i} cut short at byte {start + len(buf)}")
-        name = members[0][3]
-        if buf[:100].split(b"\0", 1)[0].decode(errors="replace") != name:
-            raise _IndexMismatch(f"{url}: the index does not match the tar at byte {start} ({name})")
-        base = name.rsplit("/", 1)[-1]
-        sample = {"__key__": name[: len(name) - len(base)] + base.partition(".")[0]}
-        for ext, off, size, _ in members:
+        first = members[0][3]
+        base = first.rsplit("/", 1)[-1]
+        key = first[: len(first) - len(base)] + base.partition(".")[0]
+        sample = {"__key__": key}
+        for _, off, size, name in members:
+            got, got_size = _header(buf[off - start - BLOCK : off - start])
+            base = name.rsplit("/", 1)[-1]
+            ext = base.partition(".")[2]
+            if got != name or got_size != size or name[: len(name) - len(ext) - 1] != key or not ext:
+                raise _IndexMismatch(f"{url}: the index does not match the tar at byte {off - BLOCK} ({name})")
             sample[ext] = buf[off - start : off - start + size]
         cur.samples[i] = sample
 
