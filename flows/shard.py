@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from pipeline.jpeg import MAX_PIXELS
 from pipeline.sharding import shard_dataset
 
 
@@ -16,6 +17,7 @@ def shard_flow(
     seed: int = 0,
     shard_size_mb: float = 256,
     max_side: int | None = None,
+    max_pixels: int | None = MAX_PIXELS,
     validation: str = "structural",
 ) -> dict[str, dict]:
     """Shard `source` into `<dest>/<split>/`; returns per split the sample, shard and rejection counts."""
@@ -27,6 +29,7 @@ def shard_flow(
         seed=seed,
         shard_size_mb=shard_size_mb,
         max_side=max_side,
+        max_pixels=max_pixels,
         validation=validation,
         progress=False,
     )

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.jpeg import MAX_PIXELS
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -113,6 +115,9 @@ class DataConfig(Section):
     # filter when a crop is shrunk to the image size (enlarging is always bicubic): bicubic is the
     # paper's; bilinear (antialiased) is much cheaper on CPUs, DALI's CPU resize especially
     downscale: Literal["bicubic", "bilinear"] = "bicubic"
+    # a sample whose JPEG/PNG header claims more pixels is skipped and counted before any decoder
+    # (Pillow, DALI) sees it; null: no limit
+    max_pixels: int | None = Field(MAX_PIXELS, gt=0)
 
 
 class OptimConfig(Section):

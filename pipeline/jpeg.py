@@ -7,6 +7,17 @@ from __future__ import annotations
 CLEAN_SOF = {0xC0, 0xC1, 0xC2}
 ALL_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length field
+# The pixel-count limit of the header checks, before any decoder sees an image: a few hundred
+# bytes can claim 60000x60000 (10 GB of RGB). Pillow's decompression-bomb threshold: far above
+# any ImageNet photo, and the point where Pillow itself starts to warn.
+MAX_PIXELS = 89_478_485
+
+
+def too_many_pixels(width: int, height: int, max_pixels: int | None) -> str | None:
+    """The rejection reason when width x height exceeds `max_pixels` (None: no limit), else None."""
+    if max_pixels is not None and width * height > max_pixels:
+        return f"{width}x{height} = {width * height} pixels, over the limit of {max_pixels} (max_pixels)"
+    return None
 
 
 def frame(data: bytes) -> tuple[int, int, int, int] | None:

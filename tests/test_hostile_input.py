@@ -209,3 +209,91 @@ def test_index_with_bad_numbers_falls_back_to_the_scan(tmp_path, caplog, edit):
         got = read_samples(read_split(url).shards[0], range(4), StorageConfig(retries=1))
     assert [got[i]["__key__"] for i in range(4)] == keys and _labels_ok(got)
     assert "scanning the tar instead" in caplog.text
+
+
+# --- 4: a JPEG header claiming a huge size never reaches a decoder ------------------------------
+
+
+def huge_jpeg(width: int = 60000, height: int = 60000) -> bytes:
+    """A valid 8x8 JPEG (some 600 bytes) whose frame header claims width x height: it passes every
+    marker check, and a decoder that believes it allocates width * height * 3 bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, "JPEG", quality=95)
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_pixel_limit_in_structural_and_decode_validation():
+    from pipeline.jpeg import MAX_PIXELS, frame
+    from pipeline.sharding.validate import check_image
+
+    bomb = huge_jpeg()
+    assert len(bomb) < 1000 and frame(bomb)[1:3] == (60000, 60000)
+    for mode in ("structural", "decode"):
+        got = check_image(bomb, mode)
+        assert got.jpeg is None and "60000x60000" in got.reason and "max_pixels" in got.reason
+    # the default admits large real photos (ImageNet's largest are a few tens of megapixels)
+    assert MAX_PIXELS >= 8000 * 8000
+    assert check_image(huge_jpeg(8000, 6000), "structural").jpeg is not None
+    # configurable, and it covers what only Pillow can read (a PNG header)
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(png, "PNG")
+    assert "max_pixels" in check_image(png.getvalue(), "structural", max_pixels=1000).reason
+    assert check_image(png.getvalue(), "structural", max_pixels=1200).jpeg is not None
+
+
+def test_sharder_rejects_a_huge_header_and_lists_it(tmp_path):
+    from pipeline import sample_data
+    from pipeline.sharding import shard_dataset
+
+    src = tmp_path / "src"
+    sample_data.build(str(src), per_class=2, size=32)
+    folder = src / "folder"
+    cls = sorted(os.listdir(folder / "train"))[0]
+    (folder / "train" / cls / "bomb.JPEG").write_bytes(huge_jpeg())
+    m = shard_dataset(str(folder), str(tmp_path / "out"), splits="train")["train"]
+    assert [r["file"] for r in m["rejected"] if "max_pixels" in r["reason"]] == [f"{cls}/bomb.JPEG"]
+    assert m["options"].get("max_pixels") is None  # the default is not recorded: older splits stay current
+    m2 = shard_dataset(str(folder), str(tmp_path / "out2"), splits="train", max_pixels=100)["train"]
+    assert m2["num_samples"] == 0 and all("max_pixels" in r["reason"] for r in m2["rejected"])
+    assert m2["options"]["max_pixels"] == 100
+
+
+def _bomb_split(url, monkeypatch, bad: int):
+    import test_data_shards
+
+    real = test_data_shards.jpeg
+    monkeypatch.setattr(test_data_shards, "jpeg", lambda i, size=32: huge_jpeg() if i == bad else real(i, size))
+    return write_split(url, [4, 4, 4], size=(40, 30))
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_loaders_skip_and_count_a_huge_header(tmp_path, monkeypatch, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    from test_data_loader import make_cfg
+
+    from pipeline.data import build_train_loader
+
+    url = str(tmp_path / "train")
+    _bomb_split(url, monkeypatch, bad=6)
+    cfg = make_cfg(url, "data.workers=2", "corruption.kind=deblur")
+    loader = build_train_loader(cfg, rank=0, world_size=1, micro_batch=3, device="cpu", backend=backend)
+    batches = list(loader)
+    assert len(batches) == 4 and loader.skipped == 1
+    assert "s00006" in loader.skipped_keys[0] and "max_pixels" in loader.skipped_keys[0]
+    # a configured limit below the real images' 40x30 skips them too, on the same header check
+    cfg = make_cfg(url, "data.workers=0", "corruption.kind=deblur", "data.max_pixels=1000")
+    loader = build_train_loader(cfg, rank=0, world_size=1, micro_batch=3, device="cpu", backend="torch")
+    with pytest.raises(ValueError, match="every sample of batch"):
+        list(loader)

@@ -22,7 +22,7 @@ from kernels.frequency import mask_frequencies
 from pipeline.config import CorruptionConfig
 from pipeline.corruptions import CORRUPTIONS, blur, blur_kernel_sizes, normalize
 from pipeline.data.sampling import mix_seed
-from pipeline.jpeg import CLEAN_SOF, ends_with_eoi, frame
+from pipeline.jpeg import CLEAN_SOF, MAX_PIXELS, ends_with_eoi, frame, too_many_pixels
 
 RATIO = (3 / 4, 4 / 3)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -52,13 +52,17 @@ def image_bytes(sample: dict) -> bytes:
     raise CorruptSample(f"no image member ({'/'.join(IMAGE_EXTS)}) in sample {sample.get('__key__')}")
 
 
-def image_size(data: bytes) -> tuple[int, int]:
+def image_size(data: bytes, max_pixels: int | None = MAX_PIXELS) -> tuple[int, int]:
     """(width, height) from the header; raises CorruptSample for bytes no decoder would take.
     A JPEG must also end with its EOI marker: that catches truncated files without decoding (a
-    damaged JPEG body decodes, to wrong pixels, in both Pillow and DALI)."""
+    damaged JPEG body decodes, to wrong pixels, in both Pillow and DALI). Both backends run this
+    before decoding, so a header claiming more than `max_pixels` pixels (a few hundred bytes can
+    claim 60000x60000) is skipped here, never handed to Pillow or DALI."""
     f = frame(data)
     if f is not None and f[0] in CLEAN_SOF and f[3] in (1, 3) and f[1] and f[2]:
         # the common case, from the markers alone (Pillow's header parse costs ~0.2 ms)
+        if reason := too_many_pixels(f[1], f[2], max_pixels):
+            raise CorruptSample(f"too large: {reason}")
         if not ends_with_eoi(data):
             raise CorruptSample("truncated JPEG (no EOI marker)")
         return f[1], f[2]
@@ -67,6 +71,8 @@ def image_size(data: bytes) -> tuple[int, int]:
             size, fmt = im.size, im.format
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad bytes
         raise CorruptSample(f"unreadable image header: {e}") from None
+    if reason := too_many_pixels(*size, max_pixels):
+        raise CorruptSample(f"too large: {reason}")
     if fmt != "JPEG":
         # rare (the sharder writes JPEGs) and, unlike a damaged JPEG body, fatal to DALI's
         # decoder: decode it once here

@@ -198,6 +198,7 @@ def iterate(
             seed=cfg.train.seed,
             epoch=epoch,
             scale=tuple(d.crop_scale),
+            max_pixels=d.max_pixels,
         )
         t = threading.Thread(
             target=_reader_thread, args=(queues[r], stop, batches), daemon=True, name=f"dali-reader-{r}"

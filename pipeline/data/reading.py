@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.data.augment import CorruptSample, SampleParams, image_bytes, image_size, sample_params
 from pipeline.data.shards import SampleReader, Split
+from pipeline.jpeg import MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,11 @@ def raw_batches(
     seed: int,
     epoch: int,
     scale: tuple[float, float] | None,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> Iterator[RawBatch]:
     """The batches `batch_indices` of `plan` ((num_batches, B) sample ids), read in order.
-    scale None: no crop/flip/corruption params (evaluation views take none); params are None."""
+    scale None: no crop/flip/corruption params (evaluation views take none); params are None.
+    max_pixels: the header check's limit (data.max_pixels)."""
     ids = np.concatenate([plan[j] for j in batch_indices]) if len(batch_indices) else np.zeros(0, np.int64)
     stream = reader.read(ids)
     for j in batch_indices:
@@ -63,7 +66,7 @@ def raw_batches(
         for gid, sample in entries:
             try:
                 data = image_bytes(sample)
-                good.append((gid, data, image_size(data), _label(sample), _name(split, gid, sample)))
+                good.append((gid, data, image_size(data, max_pixels), _label(sample), _name(split, gid, sample)))
             except CorruptSample as e:
                 msg = f"{_name(split, gid, sample)}: {e}"
                 log.warning("skipping corrupt sample %s", msg)

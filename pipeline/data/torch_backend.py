@@ -151,6 +151,7 @@ class PlanDataset(IterableDataset):
                 seed=self.cfg.train.seed,
                 epoch=self.epoch,
                 scale=tuple(d.crop_scale) if self.augment else None,
+                max_pixels=d.max_pixels,
             )
             for r in readers
         ]

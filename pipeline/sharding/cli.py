@@ -29,6 +29,12 @@ def _shard_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size-mb", type=float, default=256)
     p.add_argument("--max-side", type=int, default=None, help="re-encode images whose longer side exceeds PX")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="reject images whose header claims more pixels, before decoding (default: 89478485, Pillow's limit)",
+    )
     p.add_argument("--validation", choices=["structural", "decode"], default="structural")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     return p
@@ -51,6 +57,7 @@ def cli(argv: list[str]) -> int:
             seed=args.seed,
             shard_size_mb=args.shard_size_mb,
             max_side=args.max_side,
+            **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}),
             validation=args.validation,
             progress=False if args.no_progress else None,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Sequence
 
+from pipeline.jpeg import MAX_PIXELS
 from pipeline.sharding.sources import Entry, read_entry
 from pipeline.sharding.validate import Checked, check_image, clean_size
 
@@ -19,12 +20,16 @@ Image = tuple[Entry, "bytes | None", "tuple[int, int] | str", bool]
 
 
 def checked_images(
-    entries: Sequence[Entry], validation: str, max_side: int | None, threads: int = 1
+    entries: Sequence[Entry],
+    validation: str,
+    max_side: int | None,
+    threads: int = 1,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> Iterator[Image]:
     handles: dict = {}
     try:
         if validation == "decode" and threads > 1:
-            yield from _decoded_in_threads(entries, max_side, threads, handles)
+            yield from _decoded_in_threads(entries, max_side, threads, handles, max_pixels)
             return
         structural = validation == "structural"
         for e in entries:
@@ -34,11 +39,11 @@ def checked_images(
                 yield e, None, f"unreadable: {err}", False
                 continue
             # Clean JPEGs, nearly every image, are checked here; the rest go through Pillow.
-            size = clean_size(data, max_side) if structural else None
+            size = clean_size(data, max_side, max_pixels) if structural else None
             if size is not None:
                 yield e, data, size, False
             else:
-                yield _result(e, check_image(data, validation, max_side))
+                yield _result(e, check_image(data, validation, max_side, max_pixels))
     finally:
         for f in handles.values():
             f.close()
@@ -50,7 +55,7 @@ def _result(e: Entry, c: Checked) -> Image:
     return e, c.jpeg, (c.width, c.height), c.reencoded
 
 
-def _decoded_in_threads(entries, max_side, threads, handles) -> Iterator[Image]:
+def _decoded_in_threads(entries, max_side, threads, handles, max_pixels) -> Iterator[Image]:
     from concurrent.futures import ThreadPoolExecutor
 
     # Files are read here, in order; a bounded window of decodes runs ahead of the writer.
@@ -58,7 +63,7 @@ def _decoded_in_threads(entries, max_side, threads, handles) -> Iterator[Image]:
     with ThreadPoolExecutor(threads, thread_name_prefix="mfm-decode") as pool:
         for e in entries:
             try:
-                window.append((e, pool.submit(check_image, read_entry(e, handles), "decode", max_side)))
+                window.append((e, pool.submit(check_image, read_entry(e, handles), "decode", max_side, max_pixels)))
             except OSError as err:
                 window.append((e, f"unreadable: {err}"))
             if len(window) >= 4 * threads:

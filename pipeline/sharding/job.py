@@ -10,6 +10,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from pipeline import storage as st
 from pipeline.config import StorageConfig
+from pipeline.jpeg import MAX_PIXELS
 from pipeline.sharding import manifest as mf
 from pipeline.sharding.plan import plan_shards
 from pipeline.sharding.sources import SourceError, available_splits, list_split
@@ -42,6 +43,7 @@ def shard_dataset(
     seed: int = 0,
     shard_size_mb: float = 256,
     max_side: int | None = None,
+    max_pixels: int | None = MAX_PIXELS,
     validation: str = "structural",
     storage: StorageConfig | None = None,
     progress: bool | None = None,
@@ -49,18 +51,23 @@ def shard_dataset(
     """Shard `source` into `<dest>/<split>/`; returns split -> manifest.
 
     Idempotent: a split whose manifest matches is left alone, committed shards are reused.
+    max_pixels: images whose header claims more pixels are rejected before any decoder sees them.
     progress: None shows a bar only on a terminal.
     """
     if validation not in VALIDATIONS:
         raise ValueError(f"validation={validation!r}: expected one of {', '.join(VALIDATIONS)}")
     if max_side is not None and max_side <= 0:
         raise ValueError(f"max_side={max_side}: must be a positive number of pixels")
+    if max_pixels is not None and max_pixels <= 0:
+        raise ValueError(f"max_pixels={max_pixels}: must be a positive number of pixels")
     if isinstance(splits, str):
         splits = [s for s in splits.split(",") if s]
     splits = splits or [s for s in available_splits(source) if s in ("train", "val")] or available_splits(source)
     if not splits:
         raise SourceError(f"{source}: no splits found")
     options = {"seed": seed, "shard_size_mb": shard_size_mb, "max_side": max_side, "validation": validation}
+    if max_pixels != MAX_PIXELS:  # recorded only when set: splits sharded before the option stay current
+        options["max_pixels"] = max_pixels
     return {
         split: _shard_split(source, st.join(dest, split), split, options, max(1, workers), storage, progress)
         for split in splits
@@ -101,7 +108,10 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress) -> d
     if missing:
         raise SourceError(f"{source}: split {split!r} has images of classes not in the class list: {missing[:5]}")
     opts = WriteOptions(
-        options["validation"], options["max_side"], decode_threads(options["validation"], min(workers, len(plans)))
+        options["validation"],
+        options["max_side"],
+        decode_threads(options["validation"], min(workers, len(plans))),
+        options.get("max_pixels", MAX_PIXELS),
     )
     log.info(
         "%s: %d images from %s (%s) -> %d shards, %d workers",

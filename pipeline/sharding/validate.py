@@ -2,7 +2,8 @@
 
 `structural` reads only JPEG markers (no decode): a clean file has SOI, a baseline or
 progressive SOF with 3 components, and ends with EOI. Anything else, and every image in
-`decode` mode, goes through Pillow; what decodes is written back as an RGB JPEG.
+`decode` mode, goes through Pillow; what decodes is written back as an RGB JPEG. In both modes
+an image whose header claims more than `max_pixels` pixels is rejected before Pillow sees it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from pipeline.jpeg import CLEAN_SOF, ends_with_eoi, frame
+from pipeline.jpeg import CLEAN_SOF, MAX_PIXELS, ends_with_eoi, frame, too_many_pixels
 
 VALIDATIONS = ("structural", "decode")
 JPEG_QUALITY = 90
@@ -41,13 +42,13 @@ def jpeg_header(data: bytes) -> JpegHeader | None:
     return None if f is None else JpegHeader(*f)
 
 
-def clean_size(data: bytes, max_side: int | None) -> tuple[int, int] | None:
+def clean_size(data: bytes, max_side: int | None, max_pixels: int | None = MAX_PIXELS) -> tuple[int, int] | None:
     """(width, height) when `data` can be kept as it is, without decoding it; else None."""
     f = frame(data)
     if f is None:
         return None
     sof, w, h, comps = f
-    if sof not in CLEAN_SOF or comps != 3 or not w or not h:
+    if sof not in CLEAN_SOF or comps != 3 or not w or not h or too_many_pixels(w, h, max_pixels):
         return None
     if not ends_with_eoi(data):  # truncated files would decode with grey padding
         return None
@@ -63,26 +64,35 @@ def structural_ok(data: bytes, max_side: int | None) -> JpegHeader | None:
     return jpeg_header(data)
 
 
-def check_image(data: bytes, validation: str = "structural", max_side: int | None = None) -> Checked:
+def check_image(
+    data: bytes, validation: str = "structural", max_side: int | None = None, max_pixels: int | None = MAX_PIXELS
+) -> Checked:
     """Decide what to store for one source file (pure: bytes in, bytes out)."""
     if validation not in VALIDATIONS:
         raise ValueError(f"validation={validation!r}: expected one of {', '.join(VALIDATIONS)}")
     if not data:
         return Checked(None, reason="empty file")
+    f = frame(data)
+    if f is not None and (reason := too_many_pixels(f[1], f[2], max_pixels)):
+        return Checked(None, reason=f"too large: {reason}")
     if validation == "structural":
-        size = clean_size(data, max_side)
+        size = clean_size(data, max_side, max_pixels)
         if size is not None:
             return Checked(data, *size)
-    return _decode(data, max_side)
+    return _decode(data, max_side, max_pixels)
 
 
-def _decode(data: bytes, max_side: int | None) -> Checked:
+def _decode(data: bytes, max_side: int | None, max_pixels: int | None = MAX_PIXELS) -> Checked:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # reads the header only
         fmt = img.format
+        if reason := too_many_pixels(img.width, img.height, max_pixels):  # any format: PNG bombs too
+            return Checked(None, reason=f"too large: {reason}")
         img.load()  # raises on truncated data: LOAD_TRUNCATED_IMAGES stays off on purpose
+    except Image.DecompressionBombError as e:  # over Pillow's own limit, raised by open()
+        return Checked(None, reason=f"too large: {e}")
     except UnidentifiedImageError:
         if data[:2] == b"\xff\xd8":
             return Checked(None, reason="corrupt JPEG (starts with SOI, but Pillow cannot read its headers)")
@@ -90,7 +100,7 @@ def _decode(data: bytes, max_side: int | None) -> Checked:
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
         return Checked(None, reason=f"corrupt or truncated: {type(e).__name__}: {e}")
     too_big = bool(max_side) and max(img.size) > max_side
-    if fmt == "JPEG" and img.mode == "RGB" and not too_big and clean_size(data, None) is not None:
+    if fmt == "JPEG" and img.mode == "RGB" and not too_big and clean_size(data, None, None) is not None:
         return Checked(data, img.width, img.height)
     try:
         img = _to_rgb(img)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline import storage
 from pipeline.config import StorageConfig
+from pipeline.jpeg import MAX_PIXELS
 from pipeline.sharding.images import checked_images
 from pipeline.sharding.plan import ShardPlan
 from pipeline.sharding.tarfmt import TarWriter
@@ -42,6 +43,7 @@ class WriteOptions:
     validation: str = "structural"
     max_side: int | None = None
     threads: int = 1  # decoding threads (decode validation); no effect on the bytes written
+    max_pixels: int | None = MAX_PIXELS  # header pixel-count limit (None: none)
 
 
 def sidecar_url(split_url: str, shard_name: str) -> str:
@@ -99,7 +101,9 @@ def write_samples(
     rejected, reencoded = [], 0
     per_class: dict[str, tuple[bytes, bytes]] = {}  # wnid -> (.cls bytes, .json tail format)
     with TarWriter(fileobj, sync=sync) as tw:
-        for e, data, size, reenc in checked_images(plan.entries, opts.validation, opts.max_side, opts.threads):
+        for e, data, size, reenc in checked_images(
+            plan.entries, opts.validation, opts.max_side, opts.threads, opts.max_pixels
+        ):
             if data is None:
                 rejected.append({"file": e.file, "reason": size})
                 continue
