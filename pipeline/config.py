@@ -118,6 +118,9 @@ class DataConfig(Section):
     # a sample whose JPEG/PNG header claims more pixels is skipped and counted before any decoder
     # (Pillow, DALI) sees it; null: no limit
     max_pixels: int | None = Field(MAX_PIXELS, gt=0)
+    # share of each batch's JPEGs the DALI GPU decoder gives the hardware decoder (NVJPG engines;
+    # A100, H100/H200), the rest to its CUDA decoder: set by `mfm bench data --device cuda`
+    dali_hw_decoder_load: float = Field(0.9, ge=0, le=1)
 
 
 class OptimConfig(Section):

@@ -101,40 +101,81 @@ def test_dali_batches_outlive_later_runs(tmp_path):
     assert not torch.equal(held[0][0], held[-1][0])
 
 
-def test_resize_uint8_matches_pillow():
-    """The DALI CPU path's resize (torch's uint8 kernels) against the torch backend's Pillow
-    resize: shrinking, enlarging and mixed axes, both downscale filters."""
+def test_dali_views_match_pillow():
+    """The DALI graph's views (crop-window decode, bicubic antialiased resize, flip; the same code
+    the GPU runs, on CPU devices) against the torch backend's Pillow views: shrinking, enlarging
+    and mixed axes, both downscale filters."""
+    import io
+
     import numpy as np
+    from nvidia.dali import fn, pipeline_def
     from PIL import Image
 
-    from pipeline.data.augment import resize_uint8, resize_view
+    from pipeline.data.augment import SampleParams, train_view
+    from pipeline.data.dali_backend import views
 
     rng = np.random.default_rng(0)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((400, 300), Image.BICUBIC)
+    arr = (np.asarray(coarse, dtype=np.int16) + rng.integers(-20, 21, (300, 400, 3))).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    # (top, left, height, width, flip): shrink both axes, enlarge both, one of each, the whole image
+    windows = [(10, 20, 280, 300, True), (5, 7, 20, 28, False), (0, 50, 100, 20, True), (40, 3, 20, 100, False)]
+    windows.append((0, 0, 300, 400, True))
+    params = [SampleParams(t, left, h, w, f, 0) for t, left, h, w, f in windows]
     for downscale in ("bicubic", "bilinear"):
-        for h, w in [(300, 400), (20, 28), (100, 20), (20, 100), (32, 57), (224, 224)]:
-            arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            want = np.asarray(resize_view(Image.fromarray(arr), 32, downscale)).transpose(2, 0, 1).astype(int)
-            got = resize_uint8(torch.from_numpy(arr), 32, downscale)
-            assert got.dtype == torch.uint8 and got.shape == (3, 32, 32)
-            assert np.abs(got.numpy().astype(int) - want).max() <= 2, (downscale, h, w)
+
+        @pipeline_def(batch_size=len(params), num_threads=1, device_id=None)
+        def pipe():
+            encoded, anchor, shape, flip = fn.external_source(
+                source=lambda: (
+                    [np.frombuffer(data, np.uint8)] * len(params),
+                    [np.array([q.left, q.top], np.int32) for q in params],
+                    [np.array([q.width, q.height], np.int32) for q in params],
+                    [np.array(int(q.flip), np.int32) for q in params],
+                ),
+                num_outputs=4,
+                batch=True,
+            )
+            return views(encoded, anchor, shape, flip, size=32, downscale=downscale, gpu=False, hw_decoder_load=0)
+
+        p = pipe()
+        p.build()
+        (out,) = p.run()
+        got = torch.from_numpy(np.array(out.as_tensor()))
+        want = torch.stack([train_view(data, q, 32, downscale) for q in params])
+        assert got.shape == want.shape == (len(params), 3, 32, 32)
+        # measured: 5 levels at most when enlarging, 3 when shrinking; 0.33 levels on average
+        assert (got - want).abs().max() <= 5.5 / 255, downscale
+        assert (got - want).abs().mean() < 1 / 255
+        assert (got - want.flip(-1)).abs().mean() > 10 / 255  # a wrong flip would show
 
 
 def test_dali_failure_comes_after_the_batches_before_it(tmp_path, monkeypatch):
     """A DALI failure reaches the consumer after every batch before it, naming the batch."""
     import numpy as np
+    from nvidia.dali.tensors import TensorListCPU
 
     from pipeline.data import dali_backend
 
     class FailingPipeline:
+        """Runs the real BatchSource, returns what the graph would (zero views), fails on run 4."""
+
         def __init__(self, source, batch_size, size):
             self.source, self.shape, self.runs = source, (batch_size, 3, size, size), 0
 
         def run(self):
-            self.source()
+            _, _, _, _, seeds, ids, notes = self.source(self.runs)
             self.runs += 1
             if self.runs == 4:
                 raise RuntimeError("decoder exploded")
-            return (type("Out", (), {"as_tensor": lambda _: np.zeros(self.shape, np.uint8)})(),)
+            return (
+                TensorListCPU(np.zeros(self.shape, np.float32)),
+                TensorListCPU(np.stack(seeds)),
+                TensorListCPU(np.stack(ids)),
+                TensorListCPU(list(notes)),
+            )
 
     monkeypatch.setattr(
         dali_backend, "build_pipeline", lambda cfg, bs, source, **kw: FailingPipeline(source, bs, cfg.model.img_size)

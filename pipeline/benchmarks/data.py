@@ -15,6 +15,7 @@ import resource
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,12 +25,13 @@ from pipeline.corruptions import corrupt
 
 
 def synthetic_split(dest: str, images: int, per_shard: int, width: int, height: int) -> str:
-    """Photo-like JPEGs (smooth structure plus texture), quality 90, in the shard contract."""
+    """Photo-like JPEGs (smooth structure plus texture), quality 90, in the shard contract (tars
+    with their .idx, as `mfm shard` writes them)."""
     import json
-    import tarfile
 
     from PIL import Image
 
+    from pipeline.sharding.tarfmt import TarWriter
     from pipeline.storage import join, write_bytes
 
     rng = np.random.default_rng(0)
@@ -37,7 +39,7 @@ def synthetic_split(dest: str, images: int, per_shard: int, width: int, height: 
     while i < images:
         buf = io.BytesIO()
         count = min(per_shard, images - i)
-        with tarfile.open(fileobj=buf, mode="w") as tar:
+        with TarWriter(buf) as tar:
             for _ in range(count):
                 coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
                     (width, height), Image.BICUBIC
@@ -45,14 +47,14 @@ def synthetic_split(dest: str, images: int, per_shard: int, width: int, height: 
                 arr = np.asarray(coarse, dtype=np.int16) + rng.integers(-20, 21, (height, width, 3))
                 jb = io.BytesIO()
                 Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(jb, format="JPEG", quality=90)
-                for ext, data in ((".jpg", jb.getvalue()), (".cls", str(i % 10).encode())):
-                    info = tarfile.TarInfo(f"b{i:07d}{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+                tar.add_sample(f"b{i:07d}", [("jpg", jb.getvalue()), ("cls", str(i % 10).encode())])
                 i += 1
         name = f"train-{len(shards):06d}.tar"
         write_bytes(join(dest, name), buf.getvalue())
-        shards.append({"name": name, "samples": count, "bytes": len(buf.getvalue())})
+        write_bytes(join(dest, name.replace(".tar", ".idx")), tar.index())
+        shards.append(
+            {"name": name, "index": name.replace(".tar", ".idx"), "samples": count, "bytes": len(buf.getvalue())}
+        )
     write_bytes(
         join(dest, "manifest.json"),
         json.dumps({"format_version": 1, "split": "train", "num_samples": images, "shards": shards}).encode(),
@@ -176,6 +178,59 @@ def bench_pil_baseline(
     return _time(batches(), batch)
 
 
+@dataclass
+class EncodedBatches:
+    """Raw batch -> the encoded JPEGs and their crop/flip/seed params (the nvjpeg baseline decodes
+    on the GPU in the training process)."""
+
+    def __call__(self, raw) -> dict:
+        return {
+            "data": [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in raw.data],
+            "params": torch.tensor(
+                [[q.top, q.left, q.height, q.width, int(q.flip), q.corruption_seed] for q in raw.params]
+            ),
+        }
+
+
+def bench_nvjpeg(cfg, split_url: str, batch: int, workers: int, device: str) -> tuple[float, float]:
+    """torchvision.io.decode_jpeg(device="cuda") of whole images (nvJPEG, no crop-window decode),
+    then per-sample crop, antialiased bicubic resize and flip with torch on the GPU, and the same
+    corruption; reading and the header check in DataLoader workers, as the torch backend does."""
+    import torch.nn.functional as F
+    from torchvision.io import decode_jpeg
+
+    from pipeline.data import torch_backend
+    from pipeline.data.augment import corrupt_samples
+    from pipeline.data.sampling import Layout, deal, epoch_order
+    from pipeline.data.shards import read_split
+
+    split = read_split(split_url, cfg.storage)
+    order = epoch_order(split.counts, seed=cfg.train.seed, epoch=0, shuffle_buffer=cfg.data.shuffle_buffer)
+    plan = deal(order, Layout(1, batch, max(1, workers)), 0)
+    size = cfg.model.img_size
+
+    def batches():
+        for out in torch_backend.iterate(
+            split, cfg, plan, 0, max(1, workers), 0, EncodedBatches(), workers=workers, pin_memory=True
+        ):
+            images = decode_jpeg(out["data"], device=device)
+            views = []
+            for img, (top, left, h, w, flip, _) in zip(images, out["params"].tolist()):
+                v = F.interpolate(
+                    img[None, :, top : top + h, left : left + w].float(),
+                    size=(size, size),
+                    mode="bicubic",
+                    antialias=True,
+                )
+                views.append(v.flip(-1) if flip else v)
+            views = torch.cat(views).div_(255).clamp_(0, 1)
+            enc, _, _ = corrupt_samples(views, cfg.corruption, out["params"][:, 5].tolist())
+            yield enc
+        torch.cuda.synchronize()
+
+    return _time(batches(), batch)
+
+
 def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mfm bench data", description=__doc__.split("\n\n")[0])
     p.add_argument("--split", help="URL of a sharded split (default: synthetic JPEGs in a temporary folder)")
@@ -183,9 +238,15 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--image-size", default="500x375", help="synthetic image WxH (default 500x375, ImageNet-like)")
     p.add_argument("--size", type=int, default=224, help="crop size (model.img_size)")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers / DALI reader+decode threads")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers / DALI reader processes and threads")
     p.add_argument("--kind", default="mfm", choices=["mfm", "sr", "deblur", "denoise"])
-    p.add_argument("--backends", default="pil,torch,dali", help="comma list of pil,pil-plain,torch,dali")
+    p.add_argument(
+        "--backends", default="pil,torch,dali", help="comma list of pil,pil-plain,torch,dali,nvjpeg (nvjpeg: cuda only)"
+    )
+    p.add_argument("--device", default="cpu", help="comma list of cpu,cuda: where the loaders put their batches")
+    p.add_argument(
+        "--hw-decoder-load", default=None, help="comma list: data.dali_hw_decoder_load values to try (dali on cuda)"
+    )
     p.add_argument("--repeat", type=int, default=1, help="interleaved rounds (default 1)")
     p.add_argument("--downscale", default="bicubic,bilinear", help="comma list: filters for shrinking crops")
     args = p.parse_args(argv)
@@ -200,47 +261,63 @@ def cli(argv: list[str]) -> int:
     from pipeline.data.loader import dali_available
 
     names = args.backends.split(",")
+    devices = args.device.split(",")
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise SystemExit("mfm bench data: --device cuda but torch sees no CUDA device")
     runs = {}  # (device, downscale, backend) -> [(img/s, CPU ms/img)] per round
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for rnd in range(args.repeat):
         for device in devices:
             for down in args.downscale.split(","):
-                cfg = load_config(
-                    None,
-                    [
-                        f"data.train={url}",
-                        f"model.img_size={args.size}",
-                        f"corruption.kind={args.kind}",
-                        f"data.workers={args.workers}",
-                        "data.shuffle_buffer=256",
-                        f"data.downscale={down}",
-                    ],
-                )
+                overrides = [
+                    f"data.train={url}",
+                    f"model.img_size={args.size}",
+                    f"corruption.kind={args.kind}",
+                    f"data.workers={args.workers}",
+                    "data.shuffle_buffer=256",
+                    f"data.downscale={down}",
+                ]
+                cfg = load_config(None, overrides)
                 # the backends of a round run back to back, so that a change in the machine's load
                 # between rounds moves them together
                 for name in names:
+                    loads = [None]
                     if name == "dali" and not dali_available():
                         continue
-                    if name in ("pil", "pil-plain"):
-                        rate, cpu = bench_pil_baseline(cfg, url, args.batch, args.workers, device, tuned=name == "pil")
-                    else:
-                        rate, cpu = bench_loader(cfg, name, args.batch, device)
-                    runs.setdefault((device, down, name), []).append((rate, cpu))
-                    print(
-                        f"  round {rnd + 1}: {name} ({device}, {down} downscale): {rate:.1f} img/s, "
-                        f"{cpu:.1f} CPU ms/img",
-                        flush=True,
-                    )
+                    if name == "nvjpeg" and device != "cuda":
+                        continue
+                    if name == "dali" and device == "cuda" and args.hw_decoder_load:
+                        loads = args.hw_decoder_load.split(",")
+                    for load in loads:
+                        label = name if load is None else f"{name}@{load}"
+                        if name in ("pil", "pil-plain"):
+                            rate, cpu = bench_pil_baseline(
+                                cfg, url, args.batch, args.workers, device, tuned=name == "pil"
+                            )
+                        elif name == "nvjpeg":
+                            rate, cpu = bench_nvjpeg(cfg, url, args.batch, args.workers, device)
+                        else:
+                            c = (
+                                cfg
+                                if load is None
+                                else load_config(None, [*overrides, f"data.dali_hw_decoder_load={load}"])
+                            )
+                            rate, cpu = bench_loader(c, name, args.batch, device)
+                        runs.setdefault((device, down, label), []).append((rate, cpu))
+                        print(
+                            f"  round {rnd + 1}: {label} ({device}, {down} downscale): {rate:.1f} img/s, "
+                            f"{cpu:.1f} CPU ms/img, {rate * cpu / 1000:.1f} cores",
+                            flush=True,
+                        )
     if "dali" in names and not dali_available():
         print("dali: not installed, skipped")
     print(
         f"\nimages/s: decode + RandomResizedCrop({args.size}) + flip + {args.kind}, batch {args.batch}, "
         f"workers {args.workers}, {os.cpu_count()} CPUs, {args.repeat} interleaved rounds (medians)"
     )
-    print("img/s: wall clock (depends on the machine's load); CPU ms/img: all our processes' CPU time per image;")
+    print("img/s: wall clock (depends on the machine's load), one device; CPU ms/img: all our processes' CPU")
     print(
-        f"idle bound: {os.cpu_count()} cores / CPU time per image. Ratios: median over rounds of the ratio to "
-        "pil in the same round, same filter."
+        f"time per image; cores: CPU s per wall s. idle bound: {os.cpu_count()} cores / CPU time per image. "
+        "Ratios: median over rounds of the ratio to the baseline (pil on a CPU, torch on cuda) in the same round."
     )
     print(
         f"pil: the DALI path's corruption (corrupt_samples) on {corruption_threads(args.workers)} torch thread(s) "
@@ -248,16 +325,16 @@ def cli(argv: list[str]) -> int:
     )
     med = statistics.median
     print(
-        f"{'loader':<10} {'device':<6} {'downscale':<9} {'img/s':>8} {'vs pil':>7} {'CPU ms/img':>11} "
-        f"{'idle img/s':>11} {'vs pil':>7}"
+        f"{'loader':<10} {'device':<6} {'downscale':<9} {'img/s':>8} {'vs base':>7} {'CPU ms/img':>11} {'cores':>6} "
+        f"{'idle img/s':>11} {'vs base':>7}"
     )
     for (dev, down, name), rs in runs.items():
-        base = runs.get((dev, down, "pil"))
+        base = runs.get((dev, down, "torch" if dev == "cuda" else "pil"))
         rate, cpu = med(r for r, _ in rs), med(c for _, c in rs)
         ratio = f"{med(r / b for (r, _), (b, _) in zip(rs, base)):.2f}x" if base else "-"
         cratio = f"{med(b / c for (_, c), (_, b) in zip(rs, base)):.2f}x" if base else "-"
         print(
-            f"{name:<10} {dev:<6} {down:<9} {rate:>8.1f} {ratio:>7} {cpu:>11.1f} "
+            f"{name:<10} {dev:<6} {down:<9} {rate:>8.1f} {ratio:>7} {cpu:>11.1f} {rate * cpu / 1000:>6.1f} "
             f"{1000 * os.cpu_count() / cpu:>11.1f} {cratio:>7}"
         )
     if tmp is not None:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
@@ -154,22 +153,6 @@ def resize_view(im: Image.Image, size: int, downscale: str = "bicubic", box=None
     return im.resize((size, height), fx, box=box).resize((size, size), fy)
 
 
-def resize_uint8(image: torch.Tensor, size: int, downscale: str = "bicubic") -> torch.Tensor:
-    """resize_view on a uint8 (H, W, 3) tensor, returning uint8 (3, S, S): torch's antialiased
-    uint8 kernels use Pillow's filters (bicubic a = -0.5) and agree with it to +-2 levels, at a
-    third of Pillow's CPU time when the input is channels-last, and release the GIL."""
-    height, width = image.shape[:2]
-    x = image.permute(2, 0, 1)[None]  # channels-last memory: the layout the fast kernels take
-    shrink = "bilinear" if downscale == "bilinear" else "bicubic"
-    fx = shrink if width > size else "bicubic"
-    fy = shrink if height > size else "bicubic"
-    if fx == fy:
-        return F.interpolate(x, size=(size, size), mode=fx, antialias=True)[0]
-    # one pass per axis, each with its own filter, in resize_view's order
-    x = F.interpolate(x, size=(height, size), mode=fx, antialias=True)
-    return F.interpolate(x, size=(size, size), mode=fy, antialias=True)[0]
-
-
 def train_view(
     data: bytes, p: SampleParams, size: int, downscale: str = "bicubic", *, uint8: bool = False
 ) -> torch.Tensor:
@@ -225,7 +208,6 @@ __all__ = [
     "image_size",
     "sample_params",
     "resize_view",
-    "resize_uint8",
     "train_view",
     "eval_view",
     "corrupt_samples",
