@@ -133,21 +133,49 @@ def shard_stage(ctx: dict) -> dict:
 
     log = get_run_logger()
     cfg = _storage(ctx)
-    current = {s: storage.exists(storage.join(ctx["shards"], s, "manifest.json"), cfg) for s in ctx["splits"]}
-    # shard_dataset keeps a split whose manifest matches the source fingerprint and options and
-    # refuses one that does not, so a manifest that was there before and survives is current.
+    current = {s: _revision(storage.join(ctx["shards"], s), cfg) for s in ctx["splits"]}
+    # shard_dataset keeps a split whose manifest matches the source fingerprint, adds a revision
+    # with only the new files to one whose source grew, and refuses other options.
     manifests = shard_dataset(
         ctx["source"], ctx["shards"], splits=ctx["splits"], storage=cfg, progress=False, **ctx["shard_options"]
     )
-    for split, was_there in current.items():
-        log.info("shard %s: %s", split, "manifest current, skipped" if was_there else "sharded")
+    for split, before in current.items():
+        m = manifests[split]
+        rec = (m.get("revisions") or [{}])[-1]
+        log.info(
+            "shard %s: revision %d, %d samples in %d shards (%s)",
+            split,
+            m.get("revision", 1),
+            m["num_samples"],
+            len(m["shards"]),
+            "current, nothing to do"
+            if before == m.get("revision", 1)
+            else f"{rec.get('shards', 0)} new shards of {rec.get('samples', 0)} samples",
+        )
     return {
         "data": {s: storage.join(ctx["shards"], s) for s in manifests},
         "manifests": {
-            s: {"num_samples": m["num_samples"], "shards": len(m["shards"]), "fingerprint": m["source"]["fingerprint"]}
+            s: {
+                "num_samples": m["num_samples"],
+                "shards": len(m["shards"]),
+                "fingerprint": m["source"]["fingerprint"],
+                "revision": m.get("revision", 1),
+                # what this revision added (all of it for a first or rebuilt one)
+                "new_shards": (m.get("revisions") or [{}])[-1].get("shards", len(m["shards"])),
+                "new_samples": (m.get("revisions") or [{}])[-1].get("samples", m["num_samples"]),
+            }
             for s, m in manifests.items()
         },
     }
+
+
+def _revision(split_url: str, cfg) -> int | None:
+    from pipeline.sharding import read_manifest
+
+    try:
+        return read_manifest(split_url, cfg).get("revision", 1)
+    except FileNotFoundError:
+        return None
 
 
 def pretrain_stage(ctx: dict) -> dict:
@@ -302,9 +330,9 @@ def retrain_flow(
     overrides = dict(overrides or {})
     shard_options = dict(shard_options or {})
     fingerprints = _fingerprints(_abs(source), splits)
-    # A shard folder per (source contents, options): new data is sharded beside the old shards,
-    # which a running job may still read, instead of being refused by their manifest.
-    shards = storage.join(store, "shards", _digest({"fingerprints": fingerprints, "options": shard_options}))
+    # One shard folder per sharding options, stable as the source grows: each run adds a revision
+    # holding only the new files, and shards a running job reads are never rewritten.
+    shards = storage.join(store, "shards", _digest({"options": shard_options}))
     base = {
         "source": _abs(source),
         "store": store,
@@ -315,7 +343,7 @@ def retrain_flow(
         "shard_options": shard_options,
         "fingerprints": fingerprints,
     }
-    key = _digest({k: base[k] for k in ("shards", "preset", "overrides")})
+    key = _digest({k: base[k] for k in ("shards", "fingerprints", "preset", "overrides")})
     # A run folder per (data, config): new data starts a new run instead of resuming a finished one.
     train_overrides = {
         "data.train": storage.join(shards, "train"),

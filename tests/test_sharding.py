@@ -68,8 +68,10 @@ def test_layout_and_manifest_follow_the_contract(sharded, sample):
             assert m["format_version"] == 1 and m["split"] == split and m["tool"].startswith("mfm-pipeline ")
             assert len(m["shards"]) >= 2
             assert sorted(os.listdir(d)) == sorted(
-                ["manifest.json", *(s["name"] for s in m["shards"]), *(s["index"] for s in m["shards"])]
+                ["manifest.json", "revisions", *(s["name"] for s in m["shards"]), *(s["index"] for s in m["shards"])]
             )
+            assert sorted(os.listdir(d / "revisions")) == ["000001.claim", "000001.files.tsv.gz"]
+            assert m["revision"] == 1 and [r["revision"] for r in m["revisions"]] == [1]
             for i, s in enumerate(m["shards"]):
                 data = (d / s["name"]).read_bytes()
                 assert s["name"] == f"{split}-{i:06d}.tar" and s["index"] == f"{split}-{i:06d}.idx"

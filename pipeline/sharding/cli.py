@@ -36,6 +36,11 @@ def _shard_parser() -> argparse.ArgumentParser:
         help="reject images whose header claims more pixels, before decoding (default: 89478485, Pillow's limit)",
     )
     p.add_argument("--validation", choices=["structural", "decode"], default="structural")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="reshard every source file into a new revision (drops changed/deleted files' old samples)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     return p
 
@@ -60,6 +65,7 @@ def cli(argv: list[str]) -> int:
             **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}),
             validation=args.validation,
             progress=False if args.no_progress else None,
+            rebuild=args.rebuild,
         )
     except (SourceError, ShardingError, ValueError) as e:
         print(f"mfm shard: {e}", file=sys.stderr)
@@ -67,7 +73,7 @@ def cli(argv: list[str]) -> int:
     for split, m in manifests.items():
         print(
             f"{st.join(args.dest, split)}: {m['num_samples']} samples, {len(m['shards'])} shards, "
-            f"{len(m['rejected'])} rejected"
+            f"{len(m['rejected'])} rejected (revision {m.get('revision', 1)})"
         )
     return 0
 

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import os
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from pipeline import storage as st
 from pipeline.config import StorageConfig
 from pipeline.jpeg import MAX_PIXELS
 from pipeline.sharding import manifest as mf
+from pipeline.sharding import revisions as rv
 from pipeline.sharding.plan import plan_shards
 from pipeline.sharding.sources import SourceError, available_splits, list_split
 from pipeline.sharding.validate import VALIDATIONS
 from pipeline.sharding.writer import WORK_DIR, WriteOptions, write_shard
+
+HEARTBEAT_S = 10.0  # at most this often, a writer refreshes its revision claim
 
 
 class ShardingError(RuntimeError):
@@ -47,11 +52,15 @@ def shard_dataset(
     validation: str = "structural",
     storage: StorageConfig | None = None,
     progress: bool | None = None,
+    rebuild: bool = False,
 ) -> dict[str, dict]:
     """Shard `source` into `<dest>/<split>/`; returns split -> manifest.
 
     Idempotent: a split whose manifest matches is left alone, committed shards are reused.
     max_pixels: images whose header claims more pixels are rejected before any decoder sees them.
+    A split whose source grew gets a new revision holding only the new files; files changed or
+    gone since are reported and their samples kept. rebuild: reshard every file into a new
+    revision that replaces the shard list (earlier shard files stay for readers still on them).
     progress: None shows a bar only on a terminal.
     """
     if validation not in VALIDATIONS:
@@ -69,75 +78,161 @@ def shard_dataset(
     if max_pixels != MAX_PIXELS:  # recorded only when set: splits sharded before the option stay current
         options["max_pixels"] = max_pixels
     return {
-        split: _shard_split(source, st.join(dest, split), split, options, max(1, workers), storage, progress)
+        split: _shard_split(source, st.join(dest, split), split, options, max(1, workers), storage, progress, rebuild)
         for split in splits
     }
 
 
-def _shard_split(source, split_url, split, options, workers, cfg, progress) -> dict:
+def _shard_split(source, split_url, split, options, workers, cfg, progress, rebuild=False) -> dict:
     log = run_logger()
     listing = list_split(source, split)
     src = {"kind": listing.kind, "path": source, "fingerprint": listing.fingerprint}
-    if st.exists(st.join(split_url, mf.MANIFEST), cfg):
-        old = mf.read_manifest(split_url, cfg)
-        if old["options"] == options and old["source"]["fingerprint"] == src["fingerprint"]:
+    manifest_url = st.join(split_url, mf.MANIFEST)
+    current = st.read_versioned(manifest_url, cfg)
+    old = mf.parse_manifest(current[0], manifest_url) if current else None
+    if old is not None and not rebuild:
+        if old["options"] != options:
+            raise ShardingError(
+                f"{split_url}: holds a split sharded with other options (manifest options {old['options']}; "
+                f"asked {options}); use another --dest, or --rebuild to reshard it all with the new options"
+            )
+        if old["source"]["fingerprint"] == src["fingerprint"]:
             log.info(
-                "%s: complete already (%d samples in %d shards); nothing to do",
+                "%s: complete already (%d samples in %d shards, revision %d); nothing to do",
                 split_url,
                 old["num_samples"],
                 len(old["shards"]),
+                old.get("revision", 1),
             )
             return old
-        raise ShardingError(
-            f"{split_url}: holds a split sharded from another source or with other options "
-            f"(manifest options {old['options']}, fingerprint {old['source']['fingerprint'][:12]}; "
-            f"asked {options}, fingerprint {src['fingerprint'][:12]}); use another --dest or delete it"
-        )
+        if not old.get("revisions"):
+            raise ShardingError(
+                f"{split_url}: the source changed, and this manifest predates growing splits (no file "
+                "lists to compare with); reshard it with --rebuild"
+            )
+    revision = 1 + (old.get("revision", 1) if old else 0)
+    growth, classes, entries = _growth(split_url, old, listing, rebuild, cfg, log)
+    start = (old.get("next_shard", len(old["shards"])) if old else 0) if revision > 1 else 0
     _remove_stale_temporaries(split_url, cfg)
     # The tool version is part of each shard's plan digest: a newer writer never reuses older shards.
     plans = plan_shards(
         split,
-        listing.entries,
-        listing.classes,
+        entries,
+        classes,
         seed=options["seed"],
         shard_size_mb=options["shard_size_mb"],
         options={**options, "tool": mf.tool_version()},
+        start=start,
+        revision=revision,
     )
-    class_of = {c["wnid"]: c["index"] for c in listing.classes}
-    missing = sorted({e.wnid for e in listing.entries} - class_of.keys())
+    class_of = {c["wnid"]: c["index"] for c in classes}
+    missing = sorted({e.wnid for e in entries} - class_of.keys())
     if missing:
         raise SourceError(f"{source}: split {split!r} has images of classes not in the class list: {missing[:5]}")
+    try:
+        claim = rv.claim(split_url, revision, rv.plan_digest([p.digest for p in plans], {"start": start}), cfg)
+    except rv.ClaimRefused as e:
+        raise ShardingError(str(e)) from None
     opts = WriteOptions(
         options["validation"],
         options["max_side"],
-        decode_threads(options["validation"], min(workers, len(plans))),
+        decode_threads(options["validation"], max(1, min(workers, len(plans)))),
         options.get("max_pixels", MAX_PIXELS),
     )
     log.info(
-        "%s: %d images from %s (%s) -> %d shards, %d workers",
+        "%s: %d images from %s (%s) -> %d shards from #%d, %d workers (revision %d)",
         split_url,
-        len(listing.entries),
+        len(entries),
         source,
         listing.kind,
         len(plans),
+        start,
         workers,
+        revision,
     )
-    results = _run(plans, split_url, class_of, opts, workers, cfg, log, progress)
-    _remove_extra_shards(split_url, split, len(plans), cfg)
-    rejected = listing.rejected + [r for res in results for r in res.rejected]
-    manifest = mf.build_manifest(split, results, listing.classes, src, options, rejected)
-    st.write_bytes(st.join(split_url, mf.MANIFEST), mf.dumps(manifest), cfg)  # the commit: written last
+    try:
+        results = _run(plans, split_url, class_of, opts, workers, cfg, log, progress, heartbeat=claim)
+        _remove_extra_shards(split_url, split, start + len(plans), cfg, first=start)
+        claim.still_ours(cfg)
+    except rv.ClaimRefused as e:
+        raise ShardingError(str(e)) from None
+    new_rejected = [r for res in results for r in res.rejected]
+    files = _revision_files(entries, new_rejected)
+    st.write_bytes(rv.files_url(split_url, revision), files, cfg)
+    keep_old = old is not None and not rebuild
+    record = {
+        "revision": revision,
+        "rebuild": bool(rebuild and old is not None),
+        "first_shard": start,
+        "shards": len(plans),
+        "samples": sum(r.samples for r in results),
+        "source_fingerprint": src["fingerprint"],
+        "files_sha256": hashlib.sha256(files).hexdigest(),
+        "changed": len(growth.changed),
+        "missing": len(growth.missing),
+        # The first names; every one is in the log. Policy: their samples stay until --rebuild.
+        "changed_files": growth.changed[:REPORTED],
+        "missing_files": growth.missing[:REPORTED],
+    }
+    manifest = mf.build_manifest(
+        split,
+        results,
+        classes,
+        src,
+        options,
+        (old["rejected"] if keep_old else []) + listing.rejected + new_rejected,
+        earlier=old["shards"] if keep_old else [],
+        revisions=[*(old.get("revisions") or [] if old else []), record],
+        next_shard=start + len(plans),
+    )
+    # The commit, written last and conditionally: a writer that read another manifest loses.
+    committed = (
+        st.replace_bytes_if(manifest_url, mf.dumps(manifest), current[1], cfg)
+        if current
+        else st.create_bytes(manifest_url, mf.dumps(manifest), cfg)
+    )
+    if not committed:
+        raise ShardingError(f"{manifest_url}: changed by another writer while revision {revision} was written")
     _remove_work_dir(split_url, cfg, log)
     log.info(
-        "%s: committed %d samples in %d shards (%d reused, %d re-encoded, %d rejected)",
+        "%s: committed %d samples in %d shards (revision %d: %d new shards of %d samples, %d reused, "
+        "%d re-encoded, %d rejected)",
         split_url,
         manifest["num_samples"],
+        len(manifest["shards"]),
+        revision,
         len(results),
+        record["samples"],
         sum(r.reused for r in results),
         sum(r.reencoded for r in results),
-        len(rejected),
+        len(new_rejected),
     )
     return manifest
+
+
+REPORTED = 100  # changed/missing file names kept in a revision record
+
+
+def _growth(split_url, old, listing, rebuild, cfg, log):
+    """(growth, class table, entries to shard) for the next revision."""
+    if old is None:
+        return rv.Growth(listing.entries, [], []), listing.classes, listing.entries
+    classes = rv.extend_classes(old["classes"], listing.classes)
+    known = rv.known_files(split_url, old, cfg) if old.get("revisions") else {}
+    growth = rv.diff(known, listing.entries)
+    for what, names in (("changed since sharded", growth.changed), ("gone from the source", growth.missing)):
+        if names:
+            policy = "resharded by this --rebuild" if rebuild else "their sharded samples are kept until --rebuild"
+            log.warning("%s: %d files %s (%s): %s", split_url, len(names), what, policy, ", ".join(names[:20]))
+    if rebuild:
+        return growth, classes, listing.entries
+    taken = {k for _, k in known.values() if k}
+    return growth, classes, rv.fresh_keys(growth.new, taken)
+
+
+def _revision_files(entries, rejected) -> bytes:
+    bad = {r["file"] for r in rejected}
+    return rv.encode_files([(e.file, e.size, "" if e.file in bad else e.key) for e in entries])
 
 
 def decode_threads(validation: str, workers: int) -> int:
@@ -151,7 +246,7 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _run(plans, split_url, class_of, opts, workers, cfg, log, progress):
+def _run(plans, split_url, class_of, opts, workers, cfg, log, progress, heartbeat=None):
     from tqdm import tqdm
 
     results = [None] * len(plans)
@@ -163,9 +258,13 @@ def _run(plans, split_url, class_of, opts, workers, cfg, log, progress):
     )
     every = max(1, len(plans) // 20)
     count = [0]
+    beat = [time.monotonic()]
 
     def done(i, r):
         results[i] = r
+        if heartbeat is not None and time.monotonic() - beat[0] > HEARTBEAT_S:
+            heartbeat.refresh(cfg)  # raises when another writer took the revision over
+            beat[0] = time.monotonic()
         bar.update(1)
         count[0] += 1
         n = count[0]
@@ -222,12 +321,13 @@ def _remove_stale_temporaries(split_url, cfg):
             fs.rm(p)
 
 
-def _remove_extra_shards(split_url, split, count, cfg):
-    """Shards numbered past this plan, left by an unfinished run with other options."""
+def _remove_extra_shards(split_url, split, count, cfg, first=0):
+    """Shards numbered past this plan, left by an unfinished run with other options (never
+    those of earlier revisions, numbered below `first`)."""
     fs, path = st.filesystem(split_url, cfg)
     for p in st.retry(lambda: fs.glob(f"{path}/{split}-*"), what=f"list {split_url}"):
         num = p.rsplit("/", 1)[-1][len(split) + 1 :].split(".", 1)[0]
-        if num.isdigit() and int(num) >= count:
+        if num.isdigit() and int(num) >= count and int(num) >= first:
             st.retry(lambda: fs.rm(p), what=f"remove {p}")
 
 

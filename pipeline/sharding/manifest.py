@@ -23,22 +23,36 @@ def tool_version() -> str:
 
 
 def build_manifest(
-    split: str, results: list, classes: list[dict], source: dict, options: dict, rejected: list[dict]
+    split: str,
+    results: list,
+    classes: list[dict],
+    source: dict,
+    options: dict,
+    rejected: list[dict],
+    *,
+    earlier: list[dict] = (),
+    revisions: list[dict] = (),
+    next_shard: int | None = None,
 ) -> dict:
-    """Pure: the manifest dict from the shard results, in shard order."""
-    shards = [
+    """Pure: the manifest dict: `earlier` shard entries (a growing split's older revisions),
+    then the new shard results, in shard order."""
+    shards = [*earlier] + [
         {"name": r.name, "index": r.index, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256} for r in results
     ]
+    unique = {r["file"]: r for r in rejected}
     return {
         "format_version": FORMAT_VERSION,
         "tool": tool_version(),
         "split": split,
+        "revision": revisions[-1]["revision"] if revisions else 1,
         "num_samples": sum(s["samples"] for s in shards),
         "shards": shards,
         "classes": classes,
         "source": source,
         "options": options,
-        "rejected": sorted(rejected, key=lambda r: r["file"]),
+        "rejected": sorted(unique.values(), key=lambda r: r["file"]),
+        "revisions": list(revisions),
+        "next_shard": len(shards) if next_shard is None else next_shard,
     }
 
 
@@ -53,6 +67,10 @@ def read_manifest(split_url: str, storage: StorageConfig | None = None) -> dict:
         raw = st.read_bytes(url, storage)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url}: no manifest: {split_url} is not a complete sharded split") from None
+    return parse_manifest(raw, url)
+
+
+def parse_manifest(raw: bytes, url: str) -> dict:
     try:
         m = json.loads(raw)
     except ValueError as e:  # UnicodeDecodeError included

@@ -30,14 +30,23 @@ class ShardPlan:
 
 
 def plan_shards(
-    split: str, entries: list[Entry], classes: list[dict], *, seed: int, shard_size_mb: float, options: dict
+    split: str,
+    entries: list[Entry],
+    classes: list[dict],
+    *,
+    seed: int,
+    shard_size_mb: float,
+    options: dict,
+    start: int = 0,
+    revision: int = 1,
 ) -> list[ShardPlan]:
     """Shuffle samples with the seed (independent of listing order) and cut into shards of
-    about shard_size_mb of source bytes."""
+    about shard_size_mb of source bytes, numbered from `start`. A later revision of a growing
+    split shuffles its new samples with its own stream."""
     if shard_size_mb <= 0:
         raise ValueError(f"shard_size_mb={shard_size_mb}: must be > 0")
     order = sorted(entries, key=lambda e: e.key)
-    random.Random(f"mfm-shard:{seed}:{split}").shuffle(order)
+    random.Random(f"mfm-shard:{seed}:{split}" + (f":r{revision}" if revision > 1 else "")).shuffle(order)
     limit = shard_size_mb * 1024 * 1024
     groups: list[list[Entry]] = []
     size = 0
@@ -53,5 +62,5 @@ def plan_shards(
     for i, g in enumerate(groups):
         h = hashlib.sha256(common.encode())
         h.update("".join([f"{e.key}\t{e.file}\t{e.size}\t{class_of[e.wnid]}\n" for e in g]).encode())
-        plans.append(ShardPlan(split, i, tuple(g), h.hexdigest()))
+        plans.append(ShardPlan(split, start + i, tuple(g), h.hexdigest()))
     return plans
