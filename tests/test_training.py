@@ -193,6 +193,22 @@ def test_killed_run_on_s3_resumes_exactly(s3_endpoint, tmp_path, data, local_run
     assert any(k.startswith("tensorboard/events.out.tfevents") for k in keys)
 
 
+def test_a_tampered_step_file_is_refused_before_it_is_unpickled(tmp_path, data, local_run):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(local_run[0], run_dir)
+    optim = run_dir / "step-8" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    body = bytearray(optim.read_bytes())
+    body[len(body) // 2] ^= 0x01
+    optim.write_bytes(bytes(body))
+    proc = _pretrain(_overrides(data, str(run_dir)), _env(tmp_path / "staging"))
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 4, out[-4000:]
+    assert f"{optim}: sha256" in out and "refusing it" in out and "Traceback" not in out
+    assert "was refused" in out and "rerun the same command" not in out
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -8,9 +8,12 @@ Layout of `<run_dir>` (any fsspec URL):
     step-N/                     DeepSpeed's checkpoint (tag step-N), client-rank-R.pt, COMPLETE
     export/model.safetensors    consolidated fp32 encoder; export/config.json (timm)
 
-`COMPLETE` is written last; a folder without it is ignored and removed on the next start.
+`COMPLETE` is written last and records the sha256 of every file of the step folder; a folder
+without it is ignored and removed on the next start, and a file whose hash differs refuses
+the checkpoint before anything is unpickled (DeepSpeed's loader unpickles its step files).
 DeepSpeed writes to a local folder; when run_dir is remote that folder is a staging mirror
-whose step folders are uploaded (and whose logs are synced) at every checkpoint.
+whose step folders are uploaded (and whose logs are synced) at every checkpoint. Remote keys
+are downloaded only to paths inside the folder they belong to.
 """
 
 from __future__ import annotations
@@ -37,9 +40,13 @@ from pipeline.config import Config, StorageConfig
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "sha256" {file: hex digest}; 1 had only the file names
 _STEP = re.compile(r"^step-(\d+)$")
 LOG_ITEMS = ("metrics.jsonl", "tensorboard", "pictures")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be loaded (damaged, altered, or escaping its folder)."""
 
 
 @dataclass(frozen=True)
@@ -163,14 +170,72 @@ def _upload_tree(folder: RunFolder, local: Path, url: str) -> None:
         _retry(folder, lambda: fs.put_file(str(file), f"{path}/{rel}"), f"upload {rel}")
 
 
+def inside(root: Path, rel: str, what: str) -> Path:
+    """`root/rel`, refused unless it is a path strictly inside `root` (no `..`, no absolute
+    path, no way out through a symlink already there): remote listings are untrusted."""
+    base = root.resolve()
+    dest = (base / rel).resolve()
+    if not rel or rel.startswith("/") or ".." in rel.split("/") or not dest.is_relative_to(base) or dest == base:
+        raise CheckpointError(f"{what}: key {rel!r} leads outside {root}; refusing to download it")
+    return dest
+
+
 def _download_tree(folder: RunFolder, url: str, local: Path) -> None:
     fs, path = storage.filesystem(url, folder.storage)
     if not _retry(folder, lambda: fs.exists(path), f"stat {url}"):
         return
-    for remote in _retry(folder, lambda: fs.find(path), f"list {url}"):
-        dest = local / remote[len(path) :].lstrip("/")
+    path = path.rstrip("/")
+    remotes = _retry(folder, lambda: fs.find(path), f"list {url}")
+    # Check every key before writing any, so a hostile listing leaves nothing behind.
+    plan = [(remote, inside(local, remote[len(path) :].lstrip("/"), url)) for remote in remotes]
+    for remote, dest in plan:
         dest.parent.mkdir(parents=True, exist_ok=True)
         _retry(folder, lambda: fs.get_file(remote, str(dest)), f"download {remote}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _step_files(local_step: Path) -> list[Path]:
+    return sorted(p for p in local_step.rglob("*") if p.is_file() and ".tmp-" not in p.name and p.name != MARKER)
+
+
+def digests(local_step: Path) -> dict[str, str]:
+    """file (relative to the step folder) -> sha256, for every file of a written step folder."""
+    return {p.relative_to(local_step).as_posix(): sha256_file(p) for p in _step_files(local_step)}
+
+
+def verify(local_step: Path, marker: dict, url: str) -> None:
+    """Refuse a step folder whose files differ from what its COMPLETE recorded: a changed
+    byte, a missing file, an extra file or anything but a regular file."""
+    recorded = marker.get("sha256")
+    if recorded is None:
+        log.warning("%s: format %s records no checksums; loading it unverified", url, marker.get("format_version"))
+        return
+    found = {}
+    for p in sorted(local_step.rglob("*")):
+        rel = p.relative_to(local_step).as_posix()
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            raise CheckpointError(f"{url}/{rel}: not a regular file; refusing the checkpoint")
+        if p.is_file() and p.name != MARKER:
+            found[rel] = p
+    for rel in sorted(set(recorded) - set(found)):
+        raise CheckpointError(f"{url}/{rel}: listed in {MARKER} but missing; refusing the checkpoint")
+    for rel in sorted(set(found) - set(recorded)):
+        raise CheckpointError(f"{url}/{rel}: not listed in {MARKER}; refusing the checkpoint")
+    for rel, p in found.items():
+        digest = sha256_file(p)
+        if digest != recorded[rel]:
+            raise CheckpointError(
+                f"{url}/{rel}: sha256 {digest} differs from {recorded[rel]} recorded in {MARKER}: the "
+                "checkpoint is damaged or was altered; refusing it (move the folder away to resume "
+                "from the previous complete checkpoint)"
+            )
 
 
 def sync_logs_up(folder: RunFolder) -> None:
@@ -198,6 +263,14 @@ def sync_logs_down(folder: RunFolder) -> None:
             _download_tree(folder, url, folder.local / item)
 
 
+def _gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def save(
     engine,
     folder: RunFolder,
@@ -220,20 +293,21 @@ def save(
     local_step.mkdir(parents=True, exist_ok=True)
     torch.save(client, local_step / _client_name(rank))
     _barrier()
+    # One hasher (and uploader) per node: each node's staging folder holds the files its ranks
+    # wrote; a local run_dir is one folder that rank 0 hashes.
+    mine = digests(local_step) if (local_rank == 0 if folder.remote else rank == 0) else {}
     if folder.remote and local_rank == 0:
-        # One uploader per node: each node's staging folder holds the files its ranks wrote.
         _upload_tree(folder, local_step, folder.step_url(step))
-    _barrier()
+    hashes = {k: v for part in _gather(mine) for k, v in part.items()}
     if rank == 0:
         sync_logs_up(folder)
-        fs, path = folder.fs()
-        files = sorted(f.rsplit(f"/{tag}/", 1)[-1] for f in _retry(folder, lambda: fs.find(f"{path}/{tag}"), "list"))
         marker = {
             "format_version": FORMAT_VERSION,
             "step": step,
             "time": time.time(),
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            "files": files,
+            "files": sorted(hashes),
+            "sha256": hashes,
             **(extra or {}),
         }
         storage.write_bytes(
@@ -246,30 +320,50 @@ def save(
     return folder.step_url(step)
 
 
+def _agree(error: str | None) -> None:
+    """Collective: raise on every rank if any rank found an error (no rank left waiting)."""
+    errors = [e for e in _gather(error) if e]
+    if errors:
+        raise CheckpointError(errors[0])
+
+
+def read_client_state(path: Path) -> dict:
+    """A rank's client state (step, loader, RNG, schedule): tensors and plain containers only,
+    never an arbitrary pickle."""
+    return torch.load(path, weights_only=True)
+
+
 def load(engine, folder: RunFolder, step: int, *, rank: int, local_rank: int) -> dict:
-    """Collective: restore the engine (model, optimizer) from step-N; returns this rank's
-    client state (step, loader, RNG, scheduler)."""
+    """Collective: verify step-N against its COMPLETE, restore the engine (model, optimizer)
+    and return this rank's client state (step, loader, RNG, scheduler)."""
     tag = f"step-{step}"
-    if folder.remote and local_rank == 0:
-        shutil.rmtree(folder.local / tag, ignore_errors=True)
-        _download_tree(folder, folder.step_url(step), folder.local / tag)
-    _barrier()
-    # DeepSpeed's own files, written by this run: its loader unpickles them (not weights_only).
+    local_step = folder.local / tag
+    error = None
+    if local_rank == 0:
+        try:
+            if folder.remote:
+                shutil.rmtree(local_step, ignore_errors=True)
+                _download_tree(folder, folder.step_url(step), local_step)
+            verify(local_step, json.loads((local_step / MARKER).read_bytes()), folder.step_url(step))
+        except CheckpointError as e:
+            error = str(e)
+    _agree(error)
+    # Verified above: DeepSpeed's loader unpickles these files (not weights_only).
     path, _ = engine.load_checkpoint(
         str(folder.local), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {folder.step_url(step)}")
-    client_file = folder.local / tag / _client_name(rank)
+    client_file = local_step / _client_name(rank)
     if not client_file.exists():
         raise RuntimeError(
             f"{folder.step_url(step)} has no {client_file.name}: it was written by a "
             "run with fewer ranks; resume with the same number of processes"
         )
-    client = torch.load(client_file, weights_only=True)
+    client = read_client_state(client_file)
     _barrier()
     if folder.remote and local_rank == 0:
-        shutil.rmtree(folder.local / tag, ignore_errors=True)
+        shutil.rmtree(local_step, ignore_errors=True)
     return client
 
 

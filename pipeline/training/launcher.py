@@ -183,7 +183,7 @@ def launch(
     """Validate, run training to the end (or resume it), and say where the results are.
     `task` ("module:function", (cfg) -> trainer.Task) trains something other than the MFM
     pretext, e.g. "pipeline.finetune:task"."""
-    from pipeline.training.trainer import EXIT_NON_FINITE, encode_config, import_function
+    from pipeline.training.trainer import EXIT_CHECKPOINT, EXIT_NON_FINITE, encode_config, import_function
 
     hosts = parse_hostfile(hostfile) if hostfile else None
     world = sum(hosts.values()) if hosts else cfg.train.nprocs
@@ -217,6 +217,8 @@ def launch(
             "training stopped on a non-finite loss (see the log above); the last good "
             f"checkpoint in {cfg.train.run_dir} is kept",
         )
+    if code == EXIT_CHECKPOINT:
+        raise LaunchError(code, f"the checkpoint to resume from in {cfg.train.run_dir} was refused (see the log above)")
     if code:
         raise LaunchError(
             code,

@@ -31,6 +31,7 @@ from pipeline.training.optim import BatchPlan, batch_plan, build_optimizer, buil
 
 log = logging.getLogger("mfm.train")
 EXIT_NON_FINITE = 3
+EXIT_CHECKPOINT = 4  # the checkpoint to resume from was refused (damaged, altered, unsafe)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -498,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log.error("%s", e)
         return 2
+    except ckpt.CheckpointError as e:
+        if rank == 0:
+            log.error("%s", e)
+        return EXIT_CHECKPOINT
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
