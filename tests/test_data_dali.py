@@ -152,24 +152,26 @@ def test_dali_views_match_pillow():
         assert (got - want.flip(-1)).abs().mean() > 10 / 255  # a wrong flip would show
 
 
-def test_dali_failure_comes_after_the_batches_before_it(tmp_path, monkeypatch):
-    """A DALI failure reaches the consumer after every batch before it, naming the batch."""
+def _failing(monkeypatch, fail_on: set[int]):
+    """build_pipeline replaced by one that runs the real BatchSource and returns what the graph
+    would (zero views), failing on the runs (counted over every pipeline built) in `fail_on`."""
     import numpy as np
     from nvidia.dali.tensors import TensorListCPU
 
     from pipeline.data import dali_backend
 
-    class FailingPipeline:
-        """Runs the real BatchSource, returns what the graph would (zero views), fails on run 4."""
+    runs, built = [0], []
 
+    class FailingPipeline:
         def __init__(self, source, batch_size, size):
-            self.source, self.shape, self.runs = source, (batch_size, 3, size, size), 0
+            self.source, self.shape, self.i = source, (batch_size, 3, size, size), 0
 
         def run(self):
-            _, _, _, _, seeds, ids, notes = self.source(self.runs)
-            self.runs += 1
-            if self.runs == 4:
+            runs[0] += 1
+            if runs[0] in fail_on:
                 raise RuntimeError("decoder exploded")
+            _, _, _, _, seeds, ids, notes = self.source(self.i)
+            self.i += 1
             return (
                 TensorListCPU(np.zeros(self.shape, np.float32)),
                 TensorListCPU(np.stack(seeds)),
@@ -177,16 +179,68 @@ def test_dali_failure_comes_after_the_batches_before_it(tmp_path, monkeypatch):
                 TensorListCPU(list(notes)),
             )
 
-    monkeypatch.setattr(
-        dali_backend, "build_pipeline", lambda cfg, bs, source, **kw: FailingPipeline(source, bs, cfg.model.img_size)
-    )
+        def reset(self):
+            pass
+
+    def build(cfg, bs, source, **kw):
+        built.append(source.start)
+        return FailingPipeline(source, bs, cfg.model.img_size)
+
+    monkeypatch.setattr(dali_backend, "build_pipeline", build)
+    return built
+
+
+def test_dali_failure_decodes_that_batch_with_pillow_and_goes_on(tmp_path, monkeypatch):
+    """DALI failing on one batch does not stop the epoch: that batch comes from the torch
+    backend's path (the same samples, views and corruption), then a new pipeline goes on."""
     url = str(tmp_path / "train")
     write_split(url, [4, 4, 4], size=(40, 30))
+    cfg = make_cfg(url, "data.workers=2")
+    _, ref = run(cfg, "torch", micro_batch=2)
+    built = _failing(monkeypatch, {4})
+    loader, got = run(cfg, "dali", micro_batch=2)
+    assert [i for i, _ in got] == [i for i, _ in ref] and len(got) == 6
+    assert built == [0, 4]  # the first pipeline, and one from the batch after the failure
+    torch.testing.assert_close(got[3][1].encoder_input, ref[3][1].encoder_input, rtol=0, atol=1e-6)
+    assert torch.equal(got[3][1].target, ref[3][1].target) and torch.equal(got[3][1].keep, ref[3][1].keep)
+    assert not torch.equal(got[2][1].target, ref[2][1].target)  # the stand-in pipeline's batches differ
+
+
+def test_dali_failing_twice_in_a_row_stops_after_the_batches_before_it(tmp_path, monkeypatch):
+    """A pipeline that fails again at once is not a bad sample: the error reaches the consumer
+    after every batch before it, naming the batches."""
+    url = str(tmp_path / "train")
+    write_split(url, [4, 4, 4], size=(40, 30))
+    _failing(monkeypatch, {4, 5})
     loader = build_train_loader(
         make_cfg(url, "data.workers=2"), rank=0, world_size=1, micro_batch=2, device="cpu", backend="dali"
     )
     got = []
-    with pytest.raises(RuntimeError, match="DALI failed on batch 3"):
+    with pytest.raises(RuntimeError, match="DALI failed on batches 3 and 4"):
         for _ in loader:
             got.append(loader.batches_left)
-    assert got == [5, 4, 3]
+    assert got == [5, 4, 3, 2]
+
+
+def test_dali_pipeline_lives_across_epochs(tmp_path, monkeypatch):
+    """The next epoch runs on the same pipeline and workers (DALI's next epoch, its plan computed
+    in the workers) and gives what a loader resumed at that epoch gives, bit for bit."""
+    from pipeline.data import dali_backend
+
+    url = str(tmp_path / "train")
+    write_split(url, [4, 4, 4], size=(40, 30))
+    cfg = make_cfg(url, "data.workers=2")
+    real, built = dali_backend.build_pipeline, []
+    monkeypatch.setattr(dali_backend, "build_pipeline", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    loader = build_train_loader(cfg, rank=0, world_size=1, micro_batch=3, device="cpu", backend="dali")
+    first = [(loader.last_ids, b) for b in loader]
+    state = loader.state_dict()
+    second = [(loader.last_ids, b) for b in loader]
+    assert len(built) == 1 and len(first) == len(second) == 4
+    assert [i for i, _ in first] != [i for i, _ in second]  # a new epoch, a new order
+    fresh = build_train_loader(cfg, rank=0, world_size=1, micro_batch=3, device="cpu", backend="dali")
+    fresh.load_state_dict(state)
+    want = [(fresh.last_ids, b) for b in fresh]
+    assert [i for i, _ in want] == [i for i, _ in second]
+    for (_, x), (_, y) in zip(want, second):
+        assert torch.equal(x.encoder_input, y.encoder_input) and torch.equal(x.target, y.target)

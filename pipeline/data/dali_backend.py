@@ -18,6 +18,7 @@ so it overlaps the training step; the consumer's stream waits on an event, never
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,42 +29,77 @@ import torch
 from pipeline.config import Config
 from pipeline.data.augment import corrupt_samples
 from pipeline.data.reading import raw_batches
+from pipeline.data.sampling import Layout, SamplerState, Segment, rank_plan
 from pipeline.data.shards import SampleReader, Split
 
 # what BatchSource returns per sample, in order: encoded bytes, crop anchor (x, y), crop shape
 # (w, h), flip, corruption seed, sample id, and the batch's skip messages (on its first sample)
+log = logging.getLogger(__name__)
 OUTPUTS = ("encoded", "anchor", "shape", "flip", "seed", "id", "skipped")
+
+
+@dataclass(frozen=True)
+class LaterEpochs:
+    """The rank's plan of a later epoch (a fresh one on `layout`), computed where it is needed:
+    in each DALI worker process, once per epoch."""
+
+    counts: tuple[int, ...]
+    seed: int
+    layout: Layout
+    rank: int
+    shuffle_buffer: int
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        state = SamplerState(seed=self.seed, epoch=epoch, segments=[Segment(self.layout)])
+        return rank_plan(list(self.counts), state, self.rank, shuffle_buffer=self.shuffle_buffer)
 
 
 @dataclass
 class BatchSource:
-    """DALI's parallel external_source callable: call i -> batch start + i of `plan` as per-sample
-    lists; StopIteration past the plan's end. Stateless across calls, so any worker process can
-    take any batch; each batch is read by offset through the shards' .idx (sequential scans for
-    a shard without one)."""
+    """DALI's parallel external_source callable: (DALI epoch k, iteration i) -> batch start + i of
+    epoch `epoch + k` as per-sample lists; StopIteration past the plan's end. DALI epoch 0 is
+    `plan` from `start` (a resumed epoch may be on an earlier layout's remainder), later ones
+    `later(epoch + k)` from 0. Stateless across calls but for a cache of the epoch's plan, so any
+    worker process can take any batch; each batch is read by offset through the shards' .idx
+    (sequential scans for a shard without one) and header-checked before DALI sees it."""
 
     split: Split
     cfg: Config
     plan: np.ndarray
     start: int
     epoch: int
+    later: LaterEpochs | None = None
 
-    def __call__(self, i: int) -> tuple[list, ...]:
-        j = self.start + i
-        if j >= len(self.plan):
-            raise StopIteration
+    def plan_of(self, k: int) -> tuple[np.ndarray, int]:
+        if k == 0:
+            return self.plan, self.start
+        if getattr(self, "_cached", (None,))[0] != k:
+            self._cached = (k, self.later(self.epoch + k))
+        return self._cached[1], 0
+
+    def raw(self, k: int, j: int):
+        """Batch j of DALI epoch k, read and header-checked (reading.RawBatch)."""
+        plan, _ = self.plan_of(k)
         d = self.cfg.data
         reader = SampleReader(self.split, self.cfg.storage, prefetch=0, cache_dir=d.cache_dir)
         (raw,) = raw_batches(
             self.split,
-            self.plan,
+            plan,
             range(j, j + 1),
             reader,
             seed=self.cfg.train.seed,
-            epoch=self.epoch,
+            epoch=self.epoch + k,
             scale=tuple(d.crop_scale),
             max_pixels=d.max_pixels,
         )
+        return raw
+
+    def __call__(self, info) -> tuple[list, ...]:
+        k, i = (info.epoch_idx, info.iteration) if hasattr(info, "epoch_idx") else (0, info)
+        plan, start = self.plan_of(k)
+        if start + i >= len(plan):
+            raise StopIteration
+        raw = self.raw(k, start + i)
         note = "\n".join(raw.skipped).encode()
         return (
             [np.frombuffer(b, dtype=np.uint8) for b in raw.data],
@@ -72,7 +108,7 @@ class BatchSource:
             [np.array(int(q.flip), np.int32) for q in raw.params],
             [np.array(q.corruption_seed, np.int64) for q in raw.params],
             [np.array(g, np.int64) for g in raw.ids],
-            [np.frombuffer(note if k == 0 else b"", dtype=np.uint8) for k in range(len(raw.ids))],
+            [np.frombuffer(note if n == 0 else b"", dtype=np.uint8) for n in range(len(raw.ids))],
         )
 
 
@@ -132,6 +168,7 @@ def build_pipeline(cfg: Config, batch_size: int, source, *, workers: int, device
             source=source,
             num_outputs=len(OUTPUTS),
             batch=True,
+            batch_info=True,
             parallel=True,
             # batches read ahead by the workers: enough to keep them all busy
             prefetch_queue_depth=max(2, workers),
@@ -213,44 +250,97 @@ def _column(tl) -> list[int]:
     return [int(np.asarray(tl[k])) for k in range(len(tl))]
 
 
-def iterate(
-    split: Split, cfg: Config, plan, start: int, readers: int, epoch: int, *, device: torch.device
-) -> Iterator[dict]:
-    """Batches start.. of the plan, each corrupted as it is handed over; on a GPU the next
-    batch's corruption is queued before this one is yielded (it runs during the training step)."""
-    if start >= len(plan):
-        return
-    source = BatchSource(split, cfg, plan, start, epoch)
-    p = build_pipeline(cfg, plan.shape[1], source, workers=readers, device=device)
-    corruption = Corruption(cfg, device, readers)
-    ahead = 1 if device.type == "cuda" else 0
-    pending: list[dict] = []
-    try:
+class Runner:
+    """A built pipeline and the (epoch, batch) its next run returns. The loader keeps it across
+    epochs: the next epoch continues on the same worker processes (DALI's epoch k + 1, after a
+    reset), so neither the pipeline nor its workers are started again. A consumer that stops
+    mid-epoch leaves it elsewhere than the loader's state: the loader then builds a new one."""
+
+    def __init__(self, source: BatchSource, cfg: Config, *, workers: int, device: torch.device):
+        self.cfg, self.workers, self.device = cfg, workers, device
+        self.corruption = Corruption(cfg, device, workers)
+        self.failed = False  # whether DALI failed on the batch before
+        self._build(source)
+
+    def _build(self, source: BatchSource) -> None:
+        self.source = source
+        self.pipe = build_pipeline(self.cfg, source.plan.shape[1], source, workers=self.workers, device=self.device)
+        self.k, self.next = 0, source.start  # DALI epoch, next batch of it
+
+    def expects(self, epoch: int, start: int) -> bool:
+        return self.source.epoch + self.k == epoch and self.next == start
+
+    def close(self) -> None:
+        self.pipe = None
+
+    def _run(self, j: int):
+        """The pipeline's outputs for batch j, or None when DALI failed on it."""
+        try:
+            out = self.pipe.run()
+        except StopIteration:
+            raise RuntimeError(f"{self.source.split.url}: DALI stopped before batch {j}") from None
+        except RuntimeError as e:
+            url = self.source.split.url
+            if self.failed:  # a fresh pipeline failing at once: not one bad sample, the pipeline
+                raise RuntimeError(f"{url}: DALI failed on batches {j - 1} and {j}: {e}") from e
+            log.warning("%s: DALI failed on batch %d (%s); decoding it with Pillow", url, j, e)
+            self.failed = True
+            return None
+        self.next, self.failed = j + 1, False
+        return out
+
+    def _fallback(self, plan, j: int) -> dict:
+        """Batch j through the torch backend's path (Pillow decodes, each sample that fails is
+        skipped and counted); the pipeline is rebuilt after a failure, at the next batch."""
+        from pipeline.data.torch_backend import PretextBatches
+
+        raw = self.source.raw(self.k, j)
+        out = PretextBatches(self.cfg)(raw)
+        views = out["views"].to(self.device, non_blocking=True).float().div_(255)
+        return {"index": j, "skipped": raw.skipped, "ids": torch.tensor(raw.ids), "views": views, "seeds": raw.params}
+
+    def batches(self, plan: np.ndarray, epoch: int, start: int) -> Iterator[dict]:
+        """Batches start.. of `plan` (epoch `epoch`), each corrupted as it is handed over; on a
+        GPU the next batch's corruption is queued before this one is yielded (it runs during the
+        training step)."""
+        url = self.source.split.url
+        ahead = 1 if self.device.type == "cuda" else 0
+        pending: list[dict] = []
         for j in range(start, len(plan) + ahead):
             if j < len(plan):
-                try:
-                    out, seeds, ids, notes = p.run()
-                except StopIteration:
-                    raise RuntimeError(f"{split.url}: DALI stopped before batch {j}") from None
-                except RuntimeError as e:
-                    raise RuntimeError(
-                        f"{split.url}: DALI failed on batch {j} (sample ids {plan[j].tolist()}): {e}"
-                    ) from e
-                ids = _column(ids)
-                if ids != plan[j].tolist():  # DALI hands batches back in call order: a guard, not a sort
-                    raise RuntimeError(f"{split.url}: DALI returned samples {ids} for batch {j}")
-                note = bytes(np.asarray(notes[0])).decode()
-                pending.append(
-                    {
+                out = self._run(j)
+                if out is None:
+                    b = self._fallback(plan, j)
+                    seeds = [q.corruption_seed for q in b.pop("seeds")]
+                    self.close()  # a failed pipeline is not run again
+                    b["corrupted"] = self.corruption.submit(b.pop("views"), seeds)
+                else:
+                    views, seeds, ids, notes = out
+                    ids = _column(ids)
+                    if ids != plan[j].tolist():  # DALI hands batches back in call order: a guard
+                        raise RuntimeError(f"{url}: DALI returned samples {ids} for batch {j}")
+                    note = bytes(np.asarray(notes[0])).decode()
+                    b = {
                         "index": j,
                         "skipped": note.split("\n") if note else [],
                         "ids": torch.tensor(ids),
-                        "corrupted": corruption.submit(_to_torch(out, device), _column(seeds)),
+                        "corrupted": self.corruption.submit(_to_torch(views, self.device), _column(seeds)),
                     }
-                )
+                pending.append(b)
             if len(pending) > ahead:
                 b = pending.pop(0)
-                enc, target, keep = corruption.take(b.pop("corrupted"))
+                enc, target, keep = self.corruption.take(b.pop("corrupted"))
                 yield {**b, "encoder_input": enc, "target": target, "keep": keep}
-    finally:
-        del p
+            if self.pipe is None:
+                if j + 1 < len(plan):
+                    # the rest of the epoch on a fresh pipeline, from batch j + 1
+                    src = self.source
+                    self._build(BatchSource(src.split, src.cfg, plan, j + 1, epoch, src.later))
+        # the epoch is over: DALI's next run reports it, and a reset starts the next one
+        if self.pipe is not None and self.next == len(plan):
+            try:
+                self.pipe.run()
+                raise RuntimeError(f"{url}: DALI ran past the end of epoch {epoch}")
+            except StopIteration:
+                self.pipe.reset()
+                self.k, self.next = self.k + 1, 0

@@ -84,6 +84,7 @@ class TrainLoader:
         self.skipped = 0
         self.skipped_keys: list[str] = []
         self.last_ids: list[int] = []  # sample ids (manifest order) of the latest batch, for logs and tests
+        self._dali = None  # the DALI pipeline, kept across epochs (dali_backend.Runner)
 
     @property
     def epoch(self) -> int:
@@ -146,9 +147,14 @@ class TrainLoader:
         if self.backend == "dali":
             from pipeline.data import dali_backend
 
-            return dali_backend.iterate(
-                self.split, self.cfg, plan, start, self.layout.workers, self.epoch, device=self.device
-            )
+            if self._dali is None or not self._dali.expects(self.epoch, start):
+                later = dali_backend.LaterEpochs(
+                    tuple(self.split.counts), self.state.seed, self.layout, self.rank, self.cfg.data.shuffle_buffer
+                )
+                source = dali_backend.BatchSource(self.split, self.cfg, plan, start, self.epoch, later)
+                self._dali = None  # the old pipeline and its workers go before new ones start
+                self._dali = dali_backend.Runner(source, self.cfg, workers=self.layout.workers, device=self.device)
+            return self._dali.batches(plan, self.epoch, start)
         make = self.make or torch_backend.PretextBatches(self.cfg)
         return torch_backend.iterate(
             self.split,
