@@ -297,3 +297,225 @@ def test_loaders_skip_and_count_a_huge_header(tmp_path, monkeypatch, backend):
     loader = build_train_loader(cfg, rank=0, world_size=1, micro_batch=3, device="cpu", backend="torch")
     with pytest.raises(ValueError, match="every sample of batch"):
         list(loader)
+
+
+# --- source trees: special files, links, names, archives, dest inside the source ----------------
+
+
+def _tree(root, layout: dict[str, dict[str, int]]) -> str:
+    """<root>/<split>/<class>/<class>_<i>.JPEG, small real JPEGs."""
+    from test_data_shards import jpeg
+
+    for split, classes in layout.items():
+        for c, n in classes.items():
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for i in range(n):
+                with open(os.path.join(root, split, c, f"{c}_{split}{i}.JPEG"), "wb") as f:
+                    f.write(jpeg(i))
+    return str(root)
+
+
+def _reasons(rejected) -> dict[str, str]:
+    return {r["file"]: r["reason"] for r in rejected}
+
+
+def test_special_files_in_a_folder_source_are_listed_not_read(tmp_path):
+    from pipeline.sharding import shard_dataset
+    from pipeline.sharding.sources import list_split
+
+    src = _tree(tmp_path / "src", {"train": {"n01": 3, "n02": 3}, "val": {"n01": 1, "n02": 1}})
+    c = os.path.join(src, "train", "n01")
+    os.symlink("/dev/zero", os.path.join(c, "zero.JPEG"))  # read as an image: until MemoryError
+    os.mkfifo(os.path.join(c, "pipe.JPEG"))  # read as an image: hangs forever
+    outside = tmp_path / "secret.JPEG"
+    outside.write_bytes(b"not yours")
+    os.symlink(str(outside), os.path.join(c, "link.JPEG"))  # a file outside the source
+    os.symlink("loop.JPEG", os.path.join(c, "loop.JPEG"))
+    os.symlink(str(tmp_path), os.path.join(c, "updir"))  # a folder outside the source
+    listing = list_split(src, "train")
+    reasons = _reasons(listing.rejected)
+    assert {e.file for e in listing.entries} == {f"n0{k}/n0{k}_train{i}.JPEG" for k in (1, 2) for i in range(3)}
+    for name in ("zero.JPEG", "link.JPEG", "loop.JPEG", "updir"):
+        assert "symbolic link" in reasons[f"n01/{name}"]
+    assert "FIFO" in reasons["n01/pipe.JPEG"]
+    m = shard_dataset(src, str(tmp_path / "out"), splits="train")["train"]
+    assert m["num_samples"] == 6 and len(m["rejected"]) == 5
+
+
+def test_read_entry_refuses_what_is_not_a_regular_file(tmp_path):
+    """Swapped after listing: a FIFO or a link where a regular file was must not hang or be followed."""
+    import threading
+
+    from pipeline.sharding.sources import Entry, read_entry
+
+    fifo = str(tmp_path / "fifo.JPEG")
+    os.mkfifo(fifo)
+    real = tmp_path / "real.JPEG"
+    real.write_bytes(b"x" * 10)
+    link = str(tmp_path / "link.JPEG")
+    os.symlink(str(real), link)
+    for path in (fifo, link):
+        out = {}
+
+        def read(path=path, out=out):
+            try:
+                out["data"] = read_entry(Entry("k", "f", "n01", 10, path))
+            except OSError as e:
+                out["error"] = e
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), f"reading {path} hangs"
+        assert "error" in out and path in str(out["error"])
+
+
+def _ilsvrc_member(tf, name, data=None, kind=None, target=None):
+    import io
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.mtime, info.mode = 0, 0o644
+    if kind is not None:
+        info.type, info.linkname = kind, target
+        tf.addfile(info)
+    else:
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+
+
+def test_links_inside_ilsvrc_tars_are_listed(tmp_path):
+    import io
+    import tarfile
+
+    from test_data_shards import jpeg
+
+    from pipeline.sharding.sources import list_split
+
+    src = tmp_path / "ilsvrc"
+    src.mkdir()
+    with tarfile.open(src / "ILSVRC2012_img_val.tar", "w", format=tarfile.GNU_FORMAT) as tf:
+        _ilsvrc_member(tf, "ILSVRC2012_val_00000001.JPEG", jpeg(1))
+        _ilsvrc_member(tf, "ILSVRC2012_val_00000002.JPEG", kind=tarfile.SYMTYPE, target="/dev/zero")
+        _ilsvrc_member(tf, "ILSVRC2012_val_00000003.JPEG", kind=tarfile.LNKTYPE, target="ILSVRC2012_val_00000001.JPEG")
+        _ilsvrc_member(tf, "ILSVRC2012_val_00000004.JPEG", kind=tarfile.FIFOTYPE, target="")
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        _ilsvrc_member(tf, "n01_1.JPEG", jpeg(2))
+        _ilsvrc_member(tf, "n01_2.JPEG", kind=tarfile.SYMTYPE, target="../../etc/passwd")
+    with tarfile.open(src / "ILSVRC2012_img_train.tar", "w", format=tarfile.GNU_FORMAT) as tf:
+        _ilsvrc_member(tf, "n01.tar", inner.getvalue())
+        _ilsvrc_member(tf, "n02.tar", kind=tarfile.SYMTYPE, target="/etc/passwd")
+    (src / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\n" + "".join(f"ILSVRC2012_val_0000000{i},n01 0 0 1 1\n" for i in range(1, 5))
+    )
+    val = list_split(str(src), "val")
+    assert [e.file for e in val.entries] == ["ILSVRC2012_val_00000001.JPEG"]
+    reasons = _reasons(val.rejected)
+    assert "symbolic link" in reasons["ILSVRC2012_val_00000002.JPEG"]
+    assert "hard link" in reasons["ILSVRC2012_val_00000003.JPEG"]
+    assert "FIFO" in reasons["ILSVRC2012_val_00000004.JPEG"]
+    train = list_split(str(src), "train")
+    assert [e.file for e in train.entries] == ["n01/n01_1.JPEG"]
+    reasons = _reasons(train.rejected)
+    assert "symbolic link" in reasons["n01/n01_2.JPEG"] and "symbolic link" in reasons["n02.tar"]
+
+
+@pytest.mark.parametrize("inside", ["shards", "train/shards", "."])
+def test_dest_inside_the_source_is_refused(tmp_path, inside, capsys):
+    from pipeline.cli import main
+    from pipeline.sharding import ShardingError, shard_dataset
+
+    src = _tree(tmp_path / "src", {"train": {"n01": 2, "n02": 2}, "val": {"n01": 1, "n02": 1}})
+    dest = os.path.normpath(os.path.join(src, inside))
+    with pytest.raises(ShardingError, match="inside the source"):
+        shard_dataset(src, dest)
+    assert main(["shard", "--source", src, "--dest", dest, "--no-progress"]) == 2
+    assert "inside the source" in capsys.readouterr().err
+    assert sorted(os.listdir(src)) == ["train", "val"]  # nothing written into it
+
+
+def test_class_tables_that_would_differ_between_splits_are_refused(tmp_path):
+    from pipeline.sharding import ShardingError, read_manifest, shard_dataset
+
+    src = _tree(tmp_path / "src", {"train": {"n01": 2, "n03": 2}, "val": {"n01": 1, "n03": 1}})
+    dest = str(tmp_path / "out")
+    shard_dataset(src, dest, splits="train")
+    _tree(src, {"val": {"n02": 1}})  # a class appears after train was sharded: n03 would move in val
+    with pytest.raises(ShardingError, match=r"class table would differ from split 'train'.*1: n02 here, n03"):
+        shard_dataset(src, dest, splits="val")
+    assert not os.path.exists(os.path.join(dest, "val", "manifest.json"))
+    shard_dataset(src, str(tmp_path / "fresh"))  # sharded together, the tables agree
+    t, v = (read_manifest(os.path.join(tmp_path, "fresh", s)) for s in ("train", "val"))
+    assert t["classes"] == v["classes"] and [c["wnid"] for c in t["classes"]] == ["n01", "n02", "n03"]
+
+
+def test_names_that_are_not_utf8_are_rejected_and_the_split_goes_on(tmp_path):
+    import tarfile
+
+    from test_data_shards import jpeg
+
+    from pipeline.sharding import shard_dataset
+
+    src = _tree(tmp_path / "src", {"train": {"n01": 2, "n02": 2}, "val": {"n01": 1, "n02": 1}})
+    with open(os.path.join(os.fsencode(src), b"train", b"n01", b"caf\xe9.JPEG"), "wb") as f:
+        f.write(jpeg(9))
+    os.makedirs(os.path.join(os.fsencode(src), b"train", b"n\xff3"))
+    with open(os.path.join(os.fsencode(src), b"train", b"n\xff3", b"a.JPEG"), "wb") as f:
+        f.write(jpeg(9))
+    m = shard_dataset(src, str(tmp_path / "out"), splits="train")["train"]
+    assert m["num_samples"] == 4
+    reasons = _reasons(m["rejected"])
+    assert reasons == {"n01/caf\\xe9.JPEG": "name is not valid UTF-8", "n\\xff3": "name is not valid UTF-8"}
+    json.dumps(m, ensure_ascii=False).encode()  # the manifest itself is valid UTF-8
+    # the same inside an archive
+    ils = tmp_path / "ilsvrc"
+    ils.mkdir()
+    with tarfile.open(ils / "ILSVRC2012_img_val.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+        _ilsvrc_member(tf, "ILSVRC2012_val_00000001.JPEG", jpeg(1))
+        _ilsvrc_member(tf, "ILSVRC2012_val_0000000\xe9.JPEG", jpeg(2))
+    (ils / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01 0 0 1 1\n")
+    m = shard_dataset(str(ils), str(tmp_path / "out2"), splits="val")["val"]
+    assert m["num_samples"] == 1 and _reasons(m["rejected"]) == {
+        "ILSVRC2012_val_0000000\\xe9.JPEG": "name is not valid UTF-8"
+    }
+
+
+def test_class_folder_symlink_loop_is_listed_not_a_traceback(tmp_path):
+    from pipeline.sharding import shard_dataset
+
+    src = _tree(tmp_path / "src", {"train": {"n01": 2, "n02": 2}, "val": {"n01": 1, "n02": 1}})
+    os.symlink("n03", os.path.join(src, "train", "n03"))
+    os.symlink(".", os.path.join(src, "train", "n04"))
+    m = shard_dataset(src, str(tmp_path / "out"), splits="train")["train"]
+    assert m["num_samples"] == 4 and [c["wnid"] for c in m["classes"]] == ["n01", "n02"]
+    reasons = _reasons(m["rejected"])
+    assert "symbolic link" in reasons["n03"] and "symbolic link" in reasons["n04"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-a-tar", "empty"])
+def test_a_damaged_val_archive_is_named(tmp_path, damage, capsys):
+    import tarfile
+
+    from test_data_shards import jpeg
+
+    from pipeline.cli import main
+    from pipeline.sharding import SourceError, shard_dataset
+
+    src = tmp_path / "ilsvrc"
+    src.mkdir()
+    tar = src / "ILSVRC2012_img_val.tar"
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as tf:
+        for i in range(1, 4):
+            _ilsvrc_member(tf, f"ILSVRC2012_val_0000000{i}.JPEG", jpeg(i, 64))
+    (src / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\n" + "".join(f"ILSVRC2012_val_0000000{i},n01 0 0 1 1\n" for i in range(1, 4))
+    )
+    data = tar.read_bytes()
+    tar.write_bytes(
+        {"truncated": data[: len(data) // 2 + 100], "not-a-tar": b"<html>403</html>" * 100, "empty": b""}[damage]
+    )
+    with pytest.raises(SourceError, match="ILSVRC2012_img_val.tar"):
+        shard_dataset(str(src), str(tmp_path / "out"))
+    assert main(["shard", "--source", str(src), "--dest", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "ILSVRC2012_img_val.tar" in capsys.readouterr().err

@@ -69,6 +69,7 @@ def shard_dataset(
         raise ValueError(f"max_side={max_side}: must be a positive number of pixels")
     if max_pixels is not None and max_pixels <= 0:
         raise ValueError(f"max_pixels={max_pixels}: must be a positive number of pixels")
+    _refuse_dest_inside_source(source, dest)
     if isinstance(splits, str):
         splits = [s for s in splits.split(",") if s]
     splits = splits or [s for s in available_splits(source) if s in ("train", "val")] or available_splits(source)
@@ -77,15 +78,54 @@ def shard_dataset(
     options = {"seed": seed, "shard_size_mb": shard_size_mb, "max_side": max_side, "validation": validation}
     if max_pixels != MAX_PIXELS:  # recorded only when set: splits sharded before the option stay current
         options["max_pixels"] = max_pixels
+    tables: dict[str, list[dict]] = {}  # split -> class table, of this run's and dest's other splits
+    for other in available_splits(source):
+        if other not in splits and st.exists(st.join(dest, other, mf.MANIFEST), storage):
+            tables[other] = mf.read_manifest(st.join(dest, other), storage)["classes"]
     return {
-        split: _shard_split(source, st.join(dest, split), split, options, max(1, workers), storage, progress, rebuild)
+        split: _shard_split(
+            source, st.join(dest, split), split, options, max(1, workers), storage, progress, rebuild, tables
+        )
         for split in splits
     }
 
 
-def _shard_split(source, split_url, split, options, workers, cfg, progress, rebuild=False) -> dict:
+def _refuse_dest_inside_source(source: str, dest: str) -> None:
+    """The shards of a dest inside the source would be listed as a split (or class) of it."""
+    if not st.is_local(dest):
+        return
+    src = os.path.realpath(source)
+    out = os.path.realpath(dest.removeprefix("file://"))
+    if out == src or out.startswith(src.rstrip(os.sep) + os.sep):
+        raise ShardingError(
+            f"--dest {dest} is inside the source {source}: its shards would be read as part of the source "
+            "by the next split or run; choose a --dest outside the source"
+        )
+
+
+def _check_class_table(split: str, classes: list[dict], tables: dict[str, list[dict]]) -> None:
+    """The splits of a dest must agree on every class index they share, or a label means one
+    class in train and another in val. (A split may hold classes past the end of another's
+    table: a grown split appends new classes, see revisions.extend_classes.)"""
+    ours = {c["index"]: c["wnid"] for c in classes}
+    for other, table in tables.items():
+        theirs = {c.get("index"): c.get("wnid") for c in table}
+        clash = sorted(i for i in ours.keys() & theirs.keys() if ours[i] != theirs[i])
+        moved = sorted(set(ours.values()) & set(theirs.values()) - {ours[i] for i in ours if theirs.get(i) == ours[i]})
+        if clash or moved:
+            shown = ", ".join(f"{i}: {ours[i]} here, {theirs[i]} in {other!r}" for i in clash[:5])
+            raise ShardingError(
+                f"split {split!r}: its class table would differ from split {other!r}'s in the same dest "
+                f"(index {shown or 'of ' + ', '.join(moved[:5])}); the class indices of the splits must agree: "
+                "make the class folders the same in every split (a class may be empty), "
+                "or shard all splits into a new --dest"
+            )
+
+
+def _shard_split(source, split_url, split, options, workers, cfg, progress, rebuild=False, tables=None) -> dict:
     log = run_logger()
     listing = list_split(source, split)
+    tables = {} if tables is None else tables
     src = {"kind": listing.kind, "path": source, "fingerprint": listing.fingerprint}
     manifest_url = st.join(split_url, mf.MANIFEST)
     current = st.read_versioned(manifest_url, cfg)
@@ -104,6 +144,7 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress, rebu
                 len(old["shards"]),
                 old.get("revision", 1),
             )
+            tables[split] = old["classes"]
             return old
         if not old.get("revisions"):
             raise ShardingError(
@@ -112,6 +153,8 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress, rebu
             )
     revision = 1 + (old.get("revision", 1) if old else 0)
     growth, classes, entries = _growth(split_url, old, listing, rebuild, cfg, log)
+    _check_class_table(split, classes, tables)
+    tables[split] = classes
     start = (old.get("next_shard", len(old["shards"])) if old else 0) if revision > 1 else 0
     _remove_stale_temporaries(split_url, cfg)
     # The tool version is part of each shard's plan digest: a newer writer never reuses older shards.

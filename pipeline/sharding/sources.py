@@ -4,6 +4,10 @@ Listing yields one `Entry` per image with where its bytes live: a file, or a byt
 inside ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar. The archives are read as
 streams (tarfile 'r|'), nested per-class tars included, and never extracted: the listing
 records each member's offset, and workers later read just that range.
+
+A source may sit on storage others write, so listing reads only what it can trust: real
+folders and regular files (regular members inside the archives). Links, FIFOs, devices and
+names that are not UTF-8 are never opened; each is listed in `rejected` with the reason.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import tarfile
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -118,9 +123,13 @@ def read_entry(e: Entry, handles: dict | None = None) -> bytes:
     """The source bytes of one entry; `handles` caches open archive files per worker."""
     if e.offset is None:
         # os.read with the listed size: no buffered file object per image (a third of the cost
-        # of a small file); the loop still reads a file that grew since it was listed.
-        fd = os.open(e.path, os.O_RDONLY)
+        # of a small file); the loop still reads a file that grew since it was listed. Opened
+        # without following a link or blocking on a FIFO, and checked to be a regular file: what
+        # was listed may have been swapped since.
+        fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{e.path}: not a regular file")
             data = os.read(fd, e.size + 1)
             if len(data) > e.size:  # the file grew since it was listed: read it to the end
                 chunks = [data]
@@ -149,50 +158,128 @@ def class_table(wnids, names: dict[str, str] | None = None) -> list[dict]:
 # --- ImageFolder ---------------------------------------------------------------------------
 
 
+NOT_UTF8 = "name is not valid UTF-8"
+
+
+def shown(name: str) -> str:
+    """A name as it can be written into JSON and logs: undecodable bytes as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def utf8(name: str) -> bool:
+    """Whether a name (os.fsdecode'd: surrogate escapes for undecodable bytes) is valid UTF-8."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _kind(d: os.DirEntry) -> str | None:
+    """None for a real folder or a regular file, else what it is (never following a link)."""
+    if d.is_symlink():
+        return "a symbolic link"
+    if d.is_file(follow_symlinks=False) or d.is_dir(follow_symlinks=False):  # d_type: no system call
+        return None
+    try:
+        mode = d.stat(follow_symlinks=False).st_mode
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _not_read(kind: str) -> str:
+    return f"{kind}; only regular files and folders are read"
+
+
+def _real_dirs(path: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return sorted((d for d in it if d.is_dir(follow_symlinks=False)), key=lambda d: d.name)
+    except OSError:
+        return []
+
+
 def _folder_splits(source: str) -> list[str]:
+    return [d.name for d in _real_dirs(source) if not d.name.startswith(".") and _real_dirs(d.path)]
+
+
+def _class_dirs(split_dir: str, rejected: list[dict] | None = None) -> list[str]:
+    """The class folders of a split: real folders with UTF-8 names. Links (a loop included) and
+    other entries that are not regular files go to `rejected`; regular files here are ignored."""
     out = []
-    for d in sorted(os.scandir(source), key=lambda d: d.name):
-        if d.is_dir() and not d.name.startswith(".") and any(c.is_dir() for c in os.scandir(d.path)):
-            out.append(d.name)
+    with os.scandir(split_dir) as it:
+        for d in sorted(it, key=lambda d: d.name):
+            if d.name.startswith("."):
+                continue
+            kind = _kind(d)
+            if kind is None and d.is_dir(follow_symlinks=False):
+                if utf8(d.name):
+                    out.append(d.name)
+                elif rejected is not None:
+                    rejected.append({"file": shown(d.name), "reason": NOT_UTF8})
+            elif kind is not None and rejected is not None:
+                rejected.append({"file": shown(d.name), "reason": _not_read(kind)})
     return out
 
 
 def _list_folder(source: str, split: str) -> Listing:
     root = os.path.join(source, split)
-    if not os.path.isdir(root):
+    if not os.path.isdir(root) or os.path.islink(root):
         raise SourceError(f"{root}: split {split!r} not found (have: {', '.join(_folder_splits(source)) or 'none'})")
     # Classes are the union over all splits, so train and val agree on indices.
-    wnids = {c.name for s in _folder_splits(source) for c in os.scandir(os.path.join(source, s)) if c.is_dir()}
+    wnids = {c for s in _folder_splits(source) for c in _class_dirs(os.path.join(source, s))}
     entries, rejected = [], []
-    for cls in sorted(c.name for c in os.scandir(root) if c.is_dir()):
-        for f in _walk_files(os.path.join(root, cls)):
+    for cls in _class_dirs(root, rejected):
+        for f, kind in _walk_files(os.path.join(root, cls)):
             name = f.name
             if name.startswith("."):
                 continue
             rel = f.path[len(root) + 1 :]
+            if kind is not None:
+                rejected.append({"file": shown(rel), "reason": kind if kind == NOT_UTF8 else _not_read(kind)})
+                continue
             dot = name.rfind(".")  # os.path.splitext for a name without leading dots
             if (name[dot:].lower() if dot > 0 else "") not in IMAGE_EXTS:
                 rejected.append({"file": rel, "reason": "not an image file extension"})
                 continue
-            entries.append(Entry("", rel, cls, f.stat().st_size, f.path))
+            entries.append(Entry("", rel, cls, f.stat(follow_symlinks=False).st_size, f.path))
     return Listing("folder", source, split, entries, class_table(wnids, _synset_names(source)), rejected=rejected)
 
 
 def _walk_files(top: str):
-    """The files under `top` in os.walk's order and by its rules (sorted, unreadable folders
-    and links to folders skipped), as DirEntry: one stat per file, none per folder."""
+    """(DirEntry, None) for the regular files under `top` in os.walk's order (sorted, files
+    before subfolders), and (DirEntry, what it is) for everything that is not read: links,
+    FIFOs, devices, names that are not UTF-8, unreadable folders. One stat per file."""
     files, dirs = [], []
     try:
         with os.scandir(top) as it:
             for d in it:
-                (dirs if d.is_dir() else files).append(d)
-    except OSError:
+                kind = _kind(d) if utf8(d.name) else NOT_UTF8
+                (dirs if kind is None and d.is_dir(follow_symlinks=False) else files).append((d, kind))
+    except OSError as e:
+        yield _Unreadable(top), f"unreadable folder ({e.strerror})"
         return
-    files.sort(key=lambda d: d.name)
+    files.sort(key=lambda p: p[0].name)
     yield from files
-    for d in sorted(dirs, key=lambda d: d.name):
-        if not d.is_symlink():
-            yield from _walk_files(d.path)
+    for d, _ in sorted(dirs, key=lambda p: p[0].name):
+        yield from _walk_files(d.path)
+
+
+class _Unreadable(NamedTuple):
+    path: str
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
 
 
 # --- ILSVRC2012 archives ---------------------------------------------------------------------
@@ -204,43 +291,73 @@ def _list_ilsvrc(source: str, split: str) -> Listing:
     tar_path = os.path.join(source, TRAIN_TAR if split == "train" else VAL_TAR)
     if not os.path.exists(tar_path):
         raise SourceError(f"{tar_path}: not found (needed for split {split!r})")
+    if not stat.S_ISREG(os.stat(tar_path).st_mode):  # a link to the archive is fine, a FIFO is not
+        raise SourceError(f"{tar_path}: not a regular file")
     names = _synset_names(source)
-    if split == "train":
-        entries = list(_stream_train_tar(tar_path))
-        wnids = names.keys() or {e.wnid for e in entries}
-        return Listing("ilsvrc-tar", source, split, entries, class_table(wnids, names))
-    labels = _val_labels(source)
-    entries, rejected = [], []
-    for name, offset, size in _stream_members(tar_path):
-        stem = os.path.splitext(os.path.basename(name))[0]
-        if stem not in labels:
-            rejected.append({"file": name, "reason": "no label in the validation ground truth"})
-            continue
-        entries.append(Entry("", name, labels[stem], size, tar_path, offset))
+    rejected: list[dict] = []
+    try:
+        if split == "train":
+            entries = list(_stream_train_tar(tar_path, rejected))
+            wnids = names.keys() or {e.wnid for e in entries}
+            return Listing("ilsvrc-tar", source, split, entries, class_table(wnids, names), rejected=rejected)
+        labels = _val_labels(source)
+        entries = []
+        for name, offset, size in _stream_members(tar_path, rejected):
+            stem = os.path.splitext(os.path.basename(name))[0]
+            if stem not in labels:
+                rejected.append({"file": name, "reason": "no label in the validation ground truth"})
+                continue
+            entries.append(Entry("", name, labels[stem], size, tar_path, offset))
+    except (tarfile.TarError, EOFError) as e:
+        raise SourceError(f"{tar_path}: not a readable tar archive (truncated or damaged?): {e}") from None
     wnids = names.keys() or set(labels.values())
     return Listing("ilsvrc-tar", source, split, entries, class_table(wnids, names), rejected=rejected)
 
 
-def _stream_members(tar_path: str):
+def _member_kind(m: tarfile.TarInfo) -> str:
+    if m.issym():
+        return "a symbolic link"
+    if m.islnk():
+        return "a hard link"
+    if m.isfifo():
+        return "a FIFO"
+    if m.ischr() or m.isblk():
+        return "a device"
+    return "not a regular file"
+
+
+def _regular(members, rejected: list[dict], prefix: str = ""):
+    """The regular members with UTF-8 names; folders skipped; anything else listed in `rejected`."""
+    for m in members:
+        if m.isdir():
+            continue
+        if not utf8(m.name):
+            rejected.append({"file": shown(prefix + m.name), "reason": NOT_UTF8})
+        elif not m.isfile():
+            rejected.append({"file": prefix + m.name, "reason": f"{_member_kind(m)}; only regular members are read"})
+        else:
+            yield m
+
+
+def _stream_members(tar_path: str, rejected: list[dict]):
     """(name, data offset, size) of every regular member, one sequential pass."""
     with open(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
-        for m in tf:
-            if m.isfile():
-                yield m.name, m.offset_data, m.size
+        for m in _regular(tf, rejected):
+            yield m.name, m.offset_data, m.size
 
 
-def _stream_train_tar(tar_path: str):
+def _stream_train_tar(tar_path: str, rejected: list[dict]):
     with open(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as outer:
-        for m in outer:
-            if not m.isfile():
-                continue
+        for m in _regular(outer, rejected):
             if not m.name.endswith(".tar"):
                 raise SourceError(f"{tar_path}: member {m.name!r} is not a per-class tar (n*.tar)")
             wnid = os.path.basename(m.name)[: -len(".tar")]
-            with tarfile.open(fileobj=outer.extractfile(m), mode="r|") as inner:
-                for im in inner:
-                    if im.isfile():
+            try:
+                with tarfile.open(fileobj=outer.extractfile(m), mode="r|") as inner:
+                    for im in _regular(inner, rejected, f"{wnid}/"):
                         yield Entry("", f"{wnid}/{im.name}", wnid, im.size, tar_path, m.offset_data + im.offset_data)
+            except (tarfile.TarError, EOFError) as e:
+                raise SourceError(f"{tar_path}: member {m.name}: not a readable tar: {e}") from None
 
 
 def _val_labels(source: str) -> dict[str, str]:
