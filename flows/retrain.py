@@ -291,6 +291,24 @@ def _fingerprints(source: str, splits: list[str]) -> dict[str, str]:
     return {s: list_split(source, s).fingerprint for s in splits}
 
 
+def _pin_warm_start(warm_start: str | None, name: str, registry: str, preset: str, overrides: dict, log) -> str | None:
+    """NAME@vN that `warm_start` names now, or None (not asked, or nothing registered there yet)."""
+    if not warm_start:
+        return None
+    from pipeline.config import load_config
+    from pipeline.registry import Registry, RegistryError
+
+    ref = warm_start if "@" in warm_start else f"{name}@{warm_start}"
+    reg = Registry(registry, load_config(preset, override_strings(overrides)).storage)
+    try:
+        pinned = str(reg.resolve(ref))
+    except RegistryError as e:
+        log.info("warm start: %s does not resolve (%s); pretraining from a random init", ref, e)
+        return None
+    log.info("warm start: pretraining continues from %s (%s now)", pinned, ref)
+    return pinned
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -313,6 +331,7 @@ def retrain_flow(
     eval_options: dict[str, Any] | None = None,
     retry_delay_seconds: float = 30.0,
     refresh: bool = False,
+    warm_start: str | None = None,
 ) -> dict[str, Any]:
     """Shard `source` into `<store>/shards/<key>`, pretrain into `<store>/runs/<name>-<key>`,
     fine-tune into `...-finetune` (finetune_preset None: skipped), evaluate the resulting model,
@@ -323,6 +342,10 @@ def retrain_flow(
     storage.* keys apply to fine-tuning and evaluation too. finetune_overrides: fine-tuning's own.
     shard_options / eval_options: keyword arguments of shard_dataset / pipeline.evaluation.run.
     refresh: ignore cached stage results and run every stage again.
+    warm_start: continue pretraining from a registered model instead of a random init: an alias
+    of `registry_name` ("production") or a ref NAME@ALIAS. Pinned to the version it names when
+    the flow starts (pretrain.init=NAME@vN, in the run's config.yaml and the new version's
+    lineage); when it does not exist yet (a first run), pretraining starts from scratch.
     """
     log = get_run_logger()
     store = _abs(store)
@@ -343,19 +366,22 @@ def retrain_flow(
         "shard_options": shard_options,
         "fingerprints": fingerprints,
     }
-    key = _digest({k: base[k] for k in ("shards", "fingerprints", "preset", "overrides")})
+    registry_url = _abs(registry) if registry else storage.join(store, "registry")
+    base["warm_start"] = _pin_warm_start(warm_start, registry_name, registry_url, preset, overrides, log)
+    key = _digest({k: base[k] for k in ("shards", "fingerprints", "preset", "overrides", "warm_start")})
     # A run folder per (data, config): new data starts a new run instead of resuming a finished one.
     train_overrides = {
         "data.train": storage.join(shards, "train"),
         "data.val": storage.join(shards, "val"),
         "train.run_dir": storage.join(store, "runs", f"{registry_name}-{key}"),
+        **({"pretrain.init": base["warm_start"], "pretrain.registry": registry_url} if base["warm_start"] else {}),
         **overrides,
     }
     ctx: dict[str, Any] = {**base, "train_overrides": train_overrides}
     params = {
         "eval_options": dict(eval_options or {}),
         "promote_metric": promote_metric,
-        "registry": _abs(registry) if registry else storage.join(store, "registry"),
+        "registry": registry_url,
         "registry_name": registry_name,
         "promote_to": promote_to,
         "higher_is_better": higher_is_better,
@@ -388,6 +414,8 @@ def retrain_flow(
         ctx.update(state.result())  # raises for a failed stage, failing the flow
     result = {
         "shards": ctx["data"],
+        "data": ctx["manifests"],
+        "warm_start": ctx["warm_start"],
         "run_dir": ctx["run_dir"],
         "checkpoints": ctx["checkpoints"],
         "pretrained_export": ctx["pretrained_export"],

@@ -151,6 +151,15 @@ class TrainConfig(Section):
     loader: str = "pipeline.data:build_train_loader"  # "module:function" obeying the batch contract
 
 
+class PretrainConfig(Section):
+    """Warm starts: continue pretraining from a registered (or exported) model's weights instead
+    of a random init. Weights only: the optimiser and the schedule start fresh, optim.warmup_epochs
+    of warmup then cosine over optim.epochs, which is then the new budget (docs/architecture.md)."""
+
+    init: str | None = None  # registry ref NAME@ALIAS / NAME@vN (pinned to vN at start), or an export URL
+    registry: str | None = None  # registry URL for refs (default: $MFM_REGISTRY)
+
+
 class FinetuneConfig(Section):
     """`mfm finetune`: a classifier from a pretrained encoder (spec section 5). The recipe's
     optimiser, schedule and drop path are the usual optim.* and model.drop_path; the
@@ -190,6 +199,7 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     @model_validator(mode="after")

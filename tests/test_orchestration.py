@@ -284,3 +284,62 @@ def test_config_errors_are_not_retried():
     assert is_transient(LaunchError(1, "rank 1 was killed"))
     assert is_transient(ConnectionResetError("connection reset by peer"))
     assert is_transient(InjectedFailure("drill"))
+
+
+def test_retrain_on_a_growing_source_adds_shards_and_warm_starts(server, sample, tmp_path, monkeypatch):
+    """Two scheduled runs, the source grown by 10% in between: the second reshards only the new
+    files into the same shard folder and continues pretraining from the production model."""
+    import shutil
+
+    import yaml
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.retrain import retrain_flow
+    from pipeline.registry import Registry
+
+    source, store = tmp_path / "source", tmp_path / "store"
+    shutil.copytree(sample, source)
+    kwargs = dict(
+        source=str(source),
+        store=str(store),
+        preset="tiny_cpu",
+        overrides=TINY,
+        registry_name="mfm-grow",
+        finetune_preset=None,
+        shard_options={"shard_size_mb": 0.02},
+        retry_delay_seconds=0,
+        eval_options={"corruptions": "none", "probe_epochs": 1, "device": "cpu", "batch_size": 8},
+        warm_start="production",
+    )
+    for key in ("TORCH_EXTENSIONS_DIR", "MFM_STAGING_DIR", "OMP_NUM_THREADS"):
+        monkeypatch.setenv(key, server[key])
+    with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
+        first = retrain_flow(**kwargs)
+        assert first["warm_start"] is None and first["model"] == "mfm-grow@v1" and first["promoted"]
+        train = Path(first["shards"]["train"])
+        old = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in train.glob("train-*")}
+
+        images = sorted((source / "train").glob("*/*.JPEG"))
+        for i, src in enumerate(images[: len(images) // 10]):
+            shutil.copyfile(src, src.with_name(f"grown_{i}.JPEG"))
+        second = retrain_flow(**kwargs)
+
+        assert second["shards"] == first["shards"]  # the same folder, grown
+        assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in train.glob("train-*") if p.name in old} == old
+        m = json.loads((train / "manifest.json").read_text())
+        assert m["revision"] == 2 and m["revisions"][1]["samples"] == len(images) // 10
+        assert second["data"]["train"]["new_samples"] == len(images) // 10
+        assert second["data"]["val"]["revision"] == 1  # val did not change
+        assert second["stages"]["shard"] == second["stages"]["pretrain"] == "Completed"
+
+        assert second["warm_start"] == "mfm-grow@v1" and second["run_dir"] != first["run_dir"]
+        run_config = yaml.safe_load((Path(second["run_dir"]) / "config.yaml").read_text())
+        assert run_config["pretrain"]["init"] == "mfm-grow@v1"
+        reg = Registry(second["registry"])
+        lineage = reg.manifest("mfm-grow@v2")["lineage"]
+        assert lineage["warm_start"] == "mfm-grow@v1" and lineage["data_manifest"]["revision"] == 2
+        card = (Path(second["registry"]) / "mfm-grow" / "v2" / "README.md").read_text()
+        assert "warm-started from: `mfm-grow@v1`" in card
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)

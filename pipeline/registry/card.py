@@ -26,6 +26,10 @@ def model_card(name: str, version: int, config: dict, lineage: dict, metrics: di
     )
     if lineage.get("parent"):
         lines.append(f"- parent model: `{lineage['parent']}`")
+    if lineage.get("warm_start"):
+        lines.append(f"- pretraining warm-started from: `{lineage['warm_start']}` (pretrain.init)")
+    if data and data.get("revision"):
+        lines.append(f"- data revision: {data['revision']}")
     code = lineage.get("code", {})
     lines.append(f"- code: {code.get('package')} {code.get('version')}, git commit `{code.get('git_commit')}`")
     if lineage.get("run_config") is not None:

@@ -241,6 +241,7 @@ class Registry:
                 "split": info.get("split"),
                 "num_samples": info.get("num_samples"),
                 "format_version": info.get("format_version"),
+                "revision": info.get("revision"),  # a growing split's revision (docs/architecture.md)
             }
         if run_config_url is None and run_url:
             run_config_url = _existing(storage.join(run_url, "config.yaml"), self.storage) or _existing(
@@ -264,6 +265,8 @@ class Registry:
             "run_config_url": run_config_url,
             "run_config": run_config,
             "parent": parent,
+            # pretraining continued from this (pinned) model instead of a random init
+            "warm_start": _warm_start(run_config),
             "code": code_version(),
         }
 
@@ -351,3 +354,9 @@ class Registry:
 
 def _existing(url: str, storage_cfg: StorageConfig | None) -> str | None:
     return url if storage.exists(url, storage_cfg) else None
+
+
+def _warm_start(run_config) -> str | None:
+    section = run_config.get("pretrain") if isinstance(run_config, dict) else None
+    init = section.get("init") if isinstance(section, dict) else None
+    return init if isinstance(init, str) else None

@@ -184,9 +184,11 @@ def launch(
     `task` ("module:function", (cfg) -> trainer.Task) trains something other than the MFM
     pretext, e.g. "pipeline.finetune:task"."""
     from pipeline.training.trainer import EXIT_CHECKPOINT, EXIT_NON_FINITE, encode_config, import_function
+    from pipeline.training.warm_start import pin
 
     hosts = parse_hostfile(hostfile) if hostfile else None
     world = sum(hosts.values()) if hosts else cfg.train.nprocs
+    cfg = pin(cfg)  # NAME@ALIAS -> NAME@vN once, for every rank and the run's config.yaml
     validate(cfg, world)
     args = ["--config-b64", encode_config(cfg)]
     if task:

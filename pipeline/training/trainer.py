@@ -82,7 +82,12 @@ def import_function(spec: str, key: str):
 def _pretrain_model(cfg: Config):
     from pipeline.models import build_model
 
-    return build_model(cfg.model, cfg.corruption)
+    model = build_model(cfg.model, cfg.corruption)
+    if cfg.pretrain.init:
+        from pipeline.training.warm_start import warm_start
+
+        warm_start(model, cfg)  # pinned by the launcher; a resumed run's checkpoint then overrides it
+    return model
 
 
 def _pretrain_loader(cfg: Config, **kw):
