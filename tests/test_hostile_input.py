@@ -419,6 +419,13 @@ def test_links_inside_ilsvrc_tars_are_listed(tmp_path):
     assert [e.file for e in train.entries] == ["n01/n01_1.JPEG"]
     reasons = _reasons(train.rejected)
     assert "symbolic link" in reasons["n01/n01_2.JPEG"] and "symbolic link" in reasons["n02.tar"]
+    # a label file that is a FIFO would hang the listing: named instead
+    from pipeline.sharding import SourceError
+
+    os.remove(src / "LOC_val_solution.csv")
+    os.mkfifo(src / "LOC_val_solution.csv")
+    with pytest.raises(SourceError, match="LOC_val_solution.csv: not a regular file"):
+        list_split(str(src), "val")
 
 
 @pytest.mark.parametrize("inside", ["shards", "train/shards", "."])

@@ -360,10 +360,20 @@ def _stream_train_tar(tar_path: str, rejected: list[dict]):
                 raise SourceError(f"{tar_path}: member {m.name}: not a readable tar: {e}") from None
 
 
+def _metadata(path: str) -> bool:
+    """Whether a label or synset file is there; one that is there but not a regular file (a FIFO
+    would hang the listing) is a SourceError. A link to a regular file is fine."""
+    if not os.path.exists(path):
+        return False
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise SourceError(f"{path}: not a regular file")
+    return True
+
+
 def _val_labels(source: str) -> dict[str, str]:
     """Validation file stem -> wnid, from the Kaggle CSV or the official devkit."""
     loc = os.path.join(source, LOC_VAL)
-    if os.path.exists(loc):
+    if _metadata(loc):
         with open(loc, newline="") as f:
             rows = list(csv.DictReader(f))
         try:
@@ -389,11 +399,11 @@ def _devkit_files(source: str) -> tuple[bytes | None, bytes | None]:
     for d in (source, os.path.join(source, "data"), os.path.join(source, "ILSVRC2012_devkit_t12", "data")):
         for name in want:
             p = os.path.join(d, name)
-            if want[name] is None and os.path.exists(p):
+            if want[name] is None and _metadata(p):
                 with open(p, "rb") as f:
                     want[name] = f.read()
     tgz = os.path.join(source, DEVKIT_TGZ)
-    if None in want.values() and os.path.exists(tgz):
+    if None in want.values() and _metadata(tgz):
         with tarfile.open(tgz, "r|gz") as tf:
             for m in tf:
                 base = os.path.basename(m.name)
@@ -417,7 +427,7 @@ def _devkit_synsets(meta: bytes) -> dict[int, tuple[str, str]]:
 def _synset_names(source: str) -> dict[str, str]:
     """wnid -> human-readable name, where the source ships them."""
     p = os.path.join(source, LOC_SYNSETS)
-    if os.path.exists(p):
+    if _metadata(p):
         with open(p) as f:
             return dict(line.rstrip("\n").split(" ", 1) for line in f if line.strip())
     if os.path.exists(os.path.join(source, TRAIN_TAR)) or os.path.exists(os.path.join(source, VAL_TAR)):
