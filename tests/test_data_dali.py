@@ -206,20 +206,20 @@ def test_dali_failure_decodes_that_batch_with_pillow_and_goes_on(tmp_path, monke
     assert not torch.equal(got[2][1].target, ref[2][1].target)  # the stand-in pipeline's batches differ
 
 
-def test_dali_failing_twice_in_a_row_stops_after_the_batches_before_it(tmp_path, monkeypatch):
-    """A pipeline that fails again at once is not a bad sample: the error reaches the consumer
-    after every batch before it, naming the batches."""
+def test_dali_failing_again_and_again_stops_after_the_batches_before_it(tmp_path, monkeypatch):
+    """Fresh pipelines that fail at once, again and again, are not a bad sample: the error
+    reaches the consumer after every batch before it, naming the batch."""
     url = str(tmp_path / "train")
     write_split(url, [4, 4, 4], size=(40, 30))
-    _failing(monkeypatch, {4, 5})
+    _failing(monkeypatch, {4, 5, 6})
     loader = build_train_loader(
         make_cfg(url, "data.workers=2"), rank=0, world_size=1, micro_batch=2, device="cpu", backend="dali"
     )
     got = []
-    with pytest.raises(RuntimeError, match="DALI failed on batches 3 and 4"):
+    with pytest.raises(RuntimeError, match="DALI failed on 3 batches in a row, up to batch 5"):
         for _ in loader:
             got.append(loader.batches_left)
-    assert got == [5, 4, 3, 2]
+    assert got == [5, 4, 3, 2, 1]
 
 
 def test_dali_pipeline_lives_across_epochs(tmp_path, monkeypatch):

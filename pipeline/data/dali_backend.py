@@ -32,9 +32,10 @@ from pipeline.data.reading import raw_batches
 from pipeline.data.sampling import Layout, SamplerState, Segment, rank_plan
 from pipeline.data.shards import SampleReader, Split
 
+log = logging.getLogger(__name__)
 # what BatchSource returns per sample, in order: encoded bytes, crop anchor (x, y), crop shape
 # (w, h), flip, corruption seed, sample id, and the batch's skip messages (on its first sample)
-log = logging.getLogger(__name__)
+MAX_FAILURES = 3
 OUTPUTS = ("encoded", "anchor", "shape", "flip", "seed", "id", "skipped")
 
 
@@ -192,16 +193,42 @@ def build_pipeline(cfg: Config, batch_size: int, source, *, workers: int, device
 
 
 class Corruption:
-    """corrupt_samples for each batch as it is handed over. On a CUDA device on a stream of its
-    own: submit() queues the work behind the copy of the views and returns at once; take() makes
-    the consumer's current stream wait on the batch's event (no host or device-wide sync) and
-    hands the tensors to that stream. On a CPU submit() computes and take() returns the result."""
+    """The hand-over of each batch: DALI's views into torch, then corrupt_samples.
+
+    On a CUDA device, off the consumer's stream: receive() copies the views out of DALI's buffer
+    on a copy stream, submit() queues the corruption on a stream of its own behind that copy and
+    returns at once, take() makes the consumer's current stream wait on the batch's event (no
+    host or device-wide sync) and hands the tensors to that stream. release() waits on the host
+    for the last copy alone (one device-to-device copy): DALI may overwrite its buffer once run
+    again, and it cannot see our streams. On a CPU the same calls, without streams."""
 
     def __init__(self, cfg: Config, device: torch.device, workers: int = 1):
         self.cfg, self.device = cfg, device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        gpu = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if gpu else None
+        self.copy_stream = torch.cuda.Stream(device) if gpu else None
+        self.copied = None  # the event of the copy the next submit() waits on
+        self.last_copy = None  # the event of the last copy out of DALI, until release()
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.threads = max(1, cores - max(1, workers))
+
+    def receive(self, tl) -> torch.Tensor:
+        if self.stream is None:
+            # a copy: the corruption of a CPU batch may outlive the next run's buffers
+            return torch.from_numpy(np.array(tl.as_tensor()))
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        t = tl.as_tensor()
+        with torch.cuda.stream(self.copy_stream):
+            out = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(t, out, cuda_stream=self.copy_stream)  # ordered after DALI's work on it
+            self.copied = self.last_copy = self.copy_stream.record_event()
+        return out
+
+    def release(self) -> None:
+        if self.last_copy is not None:
+            self.last_copy.synchronize()
+            self.last_copy = None
 
     def submit(self, views: torch.Tensor, seeds: list[int]):
         if self.stream is None:
@@ -213,7 +240,7 @@ class Corruption:
                 return corrupt_samples(views, self.cfg.corruption, seeds), None
             finally:
                 torch.set_num_threads(before)
-        ready = torch.cuda.current_stream(self.device).record_event()
+        ready, self.copied = self.copied or torch.cuda.current_stream(self.device).record_event(), None
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
             out = corrupt_samples(views, self.cfg.corruption, seeds)
@@ -233,19 +260,6 @@ class Corruption:
         return out
 
 
-def _to_torch(tl, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        t = tl.as_tensor()
-        out = torch.empty(t.shape(), dtype=torch.float32, device=device)
-        # the copy is ordered after DALI's work on the current stream
-        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
-        return out
-    # a copy: the corruption of a CPU batch may outlive the next run's buffers
-    return torch.from_numpy(np.array(tl.as_tensor()))
-
-
 def _column(tl) -> list[int]:
     return [int(np.asarray(tl[k])) for k in range(len(tl))]
 
@@ -259,7 +273,7 @@ class Runner:
     def __init__(self, source: BatchSource, cfg: Config, *, workers: int, device: torch.device):
         self.cfg, self.workers, self.device = cfg, workers, device
         self.corruption = Corruption(cfg, device, workers)
-        self.failed = False  # whether DALI failed on the batch before
+        self.failures = 0  # DALI failures in a row
         self._build(source)
 
     def _build(self, source: BatchSource) -> None:
@@ -268,25 +282,30 @@ class Runner:
         self.k, self.next = 0, source.start  # DALI epoch, next batch of it
 
     def expects(self, epoch: int, start: int) -> bool:
-        return self.source.epoch + self.k == epoch and self.next == start
+        return self.pipe is not None and self.source.epoch + self.k == epoch and self.next == start
 
     def close(self) -> None:
         self.pipe = None
 
     def _run(self, j: int):
         """The pipeline's outputs for batch j, or None when DALI failed on it."""
+        self.corruption.release()
         try:
             out = self.pipe.run()
         except StopIteration:
             raise RuntimeError(f"{self.source.split.url}: DALI stopped before batch {j}") from None
         except RuntimeError as e:
             url = self.source.split.url
-            if self.failed:  # a fresh pipeline failing at once: not one bad sample, the pipeline
-                raise RuntimeError(f"{url}: DALI failed on batches {j - 1} and {j}: {e}") from e
+            self.failures += 1
+            # fresh pipelines failing again and again: not a bad sample (an error may surface one
+            # batch early, on the batch before the bad one: two in a row are still samples)
+            if self.failures >= MAX_FAILURES:
+                raise RuntimeError(
+                    f"{url}: DALI failed on {self.failures} batches in a row, up to batch {j}: {e}"
+                ) from e
             log.warning("%s: DALI failed on batch %d (%s); decoding it with Pillow", url, j, e)
-            self.failed = True
             return None
-        self.next, self.failed = j + 1, False
+        self.next, self.failures = j + 1, 0
         return out
 
     def _fallback(self, plan, j: int) -> dict:
@@ -324,7 +343,7 @@ class Runner:
                         "index": j,
                         "skipped": note.split("\n") if note else [],
                         "ids": torch.tensor(ids),
-                        "corrupted": self.corruption.submit(_to_torch(views, self.device), _column(seeds)),
+                        "corrupted": self.corruption.submit(self.corruption.receive(views), _column(seeds)),
                     }
                 pending.append(b)
             if len(pending) > ahead:
@@ -338,6 +357,7 @@ class Runner:
                     self._build(BatchSource(src.split, src.cfg, plan, j + 1, epoch, src.later))
         # the epoch is over: DALI's next run reports it, and a reset starts the next one
         if self.pipe is not None and self.next == len(plan):
+            self.corruption.release()
             try:
                 self.pipe.run()
                 raise RuntimeError(f"{url}: DALI ran past the end of epoch {epoch}")
