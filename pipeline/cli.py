@@ -18,11 +18,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fine-tune a pretrained encoder into a classifier (DeepSpeed) -> export, metrics.json",
     ),
     "bench": ("pipeline.benchmarks:cli", "benchmarks: mfm bench {kernels,data,shard,train}"),
-    "registry": ("pipeline.registry.commands:cli", "model registry: mfm registry {list,show,register,promote}"),
+    "registry": ("pipeline.registry.commands:cli", "model registry: mfm registry {list,show,register,promote,gc}"),
     "pull": (
         "pipeline.registry.commands:pull_cli",
         "download a registered model, verified: mfm pull NAME@ALIAS --dest DIR",
     ),
+    "cache": ("pipeline.registry.commands:cache_cli", "the local cache of pulled versions: mfm cache {list,prune}"),
     "evaluate": ("pipeline.evaluation:cli", "top-1/5, corruption robustness, k-NN, linear probe -> metrics.json"),
     "experiment": (
         "pipeline.experiment:cli",

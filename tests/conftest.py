@@ -48,6 +48,18 @@ class S3Endpoint:
             self._server = None
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _model_cache(tmp_path_factory):
+    """The registry's local cache ($MFM_CACHE) of this session, never the user's ~/.cache/mfm."""
+    old = os.environ.get("MFM_CACHE")
+    os.environ["MFM_CACHE"] = str(tmp_path_factory.mktemp("mfm-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MFM_CACHE", None)
+    else:
+        os.environ["MFM_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A running S3 endpoint with bucket `mfm-test`; AWS_* environment points at it."""

@@ -117,8 +117,8 @@ def pipeline_run(s3_endpoint, tmp_path_factory):
     fs.rm(f"{path}/export", recursive=True)
     fs.rm(f"{path}/metrics.json")
     storage.write_bytes(f"{run_dir}/step-3/mp_rank_00_model_states.pt", b"half")
-    # meanwhile `latest` moves on; the run must still say it started from v1
-    assert str(Registry(registry).register("tiny-mfm", f"{store}/pretrain/export")) == "tiny-mfm@v2"
+    # meanwhile `latest` moves on (same weights, other metrics: a new version); the run must still say v1
+    assert str(Registry(registry).register("tiny-mfm", f"{store}/pretrain/export", metrics={"n": 2})) == "tiny-mfm@v2"
     return {
         "store": store,
         "run_dir": run_dir,

@@ -93,11 +93,11 @@ def test_racing_registrations_in_threads(store_url):
 WORKER = """
 import json, os, sys, time
 from pipeline.registry import Registry
-reg_url, export, go, out = sys.argv[1:5]
+reg_url, go, out, *exports = sys.argv[1:]
 reg = Registry(reg_url)
 while not os.path.exists(go):
     time.sleep(0.005)
-versions = [reg.register("m", export).version for _ in range(2)]
+versions = [reg.register("m", export).version for export in exports]
 open(out, "w").write(json.dumps(versions))
 """
 
@@ -105,24 +105,41 @@ open(out, "w").write(json.dumps(versions))
 @pytest.mark.slow
 def test_racing_registrations_in_processes(store_url, tmp_path):
     reg = Registry(storage.join(store_url, "registry"))
-    exports = {str(i): small_export(storage.join(store_url, f"e{i}"), i) for i in range(4)}
+    # Two distinct exports per process (registering the same bytes twice is idempotent).
+    exports = {
+        f"{i}{j}": small_export(storage.join(store_url, f"e{i}{j}"), 10 * i + "ab".index(j))
+        for i in range(4)
+        for j in "ab"
+    }
     go = tmp_path / "go"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     procs = {
-        owner: subprocess.Popen(
-            [sys.executable, "-c", WORKER, reg.url, export, str(go), str(tmp_path / owner)],
+        str(i): subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                WORKER,
+                reg.url,
+                str(go),
+                str(tmp_path / str(i)),
+                exports[f"{i}a"],
+                exports[f"{i}b"],
+            ],
             env=env,
             cwd=REPO,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for owner, export in exports.items()
+        for i in range(4)
     }
     go.touch()  # all start together once imported: they race on every claim and alias move
     for p in procs.values():
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
-    owners = {owner: json.loads((tmp_path / owner).read_text()) for owner in exports}
+    owners = {}
+    for i in procs:
+        va, vb = json.loads((tmp_path / i).read_text())
+        owners[f"{i}a"], owners[f"{i}b"] = [va], [vb]
     _check_outcome(reg, "m", owners, exports)
 
 

@@ -15,15 +15,15 @@ create-if-absent write, so racing registrations get distinct numbers; aliases ar
 compare-and-swap, so no racing move is lost (`latest` only ever moves to a larger version).
 
 Modules: `refs` (names, refs, errors: pure), `gate` (promotion gate: pure), `card` (model card),
-`store` (`Registry`: reads, conditional writes), `loading` (verified pulls, timm models),
-`commands` (the CLI).
+`store` (`Registry`: reads, conditional writes, gc), `cache` (the verified local cache, verified
+downloads), `loading` (pulls, timm models), `commands` (the CLI).
 """
 
+from pipeline.registry.cache import cached_version, fetch_verified
 from pipeline.registry.card import code_version, model_card
 from pipeline.registry.commands import cli, pull_cli
 from pipeline.registry.gate import flatten_metrics, gate_decision
 from pipeline.registry.loading import (
-    fetch_verified,
     load_export,
     load_model,
     model_from_export,
@@ -68,6 +68,7 @@ __all__ = [
     "RegistryError",
     "check_name",
     "check_safetensors",
+    "cached_version",
     "cli",
     "code_version",
     "default_registry",

@@ -1,13 +1,16 @@
-"""`mfm registry {list,show,register,promote}` and `mfm pull`."""
+"""`mfm registry {list,show,register,promote,gc}`, `mfm pull` and `mfm cache {list,prune}`."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import re
 import sys
 from collections.abc import Callable
 
 from pipeline import storage
+from pipeline.registry import cache
 from pipeline.registry.loading import pull
 from pipeline.registry.refs import DEFAULT_REGISTRY, Ref, RegistryError, parse_ref
 from pipeline.registry.store import Registry, default_registry
@@ -23,6 +26,42 @@ def _run(fn: Callable[[], int], prog: str) -> int:
     except (RegistryError, storage.ConditionalWriteUnsupported) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
+
+
+def _duration(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a number and a unit, e.g. 30m, 24h, 7d")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _list(reg: Registry, name: str | None) -> int:
+    """Names, or the versions of `name`. A broken alias or manifest is reported on stderr and the
+    rest is still listed; the exit code is then 1."""
+    problems: list[str] = []
+    if not name:
+        for n in reg.names():
+            print(n)
+        return 0
+    by_version: dict[int, list[str]] = {}
+    for alias, v in reg.aliases(name, problems).items():
+        by_version.setdefault(v, []).append(alias)
+    for v in reg.versions(name):
+        try:
+            m = reg.manifest(Ref(name, version=v))
+        except RegistryError as e:
+            problems.append(str(e))
+            continue
+        metrics = m.get("metrics") or {}
+        top = {k: metrics[k] for k in ("top1", "top5") if k in metrics}
+        print(
+            f"v{v}\t{m.get('created', '-')}\t{(m.get('model') or {}).get('architecture', '-')}\t"
+            f"{' '.join(f'{k}={x:.4g}' for k, x in top.items()) or '-'}\t"
+            f"{','.join(sorted(by_version.get(v, [])))}"
+        )
+    for problem in problems:
+        print(f"mfm registry list: skipped: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def cli(argv: list[str]) -> int:
@@ -51,26 +90,20 @@ def cli(argv: list[str]) -> int:
     a.add_argument("--no-gate", action="store_true", help="move without comparing")
     a.add_argument("--force", action="store_true", help="move even if the gate refuses")
     _registry_arg(a)
+    a = sub.add_parser("gc", help="remove abandoned claims (v<N>/.claim without a manifest) older than --older-than")
+    a.add_argument("name", nargs="?", help="only this name (default: every name)")
+    a.add_argument("--older-than", required=True, type=_duration, help="age, e.g. 30m, 24h, 7d")
+    a.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    _registry_arg(a)
     args = p.parse_args(argv)
     reg = Registry(args.registry or default_registry())
 
     def go() -> int:
         if args.action == "list":
-            if not args.name:
-                for name in reg.names():
-                    print(name)
-                return 0
-            by_version: dict[int, list[str]] = {}
-            for alias, v in reg.aliases(args.name).items():
-                by_version.setdefault(v, []).append(alias)
-            for v in reg.versions(args.name):
-                m = reg.manifest(Ref(args.name, version=v))
-                top = {k: m["metrics"][k] for k in ("top1", "top5") if k in m.get("metrics", {})}
-                print(
-                    f"v{v}\t{m['created']}\t{m['model']['architecture']}\t"
-                    f"{' '.join(f'{k}={x:.4g}' for k, x in top.items()) or '-'}\t"
-                    f"{','.join(sorted(by_version.get(v, [])))}"
-                )
+            return _list(reg, args.name)
+        if args.action == "gc":
+            for url in reg.gc(args.older_than, args.name, dry_run=args.dry_run):
+                print(f"{'would remove' if args.dry_run else 'removed'} {url}")
             return 0
         if args.action == "show":
             target = reg.resolve(args.ref)
@@ -117,3 +150,28 @@ def pull_cli(argv: list[str]) -> int:
         return 0
 
     return _run(go, "mfm pull")
+
+
+def cache_cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="mfm cache", description=f"the local cache of verified versions ($MFM_CACHE, now {cache.cache_root()})"
+    )
+    sub = p.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="cached versions: registry, NAME@vN, manifest sha256, size, last used")
+    a = sub.add_parser("prune", help="keep the N most recently used versions of each name, remove the rest")
+    a.add_argument("--keep", type=int, required=True)
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        if args.action == "list":
+            for e in cache.entries():
+                used = dt.datetime.fromtimestamp(e.last_used, dt.timezone.utc).isoformat(timespec="seconds")
+                print(f"{e.registry}\t{e.name}@v{e.version}\t{e.manifest_sha256[:12]}\t{e.size / 1e6:.1f} MB\t{used}")
+            return 0
+        removed = cache.prune(args.keep)
+        for e in removed:
+            print(f"removed {e.name}@v{e.version} ({e.registry}, {e.size / 1e6:.1f} MB)")
+        print(f"{len(removed)} removed, {sum(e.size for e in removed) / 1e6:.1f} MB freed")
+        return 0
+
+    return _run(go, "mfm cache")

@@ -3,14 +3,14 @@ timm model from safetensors + config.json (never a pickle)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
+import shutil
 import uuid
 from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import StorageConfig
+from pipeline.registry.cache import cached_version
 from pipeline.registry.refs import (
     CONFIG,
     MANIFEST,
@@ -19,64 +19,44 @@ from pipeline.registry.refs import (
     Ref,
     RegistryError,
     check_safetensors,
-    json_bytes,
     parse_json,
 )
 from pipeline.registry.store import Registry, default_registry
 
 
 def pull_version(reg: Registry, ref: str | Ref, dest: str | os.PathLike) -> tuple[Ref, Path]:
-    """Download a version into local folder `dest`, verifying every file's size and sha256.
+    """A verified copy of a version in local folder `dest`, through the cache.
 
-    Files are verified before they take their final names; on any mismatch nothing of the
-    failed file is left behind and IntegrityError names it."""
-    target = reg.resolve(ref)
-    manifest = reg.manifest(target)
+    The files are assembled in a temporary folder beside `dest` and moved into place only once all
+    of them verified: `dest` then holds the whole version, or nothing new if anything failed."""
+    target, entry = cached_version(reg, ref)
+    manifest = parse_json((entry / MANIFEST).read_bytes(), str(entry / MANIFEST))
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    vurl = reg.version_url(target.name, target.version)
-    for fname, expected in sorted(manifest["files"].items()):
-        if fname in ("", ".", "..") or "/" in fname or "\\" in fname:
-            raise IntegrityError(f"{target}: manifest lists an unsafe file name {fname!r}; refusing to pull")
-        fetch_verified(storage.join(vurl, fname), dest / fname, expected, f"{target}: {fname}", reg.storage)
-    (dest / MANIFEST).write_bytes(json_bytes(manifest))
+    if dest.exists() and not dest.is_dir():
+        raise RegistryError(f"{dest}: exists and is not a folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.pull-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        names = [*sorted(manifest["files"]), MANIFEST]  # the manifest last: it marks a whole version
+        for fname in names:
+            shutil.copyfile(entry / fname, tmp / fname)
+        if not dest.exists() or not any(dest.iterdir()):
+            os.replace(tmp, dest)  # a rename onto an empty folder
+        else:
+            for fname in names:
+                os.replace(tmp / fname, dest / fname)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target, dest
 
 
-def fetch_verified(url: str, out: Path, expected: dict, what: str, storage_cfg: StorageConfig | None = None) -> None:
-    """Stream `url` to `out` through a temporary name, renamed only once size and sha256 match."""
-    fs, path = storage.filesystem(url, storage_cfg)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-    def fetch():
-        digest, size = hashlib.sha256(), 0
-        with fs.open(path, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(8 << 20):
-                digest.update(chunk)
-                size += len(chunk)
-                dst.write(chunk)
-        return digest.hexdigest(), size
-
-    try:
-        try:
-            sha, size = storage.retry(fetch, what=f"download {url}")
-        except FileNotFoundError:
-            raise IntegrityError(f"{what}: file is missing from the registry ({url})") from None
-        if size != expected["size"] or sha != expected["sha256"]:
-            raise IntegrityError(
-                f"{what}: checksum mismatch ({url}): expected sha256 {expected['sha256']} "
-                f"size {expected['size']}, got sha256 {sha} size {size}; refusing to use it"
-            )
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def load_version(reg: Registry, ref: str | Ref, *, num_classes: int | None = None, dest: str | None = None):
-    with tempfile.TemporaryDirectory(prefix="mfm-pull-") as tmp:
-        _, folder = pull_version(reg, ref, dest or tmp)
-        return model_from_folder(folder, num_classes=num_classes)
+    if dest is not None:
+        _, folder = pull_version(reg, ref, dest)
+    else:
+        _, folder = cached_version(reg, ref)
+    return model_from_folder(folder, num_classes=num_classes)
 
 
 def model_from_export(config: dict, state: dict, *, num_classes: int | None = None):
@@ -85,17 +65,37 @@ def model_from_export(config: dict, state: dict, *, num_classes: int | None = No
     With `num_classes` different from the export's (fine-tuning a pretrained encoder), only the
     new classifier's weights may be missing."""
     import timm
+    import torch
 
     exported = int(config.get("num_classes") or 0)
     classes = exported if num_classes is None else num_classes
-    model = timm.create_model(
-        config["architecture"],
-        pretrained=False,
-        num_classes=classes,
-        pretrained_cfg_overlay=dict(config.get("pretrained_cfg") or {}, num_classes=classes),
-        **(config.get("model_args") or {}),
-    )
-    result = model.load_state_dict(state, strict=False)
+
+    def create():
+        return timm.create_model(
+            config["architecture"],
+            pretrained=False,
+            num_classes=classes,
+            pretrained_cfg_overlay=dict(config.get("pretrained_cfg") or {}, num_classes=classes),
+            **(config.get("model_args") or {}),
+        )
+
+    model = None
+    if classes == exported:
+        # Every tensor comes from `state`: build on the meta device and adopt the loaded tensors,
+        # skipping timm's random init (most of a warm load: 15 s of 16 for a ViT-B on a busy CPU).
+        try:
+            with torch.device("meta"):
+                model = create()
+            result = model.load_state_dict(state, strict=False, assign=True)
+        except Exception:  # noqa: BLE001 - a model that cannot be built on meta is built the usual way
+            model = None
+        else:
+            tensors = [*model.parameters(), *model.buffers()]
+            if any(t.is_meta for t in tensors) or result.missing_keys:
+                model = None  # a non-persistent buffer or a missing weight: it needs the real init
+    if model is None:
+        model = create()
+        result = model.load_state_dict(state, strict=False)
     head = model.pretrained_cfg.get("classifier") or "head"
     heads = (head,) if isinstance(head, str) else tuple(head)
     missing = [k for k in result.missing_keys if not (classes != exported and k.startswith(heads))]
@@ -118,6 +118,8 @@ def model_from_folder(folder: str | os.PathLike, *, num_classes: int | None = No
         if not (folder / fname).exists():
             raise IntegrityError(f"{folder / fname}: file is missing")
     config = parse_json((folder / CONFIG).read_bytes(), str(folder / CONFIG))
+    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
+        raise RegistryError(f"{folder / CONFIG}: not a timm config (no 'architecture')")
     return model_from_export(config, load_file(str(folder / WEIGHTS)), num_classes=num_classes)
 
 

@@ -7,6 +7,8 @@ Version numbers are claimed with a create-if-absent write and aliases move by co
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import logging
 import os
 import socket
 import uuid
@@ -33,6 +35,8 @@ from pipeline.registry.refs import (
     PromotionRefused,
     Ref,
     RegistryError,
+    check_alias,
+    check_manifest,
     check_name,
     check_safetensors,
     json_bytes,
@@ -41,6 +45,8 @@ from pipeline.registry.refs import (
     sha256_bytes,
     utc_now,
 )
+
+log = logging.getLogger(__name__)
 
 
 def default_registry() -> str:
@@ -74,21 +80,30 @@ class Registry:
     # -- reading
 
     def names(self) -> list[str]:
-        return sorted(n for n in self._ls() if NAME_RE.match(n) and self.versions(n))
+        return sorted(n for n in self._ls() if NAME_RE.fullmatch(n) and self.versions(n))
 
     def _claimed(self, name: str) -> list[int]:
-        return sorted(int(m.group(1)) for m in map(VERSION_RE.match, self._ls(name)) if m)
+        return sorted(int(m.group(1)) for m in map(VERSION_RE.fullmatch, self._ls(name)) if m)
 
     def versions(self, name: str) -> list[int]:
         """Complete versions (those with a manifest), ascending."""
         return [v for v in self._claimed(name) if storage.exists(self._u(name, f"v{v}", MANIFEST), self.storage)]
 
-    def aliases(self, name: str) -> dict[str, int]:
+    def aliases(self, name: str, problems: list[str] | None = None) -> dict[str, int]:
+        """alias -> version. An unreadable alias is left out and reported (appended to `problems`,
+        else logged): one bad file must not hide the others."""
         out = {}
         for entry in self._ls(name, "aliases"):
             if entry.endswith(".json") and not entry.startswith("."):
                 alias = entry[: -len(".json")]
-                version = self.alias_version(name, alias)
+                try:
+                    version = self.alias_version(name, check_name(alias, "alias"))
+                except RegistryError as e:
+                    if problems is None:
+                        log.warning("skipping alias: %s", e)
+                    else:
+                        problems.append(str(e))
+                    continue
                 if version is not None:
                     out[alias] = version
         return out
@@ -98,13 +113,8 @@ class Registry:
         return None if got is None else self._alias_payload_version(got[0], name, alias)
 
     def _alias_payload_version(self, data: bytes, name: str, alias: str) -> int:
-        payload = parse_json(data, self.alias_url(name, alias))
-        if payload.get("format_version", 0) > ALIAS_FORMAT_VERSION:
-            raise RegistryError(
-                f"{self.alias_url(name, alias)}: format_version {payload['format_version']} "
-                f"is newer than this code reads ({ALIAS_FORMAT_VERSION})"
-            )
-        return int(payload["version"])
+        url = self.alias_url(name, alias)
+        return check_alias(parse_json(data, url), url)
 
     def resolve(self, ref: str | Ref) -> Ref:
         """The `name@vN` a ref points at now."""
@@ -124,15 +134,14 @@ class Registry:
         return Ref(ref.name, version=version)
 
     def manifest(self, ref: str | Ref) -> dict:
-        ref = self.resolve(ref)
-        url = self._u(ref.name, f"v{ref.version}", MANIFEST)
-        manifest = parse_json(storage.read_bytes(url, self.storage), url)
-        if manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise RegistryError(
-                f"{url}: format_version {manifest['format_version']} is newer than this code "
-                f"reads ({FORMAT_VERSION}); upgrade mfm-pipeline"
-            )
-        return manifest
+        return self.read_manifest(ref)[1]
+
+    def read_manifest(self, ref: str | Ref) -> tuple[Ref, dict, bytes]:
+        """(name@vN, checked manifest, its bytes as stored) for a ref resolved now."""
+        target = self.resolve(ref)
+        url = self._u(target.name, f"v{target.version}", MANIFEST)
+        raw = storage.read_bytes(url, self.storage)
+        return target, check_manifest(parse_json(raw, url), url), raw
 
     def metrics(self, ref: str | Ref) -> dict[str, float]:
         return dict(self.manifest(ref).get("metrics") or {})
@@ -190,6 +199,13 @@ class Registry:
         if metrics is not None:
             files[METRICS] = json_bytes(metrics)
         flat = flatten_metrics(metrics or {})
+        digests = {f: sha256_bytes(d) for f, d in files.items()}
+        same = self._find_registered(name, digests)
+        if same is not None:
+            # A retried registration (e.g. a flow that failed before promoting): same bytes, same version.
+            log.info("%s: %s holds the same files; not registering them again", export_url, same)
+            self._point_aliases(name, same.version, aliases)
+            return same
         lineage = self._lineage(export_url, data_manifest_url, run_config_url, parent)
 
         owner = uuid.uuid4().hex
@@ -214,12 +230,64 @@ class Registry:
         }
         if not storage.create_bytes(storage.join(vurl, MANIFEST), json_bytes(manifest), self.storage):
             raise RegistryError(f"{vurl}/{MANIFEST} appeared while registering v{version} (claim {owner} was ours)")
+        self._point_aliases(name, version, aliases)
+        return Ref(name, version=version)
+
+    def _point_aliases(self, name: str, version: int, aliases: tuple[str, ...]) -> None:
         for alias in aliases:
             if alias == "latest":
                 self._move_alias(name, alias, lambda cur: version if cur is None or version > cur else None)
             else:
                 self.set_alias(name, alias, version)
-        return Ref(name, version=version)
+
+    def _find_registered(self, name: str, digests: dict[str, str]) -> Ref | None:
+        """The newest version whose export files (weights, config, metrics) have exactly these sha256s."""
+        for version in reversed(self.versions(name)):
+            try:
+                files = self.manifest(Ref(name, version=version))["files"]
+            except RegistryError:
+                continue  # a broken version is never "the same"
+            if {f: files[f]["sha256"] for f in files if f != CARD} == digests:
+                return Ref(name, version=version)
+        return None
+
+    def gc(self, older_than_s: float, name: str | None = None, *, dry_run: bool = False) -> list[str]:
+        """Remove abandoned claims: `v<N>/` folders holding a `.claim` older than `older_than_s`
+        and no manifest (a `register` killed midway). Complete versions are never touched.
+        Returns the folders removed (or, with dry_run, that would be)."""
+        if older_than_s <= 0:
+            raise RegistryError(f"gc: the age must be positive, got {older_than_s} s")
+        now = dt.datetime.now(dt.timezone.utc)
+        removed = []
+        for n in [check_name(name)] if name else [x for x in self._ls() if NAME_RE.fullmatch(x)]:
+            for version in self._claimed(n):
+                vurl = self.version_url(n, version)
+                claim_url = storage.join(vurl, CLAIM)
+                fs, claim_path = storage.filesystem(claim_url, self.storage)
+                try:
+                    modified = fs.modified(claim_path)
+                except FileNotFoundError:
+                    continue  # no claim: not something a register left
+                if modified.tzinfo is None:
+                    modified = modified.replace(tzinfo=dt.timezone.utc)
+                if (now - modified).total_seconds() < older_than_s:
+                    continue
+                if storage.exists(storage.join(vurl, MANIFEST), self.storage):
+                    continue
+                removed.append(vurl)
+                if dry_run:
+                    continue
+                # The claim goes last: while it stands nobody else can take version N and write here.
+                for entry in self._ls(n, f"v{version}"):
+                    if entry != CLAIM:
+                        if storage.exists(storage.join(vurl, MANIFEST), self.storage):
+                            raise RegistryError(f"{vurl}: a manifest appeared while collecting the claim; left alone")
+                        fs.rm(fs._strip_protocol(storage.join(vurl, entry)), recursive=True)
+                fs.rm(claim_path)
+                if storage.is_local(vurl):
+                    Path(fs._strip_protocol(vurl)).rmdir()
+                log.info("removed abandoned claim %s", vurl)
+        return removed
 
     def _lineage(
         self, export_url: str, data_manifest_url: str | None, run_config_url: str | None, parent: str | None
