@@ -3,8 +3,8 @@ refused pulls that leave nothing behind, abandoned claims, retried registrations
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-import time
 
 import pytest
 import torch
@@ -121,21 +121,28 @@ def test_a_refused_pull_leaves_the_destination_as_it_was(reg, tmp_path):
 
 
 def test_gc_removes_only_old_abandoned_claims(reg, capsys):
-    # v2: a register killed after its claim and one file; v3: a claim being worked on right now.
-    storage.write_bytes(storage.join(reg.version_url("m", 2), ".claim"), b'{"owner": "dead"}')
+    # v2: a register killed two days ago after its claim and one file; v3: a claim being worked on
+    # (an hour old); v4: a claim whose body is unreadable, so its age is the store's mtime (now).
+    def claim(version: int, body: bytes) -> None:
+        storage.write_bytes(storage.join(reg.version_url("m", version), ".claim"), body)
+
+    ago = lambda hours: (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=hours)).isoformat()  # noqa: E731
+    claim(2, json.dumps({"owner": "dead", "created": ago(48)}).encode())
     storage.write_bytes(storage.join(reg.version_url("m", 2), "config.json"), b"{}")
-    time.sleep(2.2)
-    storage.write_bytes(storage.join(reg.version_url("m", 3), ".claim"), b'{"owner": "alive"}')
-    assert reg.gc(2.0, dry_run=True) == [reg.version_url("m", 2)]
+    claim(3, json.dumps({"owner": "alive", "created": ago(1)}).encode())
+    claim(4, b"not json")
+    assert reg.gc(86400, dry_run=True) == [reg.version_url("m", 2)]
     assert storage.exists(storage.join(reg.version_url("m", 2), ".claim"))
-    assert mfm(["registry", "gc", "--older-than", "2s", "--registry", reg.url]) == 0
+    assert mfm(["registry", "gc", "--older-than", "1d", "--registry", reg.url]) == 0
     assert capsys.readouterr().out.split() == ["removed", reg.version_url("m", 2)]
     assert not storage.exists(storage.join(reg.version_url("m", 2), ".claim"))
     assert not storage.exists(storage.join(reg.version_url("m", 2), "config.json"))
     assert storage.exists(storage.join(reg.version_url("m", 3), ".claim"))  # too young
+    assert storage.exists(storage.join(reg.version_url("m", 4), ".claim"))
     assert reg.versions("m") == [1] and reg.manifest("m@v1")["version"] == 1  # complete: untouched
     assert storage.exists(storage.join(reg.version_url("m", 1), ".claim"))
-    assert reg.gc(2.0) == []
+    assert reg.gc(86400) == []
+    assert reg.gc(1800) == [reg.version_url("m", 3)]
     with pytest.raises(SystemExit):  # argparse's usage error
         mfm(["registry", "gc", "--older-than", "soon", "--registry", reg.url])
 

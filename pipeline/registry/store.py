@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import socket
@@ -253,7 +254,8 @@ class Registry:
 
     def gc(self, older_than_s: float, name: str | None = None, *, dry_run: bool = False) -> list[str]:
         """Remove abandoned claims: `v<N>/` folders holding a `.claim` older than `older_than_s`
-        and no manifest (a `register` killed midway). Complete versions are never touched.
+        (by its `created` time) and no manifest (a `register` killed midway). Complete versions are
+        never touched.
         Returns the folders removed (or, with dry_run, that would be)."""
         if older_than_s <= 0:
             raise RegistryError(f"gc: the age must be positive, got {older_than_s} s")
@@ -264,13 +266,8 @@ class Registry:
                 vurl = self.version_url(n, version)
                 claim_url = storage.join(vurl, CLAIM)
                 fs, claim_path = storage.filesystem(claim_url, self.storage)
-                try:
-                    modified = fs.modified(claim_path)
-                except FileNotFoundError:
-                    continue  # no claim: not something a register left
-                if modified.tzinfo is None:
-                    modified = modified.replace(tzinfo=dt.timezone.utc)
-                if (now - modified).total_seconds() < older_than_s:
+                created = self._claim_time(claim_url)
+                if created is None or (now - created).total_seconds() < older_than_s:
                     continue
                 if storage.exists(storage.join(vurl, MANIFEST), self.storage):
                     continue
@@ -288,6 +285,23 @@ class Registry:
                     Path(fs._strip_protocol(vurl)).rmdir()
                 log.info("removed abandoned claim %s", vurl)
         return removed
+
+    def _claim_time(self, url: str) -> dt.datetime | None:
+        """When a claim was taken: its `created` field, else the store's modification time; None
+        if the claim is gone."""
+        try:
+            body = storage.read_bytes(url, self.storage)
+        except FileNotFoundError:
+            return None
+        try:
+            created = dt.datetime.fromisoformat(json.loads(body)["created"])
+        except (ValueError, KeyError, TypeError):
+            fs, path = storage.filesystem(url, self.storage)
+            try:
+                created = fs.modified(path)
+            except FileNotFoundError:
+                return None
+        return created if created.tzinfo else created.replace(tzinfo=dt.timezone.utc)
 
     def _lineage(
         self, export_url: str, data_manifest_url: str | None, run_config_url: str | None, parent: str | None
