@@ -262,9 +262,15 @@ def _walk_files(top: str):
     files, dirs = [], []
     try:
         with os.scandir(top) as it:
-            for d in it:
-                kind = _kind(d) if utf8(d.name) else NOT_UTF8
-                (dirs if kind is None and d.is_dir(follow_symlinks=False) else files).append((d, kind))
+            for d in it:  # the common cases from d_type alone, without a system call
+                if not (d.name.isascii() or utf8(d.name)):
+                    files.append((d, NOT_UTF8))
+                elif d.is_file(follow_symlinks=False):
+                    files.append((d, None))
+                elif d.is_dir(follow_symlinks=False):
+                    dirs.append((d, None))
+                else:
+                    files.append((d, _kind(d)))
     except OSError as e:
         yield _Unreadable(top), f"unreadable folder ({e.strerror})"
         return
