@@ -102,8 +102,18 @@ class StorageConfig(Section):
     retries: int = Field(5, ge=0)
 
 
+class TrainSource(Section):
+    """One of several training splits (`data.train` as a list), drawn with `weight`."""
+
+    url: str  # a sharded split (the folder holding manifest.json)
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False)  # share of each epoch, relative to the others
+
+
 class DataConfig(Section):
-    train: str = "demo-out/shards/train"  # URL of a sharded split (the folder holding manifest.json)
+    # URL of a sharded split (the folder holding manifest.json), or a list of {url, weight}: each
+    # epoch then draws every source in proportion to its weight (pipeline/data/sampling.py, Mix)
+    train: str | list[TrainSource] = "demo-out/shards/train"
+    epoch_samples: int | None = Field(None, gt=0)  # draws per epoch of a list; default: all its samples
     val: str | None = "demo-out/shards/val"
     backend: Literal["auto", "dali", "torch"] = "auto"  # auto: DALI when installed
     batch_size: int = Field(64, gt=0, le=MAX_BATCH)  # global, across all ranks and accumulation steps
@@ -121,6 +131,28 @@ class DataConfig(Section):
     # share of each batch's JPEGs the DALI GPU decoder gives the hardware decoder (NVJPG engines;
     # A100, H100/H200), the rest to its CUDA decoder: set by `mfm bench data --device cuda`
     dali_hw_decoder_load: float = Field(0.9, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check_sources(self):
+        if isinstance(self.train, list):
+            if not self.train:
+                raise ValueError("data.train: an empty list of sources")
+            urls = [t.url for t in self.train]
+            if len(set(urls)) != len(urls):
+                raise ValueError(f"data.train: a source listed twice ({urls})")
+        return self
+
+
+def train_sources(data: DataConfig) -> list[TrainSource]:
+    """data.train as a list of sources (a plain URL is one source of weight 1)."""
+    return [TrainSource(url=data.train)] if isinstance(data.train, str) else list(data.train)
+
+
+def single_train_split(data: DataConfig, who: str) -> str:
+    """data.train for stages that read one split; a ConfigError naming the key for a list."""
+    if isinstance(data.train, str):
+        return data.train
+    raise ConfigError(f"data.train: {who} reads one split; a list of sources is for pretraining")
 
 
 class OptimConfig(Section):
@@ -296,7 +328,11 @@ def build_config(data: dict) -> Config:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "config"
+            if err["loc"][-1:] == ("str",) and isinstance(err.get("input"), list):
+                continue  # data.train given as a list: the plain-URL branch of the union is noise
+            # union branches ("str", "list[TrainSource]") are not keys the user wrote
+            loc = [p for p in err["loc"] if not (isinstance(p, str) and (p == "str" or p.startswith("list[")))]
+            key = ".".join(str(p) for p in loc) or "config"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"

@@ -111,7 +111,9 @@ def read_init_state(cfg: Config) -> dict[str, torch.Tensor]:
 
 
 def train_classes(cfg: Config) -> list[dict]:
-    url = storage.join(cfg.data.train, "manifest.json")
+    from pipeline.config import single_train_split
+
+    url = storage.join(single_train_split(cfg.data, "fine-tuning"), "manifest.json")
     if not storage.exists(url, cfg.storage):
         raise ConfigError(f"data.train={cfg.data.train!r}: no manifest.json there (shard the data first: mfm shard)")
     return list(json.loads(storage.read_bytes(url, cfg.storage)).get("classes") or [])

@@ -29,7 +29,7 @@ import torch
 from pipeline.config import Config
 from pipeline.data.augment import corrupt_samples
 from pipeline.data.reading import raw_batches
-from pipeline.data.sampling import Layout, SamplerState, Segment, rank_plan
+from pipeline.data.sampling import Layout, Mix, SamplerState, Segment, rank_plan
 from pipeline.data.shards import SampleReader, Split
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,11 @@ class LaterEpochs:
     layout: Layout
     rank: int
     shuffle_buffer: int
+    mix: Mix | None = None  # data.train as a list of sources
 
     def __call__(self, epoch: int) -> np.ndarray:
         state = SamplerState(seed=self.seed, epoch=epoch, segments=[Segment(self.layout)])
-        return rank_plan(list(self.counts), state, self.rank, shuffle_buffer=self.shuffle_buffer)
+        return rank_plan(list(self.counts), state, self.rank, shuffle_buffer=self.shuffle_buffer, mix=self.mix)
 
 
 @dataclass

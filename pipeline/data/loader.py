@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -13,10 +14,17 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import torch_backend
-from pipeline.data.sampling import Layout, SamplerState, deal, epoch_order, rank_plan
+from pipeline.data.sampling import Layout, Mix, SamplerState, deal, epoch_order, rank_plan
 from pipeline.data.shards import Split, read_split
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MixedSplit(Split):
+    """Several sources' shards as one split (data.train as a list), with how to draw them."""
+
+    mix: Mix | None = None
 
 
 class Batch(NamedTuple):
@@ -75,7 +83,8 @@ class TrainLoader:
         self.layout = Layout(world_size, micro_batch, max(1, cfg.data.workers))
         self.state = SamplerState(seed=cfg.train.seed)
         self.state.use_layout(self.layout)
-        full = split.num_samples
+        self.mix = getattr(split, "mix", None)
+        full = len_epoch(split)
         self.steps_per_epoch = full // (world_size * micro_batch)
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -107,13 +116,20 @@ class TrainLoader:
         )
         if getattr(self, "_plan_key", None) != key:
             self._plan_cached = rank_plan(
-                self.split.counts, self.state, self.rank, shuffle_buffer=self.cfg.data.shuffle_buffer
+                self.split.counts, self.state, self.rank, shuffle_buffer=self.cfg.data.shuffle_buffer, mix=self.mix
             )
             self._plan_key = key
         return self._plan_cached
 
     def state_dict(self) -> dict:
-        return {**self.state.to_dict(), "num_samples": self.split.num_samples, "skipped": self.skipped}
+        out = {**self.state.to_dict(), "num_samples": self.split.num_samples, "skipped": self.skipped}
+        if self.mix is not None:  # a resume must see the same sources, in the same proportions
+            out["mix"] = {
+                "shards": list(self.mix.shards),
+                "weights": list(self.mix.weights),
+                "epoch": len_epoch(self.split),
+            }
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_samples") != self.split.num_samples:
@@ -121,6 +137,9 @@ class TrainLoader:
                 f"{self.split.url}: loader state is for a split of {state.get('num_samples')} samples, "
                 f"this one holds {self.split.num_samples}"
             )
+        mine = self.state_dict().get("mix")
+        if state.get("mix") != mine:
+            raise ValueError(f"{self.split.url}: loader state is for the sources {state.get('mix')}, these are {mine}")
         st = SamplerState.from_dict(state)
         if st.seed != self.cfg.train.seed:
             log.warning(
@@ -149,7 +168,12 @@ class TrainLoader:
 
             if self._dali is None or not self._dali.expects(self.epoch, start):
                 later = dali_backend.LaterEpochs(
-                    tuple(self.split.counts), self.state.seed, self.layout, self.rank, self.cfg.data.shuffle_buffer
+                    tuple(self.split.counts),
+                    self.state.seed,
+                    self.layout,
+                    self.rank,
+                    self.cfg.data.shuffle_buffer,
+                    self.mix,
                 )
                 source = dali_backend.BatchSource(self.split, self.cfg, plan, start, self.epoch, later)
                 self._dali = None  # the old pipeline and its workers go before new ones start
@@ -256,13 +280,44 @@ class EvalLoader:
         self.epoch += 1
 
 
+def len_epoch(split: Split) -> int:
+    mix = getattr(split, "mix", None)
+    return split.num_samples if mix is None else int(mix.shares(split.counts).sum())
+
+
+def read_train_split(cfg: Config) -> Split:
+    """data.train as one Split: a URL, or a list of sources combined (shards in source order)
+    with the Mix that draws each in proportion to its weight."""
+    from pipeline.config import train_sources
+
+    sources = train_sources(cfg.data)
+    if isinstance(cfg.data.train, str):
+        return read_split(cfg.data.train, cfg.storage)
+    splits = [read_split(s.url, cfg.storage) for s in sources]
+    mix = Mix(tuple(len(s.shards) for s in splits), tuple(s.weight for s in sources), cfg.data.epoch_samples)
+    combined = MixedSplit(
+        "+".join(s.url for s in splits), tuple(sh for s in splits for sh in s.shards), splits[0].classes, mix
+    )
+    shares = mix.shares(combined.counts)
+    for src, split, share in zip(sources, splits, shares):
+        log.info(
+            "data.train source %s: %d samples, weight %g -> %d draws per epoch (%.2fx its size)",
+            src.url,
+            split.num_samples,
+            src.weight,
+            share,
+            share / split.num_samples,
+        )
+    return combined
+
+
 def build_train_loader(
     cfg: Config, *, rank: int, world_size: int, micro_batch: int, device, backend: str | None = None
 ) -> TrainLoader:
     """The pretraining loader of cfg.data.train for one rank (see docs/architecture.md)."""
     return TrainLoader(
         cfg,
-        read_split(cfg.data.train, cfg.storage),
+        read_train_split(cfg),
         rank=rank,
         world_size=world_size,
         micro_batch=micro_batch,
@@ -277,9 +332,11 @@ def build_labelled_train_loader(
     """A resumable labelled loader of cfg.data.train yielding LabelledBatch: `transform` (PIL RGB
     image -> normalised float (3, S, S)) runs per sample with that sample's own seed, so the
     augmentation does not depend on rank, worker or resume (see SeededLabelledBatches)."""
+    from pipeline.config import single_train_split
+
     return TrainLoader(
         cfg,
-        read_split(cfg.data.train, cfg.storage),
+        read_split(single_train_split(cfg.data, "fine-tuning"), cfg.storage),
         rank=rank,
         world_size=world_size,
         micro_batch=micro_batch,

@@ -115,6 +115,77 @@ def epoch_order(counts: list[int], *, seed: int, epoch: int, shuffle_buffer: int
     return order
 
 
+@dataclass(frozen=True)
+class Mix:
+    """Several sources in one epoch (`data.train` as a list). The combined split holds source s's
+    shards as `shards[s]` consecutive entries, in source order; source s gets `weights[s]` of
+    each epoch's `epoch_samples` draws (default: all sources' samples together).
+
+    Like mosaicml streaming's Stream(proportion=...): a source whose share is smaller than it
+    is sampled without replacement, a larger share repeats it. Each source is read as an
+    endless stream of passes (each pass: every sample once, in that source's own seeded
+    shard-and-buffer shuffle) and epoch e takes the next `share` draws of it, so no sample is
+    drawn twice before every sample of its source has been drawn once, across epochs too.
+    The sources' draws are then interleaved by a seeded shuffle of source labels."""
+
+    shards: tuple[int, ...]
+    weights: tuple[float, ...]
+    epoch_samples: int | None = None
+
+    def sizes(self, counts: list[int]) -> list[int]:
+        bounds = np.concatenate([[0], np.cumsum(self.shards)])
+        if bounds[-1] != len(counts):
+            raise ValueError(f"mix of {bounds[-1]} shards for a split of {len(counts)}")
+        return [int(sum(counts[bounds[s] : bounds[s + 1]])) for s in range(len(self.shards))]
+
+    def shares(self, counts: list[int]) -> np.ndarray:
+        """Draws per source per epoch: largest-remainder rounding of the weights (pure)."""
+        total = self.epoch_samples or sum(self.sizes(counts))
+        w = np.asarray(self.weights, dtype=np.float64)
+        exact = total * w / w.sum()
+        out = np.floor(exact).astype(np.int64)
+        rest = total - int(out.sum())
+        out[np.argsort(-(exact - out), kind="stable")[:rest]] += 1
+        return out
+
+
+def source_draws(
+    counts: list[int], *, seed: int, source: int, start: int, length: int, shuffle_buffer: int
+) -> np.ndarray:
+    """Draws [start, start + length) of one source's endless stream of passes (local ids)."""
+    n = int(sum(counts))
+    if length == 0:
+        return np.zeros(0, np.int64)
+    first, last = start // n, (start + length - 1) // n
+    passes = [
+        epoch_order(counts, seed=mix_seed(seed, 0x50, source), epoch=p, shuffle_buffer=shuffle_buffer)
+        for p in range(first, last + 1)
+    ]
+    skip = start - first * n
+    return np.concatenate(passes)[skip : skip + length]
+
+
+def mixed_epoch_order(counts: list[int], mix: Mix, *, seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
+    """The epoch's global order over the combined split (ids repeat where a share exceeds its source)."""
+    sizes, shares = mix.sizes(counts), mix.shares(counts)
+    bounds = np.concatenate([[0], np.cumsum(mix.shards)])
+    base = np.concatenate([[0], np.cumsum(sizes)])
+    rng = np.random.default_rng(mix_seed(seed, epoch, 0x313))
+    labels = rng.permutation(np.repeat(np.arange(len(sizes)), shares))
+    order = np.empty(len(labels), dtype=np.int64)
+    for s, share in enumerate(shares):
+        local = source_draws(
+            counts[bounds[s] : bounds[s + 1]],
+            seed=seed,
+            source=s,
+            start=epoch * int(share),
+            length=int(share),
+            shuffle_buffer=shuffle_buffer,
+        )
+        order[labels == s] = local + base[s]
+    return order
+
+
 def deal(order: np.ndarray, layout: Layout, rank: int, *, drop_last: bool = True) -> np.ndarray:
     """The rank's batches for `order`: (num_batches, micro_batch) ids, batch j from reader j % W.
 
@@ -140,22 +211,34 @@ def deal(order: np.ndarray, layout: Layout, rank: int, *, drop_last: bool = True
 
 
 def remaining_order(order: np.ndarray, segments: list[Segment]) -> np.ndarray:
-    """`order` without what every rank consumed on the given (earlier) segments."""
+    """`order` without what every rank consumed on the given (earlier) segments. Works on
+    positions in the order, so an id drawn twice in an epoch (an upsampled source) is removed
+    only where it was consumed."""
+    pos = np.arange(len(order), dtype=np.int64)
     for seg in segments:
         if seg.batches == 0:
             continue
         consumed = np.concatenate(
-            [deal(order, seg.layout, r)[: seg.batches].ravel() for r in range(seg.layout.world_size)]
+            [deal(pos, seg.layout, r)[: seg.batches].ravel() for r in range(seg.layout.world_size)]
         )
-        order = order[~np.isin(order, consumed)]
-    return order
+        pos = pos[~np.isin(pos, consumed)]
+    return order[pos]
 
 
 def rank_plan(
-    counts: list[int], state: SamplerState, rank: int, *, shuffle_buffer: int, shuffle: bool = True
+    counts: list[int],
+    state: SamplerState,
+    rank: int,
+    *,
+    shuffle_buffer: int,
+    shuffle: bool = True,
+    mix: Mix | None = None,
 ) -> np.ndarray:
     """All batches of the rank for the current segment of the state's epoch (consumed ones included)."""
-    order = epoch_order(counts, seed=state.seed, epoch=state.epoch, shuffle_buffer=shuffle_buffer, shuffle=shuffle)
+    if mix is not None and len(mix.shards) > 1:
+        order = mixed_epoch_order(counts, mix, seed=state.seed, epoch=state.epoch, shuffle_buffer=shuffle_buffer)
+    else:
+        order = epoch_order(counts, seed=state.seed, epoch=state.epoch, shuffle_buffer=shuffle_buffer, shuffle=shuffle)
     order = remaining_order(order, state.segments[:-1])
     return deal(order, state.segments[-1].layout, rank)
 

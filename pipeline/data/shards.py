@@ -335,8 +335,10 @@ class SampleReader:
         _, first = np.unique(shard_of, return_index=True)
         sequence = [int(shard_of[i]) for i in sorted(first)]
         wanted: dict[int, set[int]] = {}
+        uses: dict[tuple[int, int], int] = {}  # a sample drawn twice (an upsampled source) is kept for both
         for s, i in zip(shard_of.tolist(), index_of.tolist()):
             wanted.setdefault(s, set()).add(i)
+            uses[(s, i)] = uses.get((s, i), 0) + 1
 
         pool = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
         inflight: deque = deque()
@@ -365,7 +367,8 @@ class SampleReader:
                         pending[(si, j)] = sample
                     loaded.add(si)
                 top_up()
-                yield gid, pending.pop((s, i))
+                uses[(s, i)] -= 1
+                yield gid, pending.pop((s, i)) if uses[(s, i)] == 0 else dict(pending[(s, i)])
         finally:
             for _, fut in inflight:
                 fut.cancel()

@@ -70,9 +70,11 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(
             f"model.name={cfg.model.name!r} is not a timm model" + (f"; similar: {', '.join(close)}" if close else "")
         )
-    manifest = storage.join(cfg.data.train, "manifest.json")
-    if not storage.exists(manifest, cfg.storage):
-        raise ConfigError(f"data.train={cfg.data.train!r}: no manifest.json there (shard the data first: mfm shard)")
+    from pipeline.config import train_sources
+
+    for source in train_sources(cfg.data):
+        if not storage.exists(storage.join(source.url, "manifest.json"), cfg.storage):
+            raise ConfigError(f"data.train={source.url!r}: no manifest.json there (shard the data first: mfm shard)")
     import torch
 
     resolve_precision(cfg.train.precision, torch.cuda.is_available())
