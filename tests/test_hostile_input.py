@@ -102,6 +102,22 @@ def test_manifest_of_the_wrong_shape_is_named(tmp_path, manifest, entry, capsys)
         read_split(url)
 
 
+@pytest.mark.parametrize("drop", ["options", "source", "classes"])
+def test_resharding_over_a_manifest_of_the_wrong_shape_names_it(tmp_path, drop, capsys):
+    from pipeline.cli import main
+    from pipeline.sharding import shard_dataset
+
+    src = _tree(tmp_path / "src", {"train": {"n01": 2, "n02": 2}, "val": {"n01": 1, "n02": 1}})
+    dest = str(tmp_path / "out")
+    shard_dataset(src, dest)
+    _edit_manifest(join(dest, "train"), lambda m: m.pop(drop))
+    for splits in ("train", "val"):  # its own manifest, and a sibling's (compared class tables)
+        with pytest.raises(ValueError, match=rf"train/manifest\.json: not a manifest written by mfm shard: {drop}"):
+            shard_dataset(src, dest, splits=splits)
+    assert main(["shard", "--source", src, "--dest", dest, "--splits", "train", "--no-progress"]) == 2
+    assert "train/manifest.json" in capsys.readouterr().err
+
+
 # --- 8: impossible config values are refused early, naming the key -------------------------------
 
 

@@ -81,7 +81,10 @@ def shard_dataset(
     tables: dict[str, list[dict]] = {}  # split -> class table, of this run's and dest's other splits
     for other in available_splits(source):
         if other not in splits and st.exists(st.join(dest, other, mf.MANIFEST), storage):
-            tables[other] = mf.read_manifest(st.join(dest, other), storage)["classes"]
+            other_url = st.join(dest, other)
+            tables[other] = mf.check_written(mf.read_manifest(other_url, storage), st.join(other_url, mf.MANIFEST))[
+                "classes"
+            ]
     return {
         split: _shard_split(
             source, st.join(dest, split), split, options, max(1, workers), storage, progress, rebuild, tables
@@ -129,7 +132,7 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress, rebu
     src = {"kind": listing.kind, "path": source, "fingerprint": listing.fingerprint}
     manifest_url = st.join(split_url, mf.MANIFEST)
     current = st.read_versioned(manifest_url, cfg)
-    old = mf.parse_manifest(current[0], manifest_url) if current else None
+    old = mf.check_written(mf.parse_manifest(current[0], manifest_url), manifest_url) if current else None
     if old is not None and not rebuild:
         if old["options"] != options:
             raise ShardingError(

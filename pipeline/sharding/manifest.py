@@ -118,6 +118,20 @@ def check_manifest(m: object, url: str) -> dict:
     return m
 
 
+_WRITTEN = {"split": str, "num_samples": int, "classes": list, "source": dict, "options": dict, "rejected": list}
+
+
+def check_written(m: dict, url: str) -> dict:
+    """`m` (already through check_manifest) when it has every field the sharder writes and
+    reads back to resume or grow a split; else a ValueError naming the manifest and the field."""
+    for key, kind in _WRITTEN.items():
+        if not isinstance(m.get(key), kind):
+            raise ValueError(f"{url}: not a manifest written by mfm shard: {key} missing or not a {kind.__name__}")
+    if not isinstance(m["source"].get("fingerprint"), str):
+        raise ValueError(f"{url}: not a manifest written by mfm shard: source.fingerprint missing")
+    return m
+
+
 @dataclass(frozen=True)
 class Problem:
     shard: str
