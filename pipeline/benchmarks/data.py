@@ -211,7 +211,15 @@ def bench_nvjpeg(cfg, split_url: str, batch: int, workers: int, device: str) -> 
 
     def batches():
         for out in torch_backend.iterate(
-            split, cfg, plan, 0, max(1, workers), 0, EncodedBatches(), workers=workers, pin_memory=True
+            split,
+            cfg,
+            plan,
+            0,
+            max(1, workers),
+            0,
+            EncodedBatches(),
+            workers=workers,
+            pin_memory=device.startswith("cuda"),
         ):
             images = decode_jpeg(out["data"], device=device)
             views = []
@@ -226,7 +234,8 @@ def bench_nvjpeg(cfg, split_url: str, batch: int, workers: int, device: str) -> 
             views = torch.cat(views).div_(255).clamp_(0, 1)
             enc, _, _ = corrupt_samples(views, cfg.corruption, out["params"][:, 5].tolist())
             yield enc
-        torch.cuda.synchronize()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     return _time(batches(), batch)
 
