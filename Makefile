@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	# torch first and pinned: the build that matches torchvision 0.29.1
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dali,dev]'
+	# the whole pipeline: the bare package is the light consumer install (README, "Consumers")
+	$(BIN)/pip install -q -e '.[all,dev]'
 	# Real photos for the sample data; scikit-image's photos are the fallback without it.
 	-dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 	touch $@

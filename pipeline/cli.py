@@ -4,6 +4,7 @@ so `mfm --help` stays fast and a stage's heavy dependencies load only for that s
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 # name -> ("module:function", one-line help). Each function takes argv (list[str]) -> exit code.
@@ -17,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "pipeline.finetune:cli",
         "fine-tune a pretrained encoder into a classifier (DeepSpeed) -> export, metrics.json",
     ),
-    "bench": ("pipeline.benchmarks:cli", "benchmarks: mfm bench {kernels,data,shard,train}"),
+    "bench": ("pipeline.benchmarks:cli", "benchmarks: mfm bench {kernels,data,shard,train,registry}"),
     "registry": ("pipeline.registry.commands:cli", "model registry: mfm registry {list,show,register,promote,gc}"),
     "pull": (
         "pipeline.registry.commands:pull_cli",
@@ -32,6 +33,56 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # A string, resolved only when run: pipeline does not import flows/.
     "deploy": ("flows.deploy:cli", "Prefect deployments on a work pool: mfm deploy [--pool NAME] [--kubernetes]"),
 }
+
+# The extras of pyproject.toml and the top-level modules each brings (tests/test_registry_light.py
+# checks this against the installed distributions). The bare install has none of them.
+EXTRAS: dict[str, set[str]] = {
+    "train": {"deepspeed", "tensorboard", "tqdm", "matplotlib", "skimage", "webdataset"},
+    "flows": {"prefect"},
+    "eval": {"imagecorruptions", "skimage", "matplotlib"},
+    "dali": {"nvidia.dali"},
+}
+# The extras a command needs, checked before it starts; the others need the bare install only.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "demo": ("train", "flows", "eval"),
+    "sample-data": ("train",),
+    "shard": ("train",),
+    "pretrain": ("train",),
+    "finetune": ("train",),
+    "bench": ("train",),
+    "evaluate": ("eval",),
+    "experiment": ("train",),
+    "deploy": ("flows",),
+}
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def missing_module(command: str) -> str | None:
+    """The first module of `command`'s extras that is not installed (found without importing it)."""
+    for extra in NEEDS.get(command, ()):
+        for module in sorted(EXTRAS[extra]):
+            if not _importable(module):
+                return module
+    return None
+
+
+def _extra_message(command: str, module: str) -> str | None:
+    top = module.split(".")[0]
+    extras = [e for e in NEEDS.get(command, ()) if any(m.split(".")[0] == top for m in EXTRAS[e])]
+    extras = extras or [e for e, mods in EXTRAS.items() if any(m.split(".")[0] == top for m in mods)][:1]
+    if not extras:
+        return None
+    needs = ",".join(NEEDS.get(command, ())) if set(extras) <= set(NEEDS.get(command, ())) else extras[0]
+    return (
+        f"mfm {command}: needs the [{needs}] extra{'s' if ',' in needs else ''} "
+        f"(module {module!r} is not installed): pip install 'mfm-pipeline[{needs}]'"
+    )
 
 
 def config_cli(argv: list[str]) -> int:
@@ -55,8 +106,12 @@ def config_cli(argv: list[str]) -> int:
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
-    return f"usage: mfm COMMAND [ARGS]\n\ncommands:\n{rows}\n"
+    needs = {name: f" [{','.join(extras)}]" for name, extras in NEEDS.items()}
+    rows = "\n".join(f"  {name:<{width}}  {help_}{needs.get(name, '')}" for name, (_, help_) in COMMANDS.items())
+    return (
+        f"usage: mfm COMMAND [ARGS]\n\ncommands:\n{rows}\n\n"
+        "[extra]: a command of the pipeline, installed with pip install 'mfm-pipeline[extra]'\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,12 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"mfm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr, end="")
         return 2
+    missing = missing_module(name)
+    if missing:
+        print(_extra_message(name, missing), file=sys.stderr)
+        return 1
     module, func = COMMANDS[name][0].split(":")
     try:
         return getattr(importlib.import_module(module), func)(rest) or 0
     except ConfigError as e:
         print(f"mfm {name}: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        message = _extra_message(name, e.name or "")
+        if message is None:
+            raise  # not an optional dependency: a real bug, keep its traceback
+        print(message, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ BENCHES = {
     "data": "loader images/s per backend vs a PIL DataLoader baseline",
     "shard": "sharding MB/s and images/s vs plain tar and Pillow decode",
     "train": "training images/s under DeepSpeed ZeRO-1/2 vs PyTorch DDP",
+    "registry": "load_model cold (download, verify) vs warm (local cache), light vs full install size",
 }
 
 
