@@ -47,7 +47,8 @@ def model_card(name: str, version: int, config: dict, lineage: dict, metrics: di
         "from pipeline.registry import load_model",
         f'model = load_model("{name}@v{version}", registry="<registry URL>")',
         "```",
-        f"or `mfm pull {name}@v{version} --registry <registry URL> --dest DIR`.",
+        f"or `mfm pull {name}@v{version} --registry <registry URL> --dest DIR`; the light install "
+        "`pip install mfm-pipeline` is enough for both.",
         "",
     ]
     return "\n".join(lines)
