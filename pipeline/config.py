@@ -122,6 +122,8 @@ class DataConfig(Section):
     crop_scale: CropScale = (0.2, 1.0)
     prefetch_shards: int = Field(2, ge=0, le=64)  # each holds a shard's wanted samples in memory
     cache_dir: str | None = None  # optional local shard cache
+    # its size limit (10^9 bytes): least recently used shards are evicted, shards being read never
+    cache_limit_gb: float | None = Field(None, gt=0, allow_inf_nan=False)
     # filter when a crop is shrunk to the image size (enlarging is always bicubic): bicubic is the
     # paper's; bilinear (antialiased) is much cheaper on CPUs, DALI's CPU resize especially
     downscale: Literal["bicubic", "bilinear"] = "bicubic"

@@ -83,7 +83,9 @@ class BatchSource:
         """Batch j of DALI epoch k, read and header-checked (reading.RawBatch)."""
         plan, _ = self.plan_of(k)
         d = self.cfg.data
-        reader = SampleReader(self.split, self.cfg.storage, prefetch=0, cache_dir=d.cache_dir)
+        reader = SampleReader(
+            self.split, self.cfg.storage, prefetch=0, cache_dir=d.cache_dir, cache_limit_gb=d.cache_limit_gb
+        )
         (raw,) = raw_batches(
             self.split,
             plan,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import StorageConfig
+from pipeline.data import cache
 from pipeline.sharding.manifest import check_manifest
 from pipeline.storage import filesystem, join, plain_name, retry
 
@@ -269,7 +270,11 @@ def _read_indexed(f, rows, order: list[int], cur: _TarCursor, url: str) -> None:
 
 
 def read_samples(
-    shard: Shard, wanted: Iterable[int], storage: StorageConfig | None = None, cache_dir: str | None = None
+    shard: Shard,
+    wanted: Iterable[int],
+    storage: StorageConfig | None = None,
+    cache_dir: str | None = None,
+    cache_limit_gb: float | None = None,
 ) -> dict[int, dict]:
     """The samples `wanted` (indices within the shard) as {index: {"__key__", "jpg", ...}}.
 
@@ -280,9 +285,13 @@ def read_samples(
     consecutive members sharing a key (the name up to its first dot)."""
     storage = storage or StorageConfig()
     if cache_dir:
-        fs, path = filesystem(cache_shard(shard, storage, cache_dir))
-    else:
-        fs, path = filesystem(shard.url, storage)
+        # held against eviction while it is read (pipeline/data/cache.py)
+        with cache.held(lambda: cache_shard(shard, storage, cache_dir), cache_dir, cache_limit_gb) as local:
+            return _read_samples(shard, wanted, storage, *filesystem(local))
+    return _read_samples(shard, wanted, storage, *filesystem(shard.url, storage))
+
+
+def _read_samples(shard: Shard, wanted: Iterable[int], storage: StorageConfig, fs, path: str) -> dict[int, dict]:
     cur = _TarCursor(samples={})
     wanted = set(wanted)
     rows = read_index(shard, storage)
@@ -323,9 +332,16 @@ class SampleReader:
     """
 
     def __init__(
-        self, split: Split, storage: StorageConfig | None = None, *, prefetch: int = 2, cache_dir: str | None = None
+        self,
+        split: Split,
+        storage: StorageConfig | None = None,
+        *,
+        prefetch: int = 2,
+        cache_dir: str | None = None,
+        cache_limit_gb: float | None = None,
     ):
         self.split, self.storage, self.prefetch, self.cache_dir = split, storage, prefetch, cache_dir
+        self.cache_limit_gb = cache_limit_gb
 
     def read(self, ids: Iterable[int]) -> Iterator[tuple[int, dict]]:
         ids = np.asarray(list(ids), dtype=np.int64)
@@ -351,7 +367,14 @@ class SampleReader:
                 inflight.append(
                     (
                         sequence[nxt],
-                        pool.submit(read_samples, shard, wanted[sequence[nxt]], self.storage, self.cache_dir),
+                        pool.submit(
+                            read_samples,
+                            shard,
+                            wanted[sequence[nxt]],
+                            self.storage,
+                            self.cache_dir,
+                            self.cache_limit_gb,
+                        ),
                     )
                 )
                 nxt += 1

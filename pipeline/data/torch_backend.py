@@ -141,7 +141,13 @@ class PlanDataset(IterableDataset):
         reader_id = info.id if info is not None else 0
         readers = [reader_id] if info is not None else range(self.readers)
         d = self.cfg.data
-        sr = SampleReader(self.split, self.cfg.storage, prefetch=d.prefetch_shards, cache_dir=d.cache_dir)
+        sr = SampleReader(
+            self.split,
+            self.cfg.storage,
+            prefetch=d.prefetch_shards,
+            cache_dir=d.cache_dir,
+            cache_limit_gb=d.cache_limit_gb,
+        )
         streams = [
             raw_batches(
                 self.split,
