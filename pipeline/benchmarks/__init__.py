@@ -11,6 +11,7 @@ BENCHES = {
     "shard": "sharding MB/s and images/s vs plain tar and Pillow decode",
     "train": "training images/s under DeepSpeed ZeRO-1/2 vs PyTorch DDP",
     "registry": "load_model cold (download, verify) vs warm (local cache), light vs full install size",
+    "plan": "one rank's epoch plan at ImageNet scale (world 512): time, memory, manifest load, S3 first batch",
 }
 
 
