@@ -542,3 +542,53 @@ def test_a_damaged_val_archive_is_named(tmp_path, damage, capsys):
         shard_dataset(str(src), str(tmp_path / "out"))
     assert main(["shard", "--source", str(src), "--dest", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "ILSVRC2012_img_val.tar" in capsys.readouterr().err
+
+
+# --- labelled loaders (fine-tuning, evaluation): a body that does not decode is skipped too ------
+
+
+def undecodable_jpeg() -> bytes:
+    """Passes every marker check (SOF, 3 components, EOI) but Pillow refuses the frame."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    data[data.index(b"\xff\xc0") + 11] = 0  # the first component's sampling factors
+    return bytes(data)
+
+
+@pytest.mark.parametrize("kind", ["eval", "eval-augment", "seeded-train"])
+def test_labelled_loaders_skip_and_count_a_body_that_does_not_decode(tmp_path, monkeypatch, kind):
+    import test_data_shards
+    import torch
+    from test_data_loader import make_cfg
+    from torchvision.transforms import v2 as T
+
+    from pipeline.data import build_eval_loader
+    from pipeline.data.loader import build_labelled_train_loader
+
+    real = test_data_shards.jpeg
+    monkeypatch.setattr(test_data_shards, "jpeg", lambda i, size=32: undecodable_jpeg() if i == 2 else real(i, size))
+    url = str(tmp_path / "train")
+    write_split(url, [4, 4])
+    cfg = make_cfg(url, "data.shuffle_buffer=0", "data.workers=1")
+    if kind == "seeded-train":
+        transform = T.Compose([T.PILToTensor(), T.Resize((32, 32)), T.ToDtype(torch.float32, scale=True)])
+        loader = build_labelled_train_loader(
+            cfg, rank=0, world_size=1, micro_batch=4, device="cpu", transform=transform
+        )
+        batches = [(b.images, b.labels) for b in loader]
+    else:
+        loader = build_eval_loader(
+            cfg, url, rank=0, world_size=1, batch_size=4, device="cpu", train_augment=kind == "eval-augment"
+        )
+        batches = list(loader)
+    labels = torch.cat([lab for _, lab in batches])
+    assert len(batches) == 2 and all(torch.isfinite(im).all() for im, _ in batches)
+    assert loader.skipped == 1 and "s00002" in loader.skipped_keys[0]
+    if kind == "eval":  # in order: slot 2 holds sample 3, image and label together
+        assert labels.tolist() == [0, 1, 3, 3, 4, 5, 6, 7]
+        assert torch.equal(batches[0][0][2], batches[0][0][3])

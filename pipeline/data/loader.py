@@ -245,6 +245,8 @@ class EvalLoader:
         self.batch_size, self.device, self.train = batch_size, torch.device(device), train_augment
         self.make = torch_backend.LabelledBatches(cfg.model.img_size, train_augment, sample_transform)
         self.epoch = 0
+        self.skipped = 0  # corrupt samples replaced (within their batch), as TrainLoader counts them
+        self.skipped_keys: list[str] = []
 
     def _plan(self):
         order = epoch_order(
@@ -276,6 +278,8 @@ class EvalLoader:
             pin_memory=self.device.type == "cuda",
             augment=self.train,
         ):
+            self.skipped += len(out["skipped"])
+            self.skipped_keys = (self.skipped_keys + list(out["skipped"]))[-100:]
             yield out["images"].to(self.device, non_blocking=True), out["labels"].to(self.device, non_blocking=True)
         self.epoch += 1
 

@@ -33,20 +33,33 @@ class PretextBatches:
 
     def __call__(self, raw: RawBatch) -> dict:
         size, down = self.cfg.model.img_size, self.cfg.data.downscale
-        views = []
-        for i, (d, p) in enumerate(zip(raw.data, raw.params)):
-            try:
-                views.append(train_view(d, p, size, down, uint8=True))
-            except CorruptSample as e:  # a header that reads but a body that does not decode
-                name = raw.names[i] if i < len(raw.names) else f"sample {raw.ids[i]}"
-                log.warning("skipping corrupt sample %s: %s", name, e)
-                raw.skipped.append(f"{name}: {e}")
-                views.append(None)
+        views = [
+            _view_or_skip(raw, i, lambda: train_view(d, p, size, down, uint8=True))
+            for i, (d, p) in enumerate(zip(raw.data, raw.params))
+        ]
         views = fill_gaps(views, raw)
         return {
             "views": torch.stack(views),
             "seeds": torch.tensor([p.corruption_seed for p in raw.params], dtype=torch.int64),
         }
+
+
+def _view_or_skip(raw: RawBatch, i: int, make: Callable):
+    """make() for slot i, or None (logged and recorded in raw.skipped) when its bytes have a header
+    that reads but a body that does not decode."""
+    try:
+        return make()
+    except CorruptSample as e:
+        name = raw.names[i] if i < len(raw.names) else f"sample {raw.ids[i]}"
+        log.warning("skipping corrupt sample %s: %s", name, e)
+        raw.skipped.append(f"{name}: {e}")
+        return None
+
+
+def _labelled(views: list, raw: RawBatch) -> tuple[list, list[int]]:
+    """fill_gaps for labelled batches: a failed slot takes the next good view with its label."""
+    slots = fill_gaps([i if v is not None else None for i, v in enumerate(views)], raw)
+    return [views[j] for j in slots], [raw.labels[j] for j in slots]
 
 
 def fill_gaps(views: list, raw: RawBatch) -> list:
@@ -77,12 +90,14 @@ class LabelledBatches:
 
     def __call__(self, raw: RawBatch) -> dict:
         if self.transform is not None:
-            views = [self.transform(decode_rgb(d)) for d in raw.data]
+            make = lambda d, p: self.transform(decode_rgb(d))  # noqa: E731
         elif self.train:
-            views = [train_view(d, p, self.size) for d, p in zip(raw.data, raw.params)]
+            make = lambda d, p: train_view(d, p, self.size)  # noqa: E731
         else:
-            views = [eval_view(d, self.size) for d in raw.data]
-        return {"images": normalize(torch.stack(views)), "labels": torch.tensor(raw.labels, dtype=torch.long)}
+            make = lambda d, p: eval_view(d, self.size)  # noqa: E731
+        views = [_view_or_skip(raw, i, lambda: make(d, p)) for i, (d, p) in enumerate(zip(raw.data, raw.params))]
+        views, labels = _labelled(views, raw)
+        return {"images": normalize(torch.stack(views)), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 @contextlib.contextmanager
@@ -113,10 +128,11 @@ class SeededLabelledBatches:
 
     def __call__(self, raw: RawBatch) -> dict:
         views = []
-        for data, p in zip(raw.data, raw.params):
+        for i, (data, p) in enumerate(zip(raw.data, raw.params)):
             with seeded(p.corruption_seed):
-                views.append(self.transform(decode_rgb(data)))
-        return {"images": torch.stack(views), "labels": torch.tensor(raw.labels, dtype=torch.long)}
+                views.append(_view_or_skip(raw, i, lambda: self.transform(decode_rgb(data))))
+        views, labels = _labelled(views, raw)
+        return {"images": torch.stack(views), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 class PlanDataset(IterableDataset):
