@@ -131,8 +131,9 @@ class DataConfig(Section):
     # (Pillow, DALI) sees it; null: no limit
     max_pixels: int | None = Field(MAX_PIXELS, gt=0)
     # share of each batch's JPEGs the DALI GPU decoder gives the hardware decoder (NVJPG engines;
-    # A100, H100/H200), the rest to its CUDA decoder: set by `mfm bench data --device cuda`
-    dali_hw_decoder_load: float = Field(0.9, ge=0, le=1)
+    # A100, H100/H200), the rest to its CUDA decoder. 0.65 is DALI's default (A100); measure
+    # with `mfm bench data --device cuda --hw-decoder-load 0.5,0.75,0.9,1.0`
+    dali_hw_decoder_load: float = Field(0.65, ge=0, le=1)
 
     @model_validator(mode="after")
     def _check_sources(self):

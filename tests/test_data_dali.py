@@ -152,6 +152,24 @@ def test_dali_views_match_pillow():
         assert (got - want.flip(-1)).abs().mean() > 10 / 255  # a wrong flip would show
 
 
+def test_gpu_graph_is_defined_with_valid_arguments():
+    """The GPU branch of the graph, defined without a GPU: DALI checks every operator's arguments
+    and devices when the graph is defined, so a wrong name or device fails here, not on a GPU."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipeline.data.dali_backend import views
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=0)
+    def pipe():
+        dtypes = [types.UINT8, types.INT32, types.INT32, types.INT32]
+        encoded, anchor, shape, flip = fn.external_source(source=lambda: None, num_outputs=4, batch=True, dtype=dtypes)
+        out = views(encoded, anchor, shape, flip, size=32, downscale="bicubic", gpu=True, hw_decoder_load=0.65)
+        assert out.device == "gpu"
+        return out
+
+    pipe()  # defines the graph; building it would need a GPU
+
+
 def _failing(monkeypatch, fail_on: set[int]):
     """build_pipeline replaced by one that runs the real BatchSource and returns what the graph
     would (zero views), failing on the runs (counted over every pipeline built) in `fail_on`."""
@@ -190,9 +208,13 @@ def _failing(monkeypatch, fail_on: set[int]):
     return built
 
 
-def test_dali_failure_decodes_that_batch_with_pillow_and_goes_on(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_dali_failure_decodes_that_batch_with_pillow_and_goes_on(tmp_path, monkeypatch, ahead):
     """DALI failing on one batch does not stop the epoch: that batch comes from the torch
     backend's path (the same samples, views and corruption), then a new pipeline goes on."""
+    from pipeline.data import dali_backend
+
+    monkeypatch.setattr(dali_backend.Runner, "cpu_ahead", ahead)
     url = str(tmp_path / "train")
     write_split(url, [4, 4, 4], size=(40, 30))
     cfg = make_cfg(url, "data.workers=2")
@@ -222,9 +244,11 @@ def test_dali_failing_again_and_again_stops_after_the_batches_before_it(tmp_path
     assert got == [5, 4, 3, 2, 1]
 
 
-def test_dali_pipeline_lives_across_epochs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_dali_pipeline_lives_across_epochs(tmp_path, monkeypatch, ahead):
     """The next epoch runs on the same pipeline and workers (DALI's next epoch, its plan computed
-    in the workers) and gives what a loader resumed at that epoch gives, bit for bit."""
+    in the workers) and gives what a loader resumed at that epoch gives, bit for bit; also with
+    the next batch's corruption queued before each hand-over, as on a GPU."""
     from pipeline.data import dali_backend
 
     url = str(tmp_path / "train")
@@ -232,6 +256,7 @@ def test_dali_pipeline_lives_across_epochs(tmp_path, monkeypatch):
     cfg = make_cfg(url, "data.workers=2")
     real, built = dali_backend.build_pipeline, []
     monkeypatch.setattr(dali_backend, "build_pipeline", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    monkeypatch.setattr(dali_backend.Runner, "cpu_ahead", ahead)  # 1: the GPU's order, a batch corrupted ahead
     loader = build_train_loader(cfg, rank=0, world_size=1, micro_batch=3, device="cpu", backend="dali")
     first = [(loader.last_ids, b) for b in loader]
     state = loader.state_dict()

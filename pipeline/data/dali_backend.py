@@ -123,7 +123,17 @@ def views(encoded, anchor, shape, flip, *, size: int, downscale: str, gpu: bool,
 
     decoder = (
         # fancy upsampling: the chroma upsampling of libjpeg-turbo (DALI's CPU decoder and Pillow)
-        dict(device="mixed", hw_decoder_load=hw_decoder_load, jpeg_fancy_upsampling=True) if gpu else dict(device="cpu")
+        # paddings: NVIDIA's ResNet-50 example's, so that ImageNet's largest JPEGs cause no
+        # reallocation in nvJPEG mid-epoch
+        dict(
+            device="mixed",
+            hw_decoder_load=hw_decoder_load,
+            jpeg_fancy_upsampling=True,
+            device_memory_padding=211025920,
+            host_memory_padding=140544512,
+        )
+        if gpu
+        else dict(device="cpu")
     )
     images = fn.decoders.image_slice(encoded, anchor, shape, axis_names="WH", output_type=types.RGB, **decoder)
     images = fn.resize(
@@ -273,6 +283,10 @@ class Runner:
     reset), so neither the pipeline nor its workers are started again. A consumer that stops
     mid-epoch leaves it elsewhere than the loader's state: the loader then builds a new one."""
 
+    # batches corrupted ahead of the one handed over on a CPU: none (nothing to overlap there);
+    # a test sets 1 to run the GPU's hand-over order on a CPU
+    cpu_ahead = 0
+
     def __init__(self, source: BatchSource, cfg: Config, *, workers: int, device: torch.device):
         self.cfg, self.workers, self.device = cfg, workers, device
         self.corruption = Corruption(cfg, device, workers)
@@ -326,7 +340,7 @@ class Runner:
         GPU the next batch's corruption is queued before this one is yielded (it runs during the
         training step)."""
         url = self.source.split.url
-        ahead = 1 if self.device.type == "cuda" else 0
+        ahead = 1 if self.device.type == "cuda" else self.cpu_ahead
         pending: list[dict] = []
         for j in range(start, len(plan) + ahead):
             if j < len(plan):
@@ -349,7 +363,7 @@ class Runner:
                         "corrupted": self.corruption.submit(self.corruption.receive(views), _column(seeds)),
                     }
                 pending.append(b)
-            if len(pending) > ahead:
+            if len(pending) > ahead or (j >= len(plan) and pending):
                 b = pending.pop(0)
                 enc, target, keep = self.corruption.take(b.pop("corrupted"))
                 yield {**b, "encoder_input": enc, "target": target, "keep": keep}
