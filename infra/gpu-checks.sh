@@ -80,7 +80,7 @@ step pretrain 150 pretrain
 if python3 -c 'import nvidia.dali' 2>/dev/null; then
   step dali-tests 150 'python3 -m pytest -q -p no:cacheprovider tests/test_data_dali.py tests/test_data_dali_cuda.py'
   step dali-data 240 'synthetic && mfm bench data --split /tmp/mfm-synthetic/train --device cuda \
-    --backends torch,dali,nvjpeg --workers 12 --batch 256 --downscale bicubic --hw-decoder-load 0.5,0.75,0.9,1.0'
+    --backends torch,dali,nvjpeg --workers 12 --batch 256 --epochs 4 --downscale bicubic --hw-decoder-load 0.5,0.75,0.9,1.0'
   step dali-pretrain 200 dali_pretrain
 else
   echo "== dali-*: DALI is not installed here (see the header), skipped"

@@ -105,14 +105,15 @@ def _time(batches, batch_size: int) -> tuple[float, float]:
     return n / wall, 1000 * (cpu1 - cpu0) / n
 
 
-def bench_loader(cfg, backend: str, batch: int, device: str) -> tuple[float, int]:
+def bench_loader(cfg, backend: str, batch: int, device: str, epochs: int = 1) -> tuple[float, int]:
     from pipeline.data import build_train_loader
 
     loader = build_train_loader(cfg, rank=0, world_size=1, micro_batch=batch, device=device, backend=backend)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def batches():
-        yield from loader
+        for _ in range(epochs):
+            yield from loader
         sync()
 
     return _time(batches(), batch)
@@ -192,7 +193,7 @@ class EncodedBatches:
         }
 
 
-def bench_nvjpeg(cfg, split_url: str, batch: int, workers: int, device: str) -> tuple[float, float]:
+def bench_nvjpeg(cfg, split_url: str, batch: int, workers: int, device: str, epochs: int = 1) -> tuple[float, float]:
     """torchvision.io.decode_jpeg(device="cuda") of whole images (nvJPEG, no crop-window decode),
     then per-sample crop, antialiased bicubic resize and flip with torch on the GPU, and the same
     corruption; reading and the header check in DataLoader workers, as the torch backend does."""
@@ -209,18 +210,22 @@ def bench_nvjpeg(cfg, split_url: str, batch: int, workers: int, device: str) -> 
     plan = deal(order, Layout(1, batch, max(1, workers)), 0)
     size = cfg.model.img_size
 
+    def encoded():
+        for _ in range(epochs):
+            yield from torch_backend.iterate(
+                split,
+                cfg,
+                plan,
+                0,
+                max(1, workers),
+                0,
+                EncodedBatches(),
+                workers=workers,
+                pin_memory=device.startswith("cuda"),
+            )
+
     def batches():
-        for out in torch_backend.iterate(
-            split,
-            cfg,
-            plan,
-            0,
-            max(1, workers),
-            0,
-            EncodedBatches(),
-            workers=workers,
-            pin_memory=device.startswith("cuda"),
-        ):
+        for out in encoded():
             images = decode_jpeg(out["data"], device=device)
             views = []
             for img, (top, left, h, w, flip, _) in zip(images, out["params"].tolist()):
@@ -257,6 +262,7 @@ def cli(argv: list[str]) -> int:
         "--hw-decoder-load", default=None, help="comma list: data.dali_hw_decoder_load values to try (dali on cuda)"
     )
     p.add_argument("--repeat", type=int, default=1, help="interleaved rounds (default 1)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs per loader (dali, torch, nvjpeg; default 1)")
     p.add_argument("--downscale", default="bicubic,bilinear", help="comma list: filters for shrinking crops")
     args = p.parse_args(argv)
 
@@ -303,14 +309,14 @@ def cli(argv: list[str]) -> int:
                                 cfg, url, args.batch, args.workers, device, tuned=name == "pil"
                             )
                         elif name == "nvjpeg":
-                            rate, cpu = bench_nvjpeg(cfg, url, args.batch, args.workers, device)
+                            rate, cpu = bench_nvjpeg(cfg, url, args.batch, args.workers, device, args.epochs)
                         else:
                             c = (
                                 cfg
                                 if load is None
                                 else load_config(None, [*overrides, f"data.dali_hw_decoder_load={load}"])
                             )
-                            rate, cpu = bench_loader(c, name, args.batch, device)
+                            rate, cpu = bench_loader(c, name, args.batch, device, args.epochs)
                         runs.setdefault((device, down, label), []).append((rate, cpu))
                         print(
                             f"  round {rnd + 1}: {label} ({device}, {down} downscale): {rate:.1f} img/s, "
