@@ -25,7 +25,9 @@ def test_each_source_gets_its_share_of_what_the_ranks_see():
     layout = Layout(world_size=8, micro_batch=32, workers=4)
     state = SamplerState(seed=5)
     state.use_layout(layout)
-    seen = np.concatenate([rank_plan(counts, state, r, shuffle_buffer=500, mix=mix).ravel() for r in range(8)])
+    drawn = np.concatenate([rank_plan(counts, state, r, shuffle_buffer=500, mix=mix).ravel() for r in range(8)])
+    assert len(np.unique(drawn)) == len(drawn)  # repeats are encoded: each draw its own id (and view)
+    seen = drawn % sum(counts)
     share_new = np.mean(seen >= sum(BIG))
     assert abs(share_new - 0.2) <= 0.01 * 0.2, share_new  # within 1% of the weight (drop-last aside, exact)
     # the big source is subsampled: no sample twice in the epoch
@@ -39,7 +41,7 @@ def test_each_source_gets_its_share_of_what_the_ranks_see():
 def test_exactly_once_per_pass_across_epochs_and_deterministic():
     mix = Mix((len(BIG), len(NEW)), (0.8, 0.2))
     counts = BIG + NEW
-    orders = [mixed_epoch_order(counts, mix, seed=1, epoch=e, shuffle_buffer=100) for e in range(5)]
+    orders = [mixed_epoch_order(counts, mix, seed=1, epoch=e, shuffle_buffer=100) % 11000 for e in range(5)]
     assert all(len(o) == 11000 for o in orders)
     for e in range(5):
         assert np.sum(orders[e] >= 10000) == 2200
@@ -49,8 +51,8 @@ def test_exactly_once_per_pass_across_epochs_and_deterministic():
     # 5 x 8800 draws of 10000: 4 passes and 4000 more; nobody a third time before everyone twice
     big = collections.Counter(np.concatenate(orders)[np.concatenate(orders) < 10000].tolist())
     assert set(big.values()) == {4, 5} and sum(v == 5 for v in big.values()) == 4000
-    assert np.array_equal(orders[2], mixed_epoch_order(counts, mix, seed=1, epoch=2, shuffle_buffer=100))
-    assert not np.array_equal(orders[2], mixed_epoch_order(counts, mix, seed=2, epoch=2, shuffle_buffer=100))
+    assert np.array_equal(orders[2], mixed_epoch_order(counts, mix, seed=1, epoch=2, shuffle_buffer=100) % 11000)
+    assert not np.array_equal(orders[2], mixed_epoch_order(counts, mix, seed=2, epoch=2, shuffle_buffer=100) % 11000)
     # epoch_samples sets the epoch's length; the weights still split it
     short = Mix(mix.shards, mix.weights, epoch_samples=5000)
     assert list(short.shares(counts)) == [4000, 1000]
@@ -82,8 +84,9 @@ def test_a_mixed_loader_resumes_exactly(tmp_path, workers):
     ref = build()
     assert ref.steps_per_epoch == 21 // 4
     ids = epoch_ids(ref)
-    # b (3 samples) gets 40% of 21 draws: upsampled, its samples read more than once per epoch
-    assert sum(i >= 18 for batch in ids for i in batch) >= 2
+    # b (3 samples) gets 40% of 21 draws: upsampled, its samples read more than once per epoch,
+    # each repeat a view of its own
+    assert sum(i % 21 >= 18 for batch in ids for i in batch) >= 2 and any(i >= 21 for batch in ids for i in batch)
     whole = build()
     want = [x for _ in range(2) for x in whole]  # two uninterrupted epochs
     first = build()
@@ -112,3 +115,20 @@ def test_source_lists_are_checked():
         load_config(None, ["data.train=[{url: a, weight: 0}]"])
     with pytest.raises(ConfigError, match="listed twice"):
         load_config(None, ["data.train=[{url: a}, {url: a}]"])
+
+
+def test_repeats_of_an_upsampled_source_are_different_views(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_split(a, [6, 5, 7], size=(40, 30))
+    write_split(b, [3], size=(40, 30))
+    loader = build_train_loader(
+        _cfg([(a, 0.6), (b, 0.4)], "data.workers=0"), rank=0, world_size=1, micro_batch=2, device="cpu"
+    )
+    views: dict[int, list[torch.Tensor]] = collections.defaultdict(list)
+    for batch in loader:
+        for i, x in zip(loader.last_ids, batch.target):
+            views[i % 21].append(x)
+    repeated = [v for i, v in views.items() if i >= 18 and len(v) > 1]
+    assert repeated, "b's 3 samples fill 8 of 21 draws: some sample is drawn twice"
+    for v in repeated:
+        assert not torch.equal(v[0], v[1])  # another crop/flip of the same image

@@ -151,22 +151,25 @@ class Mix:
 
 def source_draws(
     counts: list[int], *, seed: int, source: int, start: int, length: int, shuffle_buffer: int
-) -> np.ndarray:
-    """Draws [start, start + length) of one source's endless stream of passes (local ids)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draws [start, start + length) of one source's endless stream of passes: (local ids, the
+    repeat of each draw within these draws: 0 for the first pass they touch, 1 for the next...)."""
     n = int(sum(counts))
     if length == 0:
-        return np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     first, last = start // n, (start + length - 1) // n
     passes = [
         epoch_order(counts, seed=mix_seed(seed, 0x50, source), epoch=p, shuffle_buffer=shuffle_buffer)
         for p in range(first, last + 1)
     ]
     skip = start - first * n
-    return np.concatenate(passes)[skip : skip + length]
+    ids = np.concatenate(passes)[skip : skip + length]
+    return ids, (np.arange(start, start + length, dtype=np.int64) // n) - first
 
 
 def mixed_epoch_order(counts: list[int], mix: Mix, *, seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
-    """The epoch's global order over the combined split (ids repeat where a share exceeds its source)."""
+    """The epoch's global order over the combined split. Where a share exceeds its source, the
+    repeats are encoded as id + k * (samples in the split), k = 1, 2, ...: unique ids."""
     sizes, shares = mix.sizes(counts), mix.shares(counts)
     bounds = np.concatenate([[0], np.cumsum(mix.shards)])
     base = np.concatenate([[0], np.cumsum(sizes)])
@@ -174,7 +177,7 @@ def mixed_epoch_order(counts: list[int], mix: Mix, *, seed: int, epoch: int, shu
     labels = rng.permutation(np.repeat(np.arange(len(sizes)), shares))
     order = np.empty(len(labels), dtype=np.int64)
     for s, share in enumerate(shares):
-        local = source_draws(
+        local, repeat = source_draws(
             counts[bounds[s] : bounds[s + 1]],
             seed=seed,
             source=s,
@@ -182,7 +185,10 @@ def mixed_epoch_order(counts: list[int], mix: Mix, *, seed: int, epoch: int, shu
             length=int(share),
             shuffle_buffer=shuffle_buffer,
         )
-        order[labels == s] = local + base[s]
+        # A repeated draw is id + repeat * total: the same sample (Split.locate takes ids modulo
+        # the split's size) with its own per-sample seed, so an upsampled source's repeats in one
+        # epoch are different views, not copies.
+        order[labels == s] = local + base[s] + repeat * base[-1]
     return order
 
 
@@ -211,9 +217,8 @@ def deal(order: np.ndarray, layout: Layout, rank: int, *, drop_last: bool = True
 
 
 def remaining_order(order: np.ndarray, segments: list[Segment]) -> np.ndarray:
-    """`order` without what every rank consumed on the given (earlier) segments. Works on
-    positions in the order, so an id drawn twice in an epoch (an upsampled source) is removed
-    only where it was consumed."""
+    """`order` without what every rank consumed on the given (earlier) segments (by position in
+    the order, which needs no unique ids)."""
     pos = np.arange(len(order), dtype=np.int64)
     for seg in segments:
         if seg.batches == 0:

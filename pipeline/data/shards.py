@@ -50,8 +50,10 @@ class Split:
         return sum(self.counts)
 
     def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(shard index, index within the shard) of global sample ids."""
+        """(shard index, index within the shard) of global sample ids; an id past the split's
+        size is a repeat draw of id % size (sampling.mixed_epoch_order)."""
         offsets = np.concatenate([[0], np.cumsum(self.counts)])
+        ids = np.asarray(ids) % offsets[-1]
         shard = np.searchsorted(offsets, ids, side="right") - 1
         return shard, ids - offsets[shard]
 
