@@ -161,3 +161,38 @@ def test_pure_parts():
     rows = [("b", 2, "kb"), ("a", 1, "")]
     assert rv.decode_files(rv.encode_files(rows), "t") == {"a": (1, ""), "b": (2, "kb")}
     assert rv.encode_files(rows) == rv.encode_files(rows[::-1])
+
+
+def test_racing_claims_have_one_winner(store_url):
+    """Writers with different plans claiming the same revision at once: exactly one gets it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    split = storage.join(store_url, "train")
+
+    def try_claim(i):
+        try:
+            return rv.claim(split, 2, f"plan {i}", None)
+        except rv.ClaimRefused:
+            return None
+
+    with ThreadPoolExecutor(6) as pool:
+        got = [c for c in pool.map(try_claim, range(6)) if c is not None]
+    assert len(got) == 1
+    got[0].refresh(None)  # the winner's heartbeat goes on; a loser's would be refused
+    loser = rv.Claim(rv.claim_url(split, 2), "someone else", "plan x", got[0].token)
+    got[0].refresh(None)
+    with pytest.raises(rv.ClaimRefused):
+        loser.refresh(None)
+
+
+def test_only_deletions_commit_a_revision_without_shards(sample, tmp_path):
+    src, dest = str(tmp_path / "src"), str(tmp_path / "out")
+    shutil.copytree(sample["folder"], src)
+    first = shard_dataset(src, dest, splits="train", shard_size_mb=SHARD_MB)["train"]
+    gone = sorted(os.listdir(os.path.join(src, "train", "n00000001")))[0]
+    os.remove(os.path.join(src, "train", "n00000001", gone))
+    second = shard_dataset(src, dest, splits="train", shard_size_mb=SHARD_MB)["train"]
+    assert second["revision"] == 2 and second["shards"] == first["shards"]
+    assert second["revisions"][1]["shards"] == 0 and second["revisions"][1]["missing_files"] == [f"n00000001/{gone}"]
+    assert second["num_samples"] == first["num_samples"]  # kept until --rebuild
+    assert shard_dataset(src, dest, splits="train", shard_size_mb=SHARD_MB)["train"] == second
