@@ -15,10 +15,8 @@ pytest.importorskip("nvidia.dali")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def run(cfg, backend, device="cuda", **kw):
-    loader = build_train_loader(
-        cfg, rank=kw.get("rank", 0), world_size=kw.get("world_size", 1), micro_batch=3, device=device, backend=backend
-    )
+def run(cfg, backend):
+    loader = build_train_loader(cfg, rank=0, world_size=1, micro_batch=3, device="cuda", backend=backend)
     return loader, [(loader.last_ids, b) for b in loader]
 
 
@@ -42,7 +40,8 @@ def test_dali_gpu_resume_is_exact(tmp_path):
     url = str(tmp_path / "train")
     write_split(url, [4, 4, 4], size=(40, 30))
     cfg = make_cfg(url, "data.workers=2")
-    _, want = run(cfg, "dali")
+    loader, want = run(cfg, "dali")
+    assert len(list(loader)) == len(want)  # the next epoch, on the same pipeline (spawned workers)
     a = build_train_loader(cfg, rank=0, world_size=1, micro_batch=3, device="cuda", backend="dali")
     it = iter(a)
     next(it)
