@@ -22,6 +22,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from pipeline.sharding.kinds import NOT_UTF8, entry_kind, member_kind, not_read, shown, utf8
+
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 LOC_VAL = "LOC_val_solution.csv"
@@ -158,48 +160,6 @@ def class_table(wnids, names: dict[str, str] | None = None) -> list[dict]:
 # --- ImageFolder ---------------------------------------------------------------------------
 
 
-NOT_UTF8 = "name is not valid UTF-8"
-
-
-def shown(name: str) -> str:
-    """A name as it can be written into JSON and logs: undecodable bytes as \\xNN."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def utf8(name: str) -> bool:
-    """Whether a name (os.fsdecode'd: surrogate escapes for undecodable bytes) is valid UTF-8."""
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _kind(d: os.DirEntry) -> str | None:
-    """None for a real folder or a regular file, else what it is (never following a link)."""
-    if d.is_symlink():
-        return "a symbolic link"
-    if d.is_file(follow_symlinks=False) or d.is_dir(follow_symlinks=False):  # d_type: no system call
-        return None
-    try:
-        mode = d.stat(follow_symlinks=False).st_mode
-    except OSError as e:
-        return f"unreadable ({e.strerror})"
-    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
-        return None
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
-
-
-def _not_read(kind: str) -> str:
-    return f"{kind}; only regular files and folders are read"
-
-
 def _real_dirs(path: str) -> list[os.DirEntry]:
     try:
         with os.scandir(path) as it:
@@ -220,14 +180,14 @@ def _class_dirs(split_dir: str, rejected: list[dict] | None = None) -> list[str]
         for d in sorted(it, key=lambda d: d.name):
             if d.name.startswith("."):
                 continue
-            kind = _kind(d)
+            kind = entry_kind(d)
             if kind is None and d.is_dir(follow_symlinks=False):
                 if utf8(d.name):
                     out.append(d.name)
                 elif rejected is not None:
                     rejected.append({"file": shown(d.name), "reason": NOT_UTF8})
             elif kind is not None and rejected is not None:
-                rejected.append({"file": shown(d.name), "reason": _not_read(kind)})
+                rejected.append({"file": shown(d.name), "reason": not_read(kind)})
     return out
 
 
@@ -245,7 +205,7 @@ def _list_folder(source: str, split: str) -> Listing:
                 continue
             rel = f.path[len(root) + 1 :]
             if kind is not None:
-                rejected.append({"file": shown(rel), "reason": kind if kind == NOT_UTF8 else _not_read(kind)})
+                rejected.append({"file": shown(rel), "reason": kind if kind == NOT_UTF8 else not_read(kind)})
                 continue
             dot = name.rfind(".")  # os.path.splitext for a name without leading dots
             if (name[dot:].lower() if dot > 0 else "") not in IMAGE_EXTS:
@@ -270,7 +230,7 @@ def _walk_files(top: str):
                 elif d.is_dir(follow_symlinks=False):
                     dirs.append((d, None))
                 else:
-                    files.append((d, _kind(d)))
+                    files.append((d, entry_kind(d)))
     except OSError as e:
         yield _Unreadable(top), f"unreadable folder ({e.strerror})"
         return
@@ -320,18 +280,6 @@ def _list_ilsvrc(source: str, split: str) -> Listing:
     return Listing("ilsvrc-tar", source, split, entries, class_table(wnids, names), rejected=rejected)
 
 
-def _member_kind(m: tarfile.TarInfo) -> str:
-    if m.issym():
-        return "a symbolic link"
-    if m.islnk():
-        return "a hard link"
-    if m.isfifo():
-        return "a FIFO"
-    if m.ischr() or m.isblk():
-        return "a device"
-    return "not a regular file"
-
-
 def _regular(members, rejected: list[dict], prefix: str = ""):
     """The regular members with UTF-8 names; folders skipped; anything else listed in `rejected`."""
     for m in members:
@@ -340,7 +288,7 @@ def _regular(members, rejected: list[dict], prefix: str = ""):
         if not utf8(m.name):
             rejected.append({"file": shown(prefix + m.name), "reason": NOT_UTF8})
         elif not m.isfile():
-            rejected.append({"file": prefix + m.name, "reason": f"{_member_kind(m)}; only regular members are read"})
+            rejected.append({"file": prefix + m.name, "reason": f"{member_kind(m)}; only regular members are read"})
         else:
             yield m
 
