@@ -55,6 +55,35 @@ def test_exactly_once_over_ranks_and_workers(tmp_path, sizes):
     assert len(set(seen2)) == nb * 4 and seen2 != seen
 
 
+def test_workers_persist_across_epochs_and_passes(tmp_path):
+    import multiprocessing
+
+    url = str(tmp_path / "train")
+    write_split(url, [5, 3, 6, 4], size=(40, 30))
+    build = lambda w: build_train_loader(  # noqa: E731
+        make_cfg(url, f"data.workers={w}"), rank=0, world_size=1, micro_batch=2, device="cpu"
+    )
+    want, state = [], None
+    for _ in range(3):  # each epoch from new worker processes: a fresh loader at the epoch's state
+        fresh = build(2)
+        if state:
+            fresh.load_state_dict(state)
+        want += epoch_ids(fresh)
+        state = fresh.state_dict()
+    del fresh
+    before = {p.pid for p in multiprocessing.active_children()}
+    ld = build(2)
+    got = epoch_ids(ld)
+    workers = {p.pid for p in multiprocessing.active_children()} - before
+    it = iter(ld)  # a pass left unfinished (a trainer stopping mid-epoch) ...
+    next(it)
+    got.append(ld.last_ids)
+    del it
+    got += epoch_ids(ld) + epoch_ids(ld)  # ... then the rest of that epoch, and one more
+    assert got == want
+    assert len(workers) == 2 and workers <= {p.pid for p in multiprocessing.active_children()}
+
+
 def test_batch_contract(tmp_path):
     url = str(tmp_path / "train")
     write_split(url, [6], size=(48, 36))

@@ -94,6 +94,7 @@ class TrainLoader:
         self.skipped_keys: list[str] = []
         self.last_ids: list[int] = []  # sample ids (manifest order) of the latest batch, for logs and tests
         self._dali = None  # the DALI pipeline, kept across epochs (dali_backend.Runner)
+        self._pool: torch_backend.Workers | None = None  # torch backend: workers kept across epochs
 
     @property
     def epoch(self) -> int:
@@ -180,6 +181,11 @@ class TrainLoader:
                 self._dali = dali_backend.Runner(source, self.cfg, workers=self.layout.workers, device=self.device)
             return self._dali.batches(plan, self.epoch, start)
         make = self.make or torch_backend.PretextBatches(self.cfg)
+        pin = self.device.type == "cuda"
+        if self.cfg.data.workers:
+            self._pool = torch_backend.workers_for(
+                self._pool, self.split, self.cfg, self.layout.workers, make, pin_memory=pin, augment=True
+            )
         return torch_backend.iterate(
             self.split,
             self.cfg,
@@ -189,7 +195,8 @@ class TrainLoader:
             self.epoch,
             make,
             workers=self.cfg.data.workers,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=pin,
+            pool=self._pool,
         )
 
     def __iter__(self) -> Iterator[Batch]:
@@ -247,6 +254,7 @@ class EvalLoader:
         self.epoch = 0
         self.skipped = 0  # corrupt samples replaced (within their batch), as TrainLoader counts them
         self.skipped_keys: list[str] = []
+        self._pool: torch_backend.Workers | None = None
 
     def _plan(self):
         order = epoch_order(
@@ -266,6 +274,11 @@ class EvalLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         plan, readers = self._plan()
         workers = self.cfg.data.workers if self.train else min(self.cfg.data.workers, 1)
+        pin = self.device.type == "cuda"
+        if workers:
+            self._pool = torch_backend.workers_for(
+                self._pool, self.split, self.cfg, readers, self.make, pin_memory=pin, augment=self.train
+            )
         for out in torch_backend.iterate(
             self.split,
             self.cfg,
@@ -275,8 +288,9 @@ class EvalLoader:
             self.epoch,
             self.make,
             workers=workers,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=pin,
             augment=self.train,
+            pool=self._pool,
         ):
             self.skipped += len(out["skipped"])
             self.skipped_keys = (self.skipped_keys + list(out["skipped"]))[-100:]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import queue
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -148,13 +150,20 @@ class PlanDataset(IterableDataset):
         epoch: int,
         make: Callable[[RawBatch], dict],
         augment: bool = True,
+        jobs: list | None = None,
     ):
         self.split, self.cfg, self.plan, self.start = split, cfg, plan, start
         self.readers, self.epoch, self.make, self.augment = readers, epoch, make, augment
+        self.jobs = jobs  # persistent workers: one queue per reader handing it each (plan, start, epoch)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         reader_id = info.id if info is not None else 0
+        if self.jobs is not None:
+            try:
+                self.plan, self.start, self.epoch = self.jobs[reader_id].get(timeout=600)
+            except queue.Empty:
+                raise RuntimeError(f"{self.split.url}: loader worker {reader_id} got no epoch to read") from None
         readers = [reader_id] if info is not None else range(self.readers)
         d = self.cfg.data
         sr = SampleReader(
@@ -189,6 +198,28 @@ class PlanDataset(IterableDataset):
                 yield out
 
 
+class Workers:
+    """DataLoader workers that live as long as the loader holding them (persistent_workers):
+    each pass hands every worker its (plan, start, epoch) through a queue, instead of starting
+    new processes per epoch, which dominates short epochs."""
+
+    def __init__(self, split: Split, cfg: Config, readers: int, make, *, pin_memory: bool, augment: bool):
+        self.key = (split.url, readers, pin_memory, augment)
+        # the DataLoader's own start method (its default context), so the queues reach the workers
+        self.jobs = [multiprocessing.get_context().Queue() for _ in range(readers)]
+        ds = PlanDataset(split, cfg, None, 0, readers, 0, make, augment, jobs=self.jobs)
+        self.loader = DataLoader(
+            ds, batch_size=None, num_workers=readers, pin_memory=pin_memory, prefetch_factor=2, persistent_workers=True
+        )
+
+    def run(self, plan, start: int, epoch: int) -> Iterator[dict]:
+        for q in self.jobs:
+            q.put((plan, start, epoch))
+        # iter() starts the workers once, then resumes them: each takes its job in __iter__; a
+        # pass left unfinished is drained by the DataLoader before the next one starts
+        yield from iter(self.loader)
+
+
 def iterate(
     split: Split,
     cfg: Config,
@@ -201,14 +232,20 @@ def iterate(
     workers: int,
     pin_memory: bool = False,
     augment: bool = True,
+    pool: Workers | None = None,
 ) -> Iterator[dict]:
-    """`make`'s batches; augment=False draws no per-sample crop params (evaluation views)."""
-    ds = PlanDataset(split, cfg, plan, start, readers, epoch, make, augment)
+    """`make`'s batches; augment=False draws no per-sample crop params (evaluation views).
+    With workers, `pool` (from `workers_for`) keeps the worker processes across epochs."""
     if workers == 0:
-        yield from ds
+        yield from PlanDataset(split, cfg, plan, start, readers, epoch, make, augment)
         return
     # DataLoader worker w is reader w and the DataLoader's round-robin over its workers gives
     # the batches back in plan order (see sampling.reader_batches)
-    yield from DataLoader(
-        ds, batch_size=None, num_workers=readers, pin_memory=pin_memory, prefetch_factor=2, persistent_workers=False
-    )
+    pool = pool or Workers(split, cfg, readers, make, pin_memory=pin_memory, augment=augment)
+    yield from pool.run(plan, start, epoch)
+
+
+def workers_for(pool: Workers | None, split: Split, cfg: Config, readers: int, make, **kw) -> Workers:
+    """`pool` when it fits (same split, readers and options), else a new one (a layout change)."""
+    key = (split.url, readers, kw.get("pin_memory", False), kw.get("augment", True))
+    return pool if pool is not None and pool.key == key else Workers(split, cfg, readers, make, **kw)
