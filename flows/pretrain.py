@@ -25,6 +25,37 @@ def pretrain_task(preset: str, overrides: dict[str, Any] | None, hostfile: str |
     return result
 
 
+def _speed_markdown(run_dir: str, store) -> str | None:
+    """The run's speed from its metrics.jsonl: the constants row and the last logged step."""
+    url = storage.join(run_dir, "metrics.jsonl")
+    if not storage.exists(url, store):
+        return None
+    rows = [json.loads(line) for line in storage.read_bytes(url, store).decode().splitlines() if line.strip()]
+    const = next((r for r in reversed(rows) if "flops_per_image" in r), None)
+    last = next((r for r in reversed(rows) if r.get("mfu") is not None), None)
+    if const is None or last is None:
+        return None
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    return "\n".join(
+        [
+            f"# Training speed at step {last['step']}",
+            "",
+            "| images/s (all ranks) | TFLOP/s per device | MFU (measured peak) | MFU (datasheet) | peak memory |",
+            "|---:|---:|---:|---:|---:|",
+            f"| {last['images_per_s']:.1f} | {last['tflops']:.3g} | {pct(last['mfu'])} | "
+            f"{pct(last.get('mfu_datasheet'))} | {last['peak_memory_gib']:.2f} GiB ({const['memory']}) |",
+            "",
+            f"- device: {const['device']}",
+            f"- FLOPs per image (forward + backward, torch FlopCounterMode): {const['flops_per_image'] / 1e9:.2f} G",
+            f"- peak: {const['peak_tflops']:.3g} TFLOP/s ({const['peak_source']}); datasheet: "
+            f"{const['datasheet_tflops'] or 'unknown'}",
+        ]
+    )
+
+
 def _attach_artifacts(result: dict) -> None:
     from pipeline.config import StorageConfig
 
@@ -53,6 +84,11 @@ def _attach_artifacts(result: dict) -> None:
         key="mfm-pretrain-pictures",
         description="input / corrupted / prediction and their spectra",
     )
+    speed = _speed_markdown(result["run_dir"], store)
+    if speed:
+        create_markdown_artifact(
+            markdown=speed, key="mfm-pretrain-speed", description="images/s, TFLOP/s, MFU, peak memory"
+        )
     if result["export"]:
         create_link_artifact(
             link=result["export"], link_text="exported encoder (safetensors + config.json)", key="mfm-pretrain-export"

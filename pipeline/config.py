@@ -184,6 +184,9 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0)
     picture_every: int = Field(1000, gt=0)
     loader: str = "pipeline.data:build_train_loader"  # "module:function" obeying the batch contract
+    # torch.compile of the model's prediction path: auto = on for CUDA (ZeRO 0-2), off on CPU
+    compile: Literal["auto"] | bool = "auto"
+    profile_steps: int = Field(0, ge=0)  # >0: a torch.profiler trace of that many steps into <run_dir>/profile/
 
 
 class PretrainConfig(Section):

@@ -114,6 +114,10 @@ def test_two_rank_zero2_run_learns_and_writes_its_run_folder(local_run):
     assert val[8] < 0.995 * val[0], val
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
     assert all(r["grad_norm"] is not None and r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1 for r in rows)
+    # MFU: achieved TFLOP/s per rank against the fp32 matmul peak the run measured
+    assert all(r["tflops"] > 0 and 0 < r["mfu"] < 1.5 and r["peak_memory_gib"] > 0 for r in rows)
+    speed = [r for r in all_rows if "flops_per_image" in r]
+    assert len(speed) == 1 and speed[0]["flops_per_image"] > 0 and speed[0]["peak_source"].startswith("measured")
     # lr: scaled by 16/512 and decaying along the cosine from the first step (no warmup here)
     assert rows[0]["lr"] <= 1.5e-2 * 16 / 512 and rows[-1]["lr"] < rows[0]["lr"]
     # keep_last=2 of the checkpoints at 2, 4, 6, 8; each complete with its marker
@@ -289,3 +293,14 @@ def test_val_batch_is_corrupted_from_pixels_like_training_batches(data):
     images, _ = next(iter(build_eval_loader(cfg, cfg.data.val, rank=0, world_size=1, batch_size=8, device="cpu")))
     assert torch.allclose(batch.target, images, atol=1e-5)  # the target is the eval view itself
     assert batch.keep is not None and not torch.allclose(batch.encoder_input, batch.target)
+
+
+def test_pretrain_flow_speed_artifact_reads_the_runs_metrics(local_run):
+    from flows.pretrain import _speed_markdown
+    from pipeline.config import StorageConfig
+
+    run_dir, _ = local_run
+    md = _speed_markdown(str(run_dir), StorageConfig())
+    assert md.startswith(f"# Training speed at step {STEPS}")
+    assert "MFU (measured peak)" in md and "measured: fp32 matmul" in md
+    assert _speed_markdown(str(run_dir / "nowhere"), StorageConfig()) is None

@@ -1,11 +1,15 @@
-"""`mfm bench train`: training images/s under DeepSpeed ZeRO against plain PyTorch DDP.
+"""`mfm bench train`: training images/s, TFLOP/s and MFU of the trainer's step.
 
 CPU (default): the tiny preset, N ranks (gloo), the same model, optimiser, clipping and
-in-memory batches for every contender; the contenders take turns in rounds inside one process
-group so that a busy machine slows them alike. Reported: median images/s over rounds and the
-ratio to DDP (goal: ZeRO within 10%).
---gpu: ViT-B/16 MFM at 224 px, one rank per GPU, bf16, ZeRO stages 0-3: images/s per GPU and
-peak memory.
+in-memory batches for every contender: plain PyTorch DDP, ZeRO-1, ZeRO-2 and ZeRO-2 with
+train.compile; the contenders take turns in rounds inside one process group so that a busy
+machine slows them alike. Reported: median images/s over rounds and the ratios to DDP (goal:
+ZeRO within 10%) and to eager ZeRO-2.
+--gpu: a preset (ViT-B/16 MFM at 224 px by default), one rank per GPU, bf16, eager and
+compiled x ZeRO stages x micro batches: images/s per GPU, TFLOP/s, MFU against the measured
+bf16 matmul peak and the datasheet, peak memory; --real-data SPLIT adds the fastest
+configuration fed by the real loader, with the share of time spent waiting for it.
+FLOPs per image are counted by torch (pipeline.training.flops), never by formula.
 """
 
 from __future__ import annotations
@@ -66,27 +70,34 @@ class DDPContender:
 
 
 class ZeroContender:
-    def __init__(self, cfg, plan, lr, device, stage: int, precision: str):
+    """The trainer's own pieces: speed.prepare_model (channels_last, train.compile), the fused
+    AdamW groups, the DeepSpeed config."""
+
+    def __init__(self, cfg, plan, lr, device, stage: int, precision: str, compiled: bool = False):
         import deepspeed
         import torch
 
         from pipeline.models import build_model
+        from pipeline.training import speed
         from pipeline.training.optim import build_optimizer
         from pipeline.training.trainer import deepspeed_config
 
         torch.manual_seed(cfg.train.seed)
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"zero_stage": stage})})
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"zero_stage": stage, "compile": compiled})})
         model = build_model(cfg.model, cfg.corruption).to(device)
+        self.compiled = speed.prepare_model(model, cfg, device)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(model, cfg.optim, lr), config=deepspeed_config(cfg, plan, precision)
         )
 
     def step(self, batch):
+        from pipeline.training import speed
         from pipeline.training.trainer import compute_dtype
 
         encoder_input, *rest = batch
-        loss, _ = self.engine(encoder_input.to(compute_dtype(self.engine)), *rest)
-        self.engine.backward(loss)
+        with speed.compile_errors(self.compiled):
+            loss, _ = self.engine(encoder_input.to(compute_dtype(self.engine)), *rest)
+            self.engine.backward(loss)
         self.engine.step()
         return loss
 
@@ -107,16 +118,140 @@ def _timed(contender, batches, steps: int, device) -> float:
     return time.perf_counter() - start
 
 
+def _timed_loader(contender, loader, steps: int, warmup: int, device) -> tuple[float, float]:
+    """(seconds, seconds waiting for the loader) for `steps` steps fed by a real loader."""
+    import torch
+    import torch.distributed as dist
+
+    batches = iter(loader)
+    for _ in range(warmup):
+        loss = contender.step(next(batches))
+    loss.item()
+    dist.barrier()
+    waited, start = 0.0, time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - t
+        loss = contender.step(batch)
+    loss.item()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+    return time.perf_counter() - start, waited
+
+
+def _flops_per_image(cfg) -> float:
+    """FLOPs of forward + loss + backward per image, counted by torch on the meta device."""
+    import torch
+
+    from pipeline.data import Batch
+    from pipeline.models import build_model
+    from pipeline.training.flops import count_step_flops, meta_copy
+    from pipeline.training.trainer import _pretrain_forward
+
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.corruption)
+    size = cfg.model.img_size
+    images = torch.empty(2, 3, size, size)
+    return count_step_flops(meta_copy(model), Batch(images, images, torch.empty(2, size, size)), _pretrain_forward) / 2
+
+
+def _emit(result: dict, row: dict, out: str | None) -> None:
+    """Print a row as soon as it is measured and keep the JSON current: a run stopped by its
+    time limit keeps what it measured."""
+    result["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    if out:
+        Path(out).write_text(json.dumps(result))
+
+
+def _gpu_matrix(args, cfg, ranks, precision, result) -> None:
+    """eager / compiled x ZeRO stages x micro batches; then, with --real-data, the fastest
+    configuration fed by the real loader."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.training.flops import Speed, measure_peak, peak_memory_gib
+    from pipeline.training.optim import batch_plan, scaled_lrs
+
+    # one static graph per micro batch, shared by the stages (dynamo keeps one per shape)
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    speed = Speed.of(_flops_per_image(cfg), measure_peak(ranks.device), ranks.device)
+    result["speed"] = speed.row()
+    main = ranks.rank == 0
+    modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.compile]
+    best = None
+    for compiled in modes:
+        for micro in args.micro_batches:
+            mcfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"batch_size": micro * ranks.world_size})})
+            plan = batch_plan(mcfg, ranks.world_size)
+            lr = scaled_lrs(mcfg.optim, plan.global_batch).lr
+            batches = _batches(mcfg, micro, 4, ranks.device, seed=ranks.rank)
+            for stage in args.stages:
+                name = f"{'compiled' if compiled else 'eager'} zero-{stage} mb{micro}"
+                row = {"name": name, "compiled": compiled, "zero_stage": stage, "micro_batch": micro}
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                contender = None
+                try:
+                    contender = ZeroContender(mcfg, plan, lr, ranks.device, stage, precision, compiled)
+                    t0 = time.perf_counter()
+                    _timed(contender, batches, args.warmup, ranks.device)
+                    row["warmup_s"] = time.perf_counter() - t0  # compile time shows here
+                    seconds = _timed(contender, batches, args.steps, ranks.device)
+                except torch.cuda.OutOfMemoryError:
+                    row["error"] = "out of memory"
+                else:
+                    ips = micro * args.steps / seconds
+                    row.update(images_per_s_per_gpu=ips, **speed.figures(ips))
+                    if best is None or ips > best[0]["images_per_s_per_gpu"]:
+                        best = (row, mcfg, plan, lr)
+                row["peak_memory_gib"] = peak_memory_gib(ranks.device)
+                del contender
+                dist.barrier()
+                if main:
+                    _emit(result, row, args.out)
+    if args.real_data and best is not None:
+        from pipeline.data import build_train_loader
+
+        row, mcfg, plan, lr = best
+        dcfg = mcfg.model_copy(
+            update={"data": mcfg.data.model_copy(update={"train": args.real_data, "workers": args.workers})}
+        )
+        torch.cuda.empty_cache()
+        contender = ZeroContender(dcfg, plan, lr, ranks.device, row["zero_stage"], precision, row["compiled"])
+        loader = build_train_loader(
+            dcfg, rank=ranks.rank, world_size=ranks.world_size, micro_batch=plan.micro_batch, device=ranks.device
+        )
+        seconds, waited = _timed_loader(contender, loader, args.steps, args.warmup, ranks.device)
+        ips = plan.micro_batch * args.steps / seconds
+        real = {
+            "name": f"{row['name']} real data",
+            "compiled": row["compiled"],
+            "zero_stage": row["zero_stage"],
+            "micro_batch": row["micro_batch"],
+            "split": args.real_data,
+            "images_per_s_per_gpu": ips,
+            **speed.figures(ips),
+            "loader_wait_share": waited / seconds,
+            "peak_memory_gib": peak_memory_gib(ranks.device),
+        }
+        if main:
+            _emit(result, real, args.out)
+
+
 def worker(args) -> dict:
     import torch
 
     from pipeline.config import load_config
+    from pipeline.training.flops import Speed, measure_peak
     from pipeline.training.optim import batch_plan, scaled_lrs
     from pipeline.training.trainer import init_distributed
 
     ranks = init_distributed()
     if args.gpu:
-        cfg = load_config("vit_b16_mfm", [f"data.batch_size={args.micro_batch * ranks.world_size}"])
+        cfg = load_config(args.preset, [f"data.batch_size={args.micro_batches[0] * ranks.world_size}"])
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     else:
         cfg = load_config(
@@ -125,7 +260,6 @@ def worker(args) -> dict:
         precision = "fp32"
     plan = batch_plan(cfg, ranks.world_size)
     lr = scaled_lrs(cfg.optim, plan.global_batch).lr
-    batches = _batches(cfg, plan.micro_batch, 4, ranks.device, seed=ranks.rank)
     result = {
         "world_size": ranks.world_size,
         "micro_batch": plan.micro_batch,
@@ -137,26 +271,18 @@ def worker(args) -> dict:
         "rows": [],
     }
     if args.gpu:
-        for stage in (0, 1, 2, 3):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            contender = ZeroContender(cfg, plan, lr, ranks.device, stage, precision)
-            _timed(contender, batches, args.warmup, ranks.device)
-            seconds = _timed(contender, batches, args.steps, ranks.device)
-            result["rows"].append(
-                {
-                    "name": f"zero-{stage}",
-                    "images_per_s_per_gpu": plan.micro_batch * args.steps / seconds,
-                    "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-                }
-            )
-            del contender
+        _gpu_matrix(args, cfg, ranks, precision, result)
         return result
+    batches = _batches(cfg, plan.micro_batch, 4, ranks.device, seed=ranks.rank)
+    speed = Speed.of(_flops_per_image(cfg), measure_peak(ranks.device), ranks.device)
+    result["speed"] = speed.row()
     contenders = {
         "ddp": DDPContender(cfg, lr, ranks.device),
         "zero-1": ZeroContender(cfg, plan, lr, ranks.device, 1, precision),
         "zero-2": ZeroContender(cfg, plan, lr, ranks.device, 2, precision),
     }
+    if args.compile != "off":
+        contenders["zero-2 compiled"] = ZeroContender(cfg, plan, lr, ranks.device, 2, precision, compiled=True)
     for c in contenders.values():
         _timed(c, batches, args.warmup, ranks.device)
     rates: dict[str, list[float]] = {name: [] for name in contenders}
@@ -171,6 +297,8 @@ def worker(args) -> dict:
                 "images_per_s": statistics.median(r),
                 "rounds": r,
                 "ratio_to_ddp": statistics.median(r) / base,
+                "ratio_to_zero2": statistics.median(r) / statistics.median(rates["zero-2"]),
+                **speed.figures(statistics.median(r) / ranks.world_size),
             }
         )
     return result
@@ -178,18 +306,45 @@ def worker(args) -> dict:
 
 def print_table(result: dict) -> None:
     print(
-        f"model {result['model']} @ {result['img_size']} px, {result['world_size']} ranks, micro batch "
-        f"{result['micro_batch']}, global batch {result['global_batch']}, {result['precision']}, {result['device']}"
+        f"model {result['model']} @ {result['img_size']} px, {result['world_size']} ranks, "
+        f"{result['precision']}, {result['device']}"
     )
-    if "ratio_to_ddp" in result["rows"][0]:
-        print(f"{'contender':<10} {'images/s':>10} {'vs DDP':>8}   rounds")
+    speed = result.get("speed")
+    if speed:
+        print(
+            f"{speed['flops_per_image'] / 1e9:.2f} GFLOP per image (forward + backward, FlopCounterMode); "
+            f"peak {speed['peak_tflops']:.1f} TFLOP/s ({speed['peak_source']}), "
+            f"datasheet {speed['datasheet_tflops'] or 'unknown'}"
+        )
+    mfu = "MFU vs measured peak" + (", vs datasheet" if speed and speed["datasheet_tflops"] else "")
+    if result["rows"] and "ratio_to_ddp" in result["rows"][0]:
+        print(f"micro batch {result['micro_batch']}, global batch {result['global_batch']}; {mfu}")
+        print(f"{'contender':<16} {'images/s':>10} {'vs DDP':>8} {'vs ZeRO-2':>9} {'TFLOP/s':>8} {'MFU':>6}   rounds")
         for r in result["rows"]:
             rounds = " ".join(f"{x:.1f}" for x in r["rounds"])
-            print(f"{r['name']:<10} {r['images_per_s']:>10.1f} {r['ratio_to_ddp']:>7.2f}x   {rounds}")
-    else:
-        print(f"{'stage':<8} {'images/s/GPU':>13} {'peak GiB':>9}")
-        for r in result["rows"]:
-            print(f"{r['name']:<8} {r['images_per_s_per_gpu']:>13.1f} {r['peak_memory_gib']:>9.2f}")
+            print(
+                f"{r['name']:<16} {r['images_per_s']:>10.1f} {r['ratio_to_ddp']:>7.2f}x {r['ratio_to_zero2']:>8.2f}x "
+                f"{r['tflops']:>8.3f} {r['mfu']:>6.1%}   {rounds}"
+            )
+        return
+    print(f"per GPU; {mfu}")
+    print(f"{'configuration':<30} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'MFU ds':>7} {'peak GiB':>9}  notes")
+    for r in result["rows"]:
+        if "error" in r:
+            print(f"{r['name']:<30} {r['error']}")
+            continue
+        ds = f"{r['mfu_datasheet']:.1%}" if r.get("mfu_datasheet") else "-"
+        notes = f"loader wait {r['loader_wait_share']:.0%}" if "loader_wait_share" in r else ""
+        if "warmup_s" in r:
+            notes = f"warm-up {r['warmup_s']:.0f} s"
+        print(
+            f"{r['name']:<30} {r['images_per_s_per_gpu']:>9.1f} {r['tflops']:>8.1f} {r['mfu']:>6.1%} {ds:>7} "
+            f"{r['peak_memory_gib']:>9.2f}  {notes}"
+        )
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def cli(argv: list[str]) -> int:
@@ -199,10 +354,16 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--nprocs", type=int, help="ranks (default: 2 on CPU, every GPU with --gpu)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="CPU: turns each contender takes")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--micro-batch", type=int, help="per rank (default: the preset's batch / ranks; 64 with --gpu)")
-    p.add_argument("--gpu", action="store_true", help="ViT-B/16 on every GPU, ZeRO stages 0-3")
-    p.add_argument("--json", help="also write the result here")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compiling happens here)")
+    p.add_argument("--micro-batch", type=int, help="CPU: per rank (default: the preset's batch / ranks)")
+    p.add_argument("--compile", choices=("both", "on", "off"), default="both", help="eager, compiled or both")
+    p.add_argument("--gpu", action="store_true", help="the GPU matrix (below) on every GPU, bf16")
+    p.add_argument("--preset", default="vit_b16_mfm", help="--gpu: the model's preset")
+    p.add_argument("--stages", type=_ints, default=[0, 1, 2], help="--gpu: ZeRO stages (default 0,1,2)")
+    p.add_argument("--micro-batches", type=_ints, default=[64, 128, 256], help="--gpu: per GPU (default 64,128,256)")
+    p.add_argument("--real-data", metavar="SPLIT", help="--gpu: also the fastest configuration fed by this split")
+    p.add_argument("--workers", type=int, default=8, help="--real-data: loader workers per rank")
+    p.add_argument("--json", help="also write the result here (kept current row by row with --gpu)")
     args = p.parse_args(argv)
     from pipeline.training.launcher import spawn_local
 
@@ -213,24 +374,17 @@ def cli(argv: list[str]) -> int:
             print("mfm bench train: --gpu needs CUDA, and none is present", file=sys.stderr)
             return 2
         nprocs = args.nprocs or torch.cuda.device_count()
-        args.micro_batch = args.micro_batch or 64
     else:
         nprocs = args.nprocs or 2
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        worker_args = [
-            "--worker",
-            "--out",
-            str(out),
-            "--steps",
-            str(args.steps),
-            "--rounds",
-            str(args.rounds),
-            "--warmup",
-            str(args.warmup),
-        ]
-        if args.micro_batch:
-            worker_args += ["--micro-batch", str(args.micro_batch)]
+        out = Path(args.json or Path(tmp) / "result.json")
+        worker_args = ["--worker", "--out", str(out)]
+        for key in ("steps", "rounds", "warmup", "micro_batch", "compile", "preset", "real_data", "workers"):
+            value = getattr(args, key)
+            if value is not None:
+                worker_args += [f"--{key.replace('_', '-')}", str(value)]
+        worker_args += ["--stages", ",".join(map(str, args.stages))]
+        worker_args += ["--micro-batches", ",".join(map(str, args.micro_batches))]
         if args.gpu:
             worker_args.append("--gpu")
         code = spawn_local(MODULE, worker_args, nprocs)
@@ -239,8 +393,6 @@ def cli(argv: list[str]) -> int:
             return code
         result = json.loads(out.read_text())
     print_table(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 
 
@@ -252,13 +404,19 @@ def _worker_main() -> int:
     p.add_argument("--rounds", type=int)
     p.add_argument("--warmup", type=int)
     p.add_argument("--micro-batch", type=int)
+    p.add_argument("--compile", default="both")
+    p.add_argument("--preset")
+    p.add_argument("--stages", type=_ints)
+    p.add_argument("--micro-batches", type=_ints)
+    p.add_argument("--real-data")
+    p.add_argument("--workers", type=int)
     p.add_argument("--gpu", action="store_true")
     args = p.parse_args()
     import torch.distributed as dist
 
     result = worker(args)
     if dist.get_rank() == 0:
-        Path(args.out).write_text(json.dumps(result))
+        Path(args.out).write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()
     return 0
 

@@ -5,6 +5,7 @@ Layout of `<run_dir>` (any fsspec URL):
     metrics.jsonl               one JSON row per logged step
     tensorboard/                SummaryWriter event files
     pictures/step-N.png         input / corrupted / prediction and their spectra
+    profile/                    torch.profiler trace of train.profile_steps steps (TensorBoard)
     step-N/                     DeepSpeed's checkpoint (tag step-N), client-rank-R.pt, COMPLETE
     export/model.safetensors    consolidated fp32 encoder; export/config.json (timm)
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 FORMAT_VERSION = 2  # 2: "sha256" {file: hex digest}; 1 had only the file names
 _STEP = re.compile(r"^step-(\d+)$")
-LOG_ITEMS = ("metrics.jsonl", "tensorboard", "pictures")
+LOG_ITEMS = ("metrics.jsonl", "tensorboard", "pictures", "profile")
 
 
 class CheckpointError(RuntimeError):

@@ -78,6 +78,9 @@ def validate(cfg: Config, world_size: int) -> None:
     import torch
 
     resolve_precision(cfg.train.precision, torch.cuda.is_available())
+    from pipeline.training.speed import resolve_compile
+
+    resolve_compile(cfg.train.compile, torch.cuda.is_available(), cfg.train.zero_stage)
     import_function(cfg.train.loader, "train.loader")
 
 

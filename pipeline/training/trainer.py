@@ -27,7 +27,9 @@ import torch.distributed as dist
 
 from pipeline.config import Config, ConfigError, build_config, dump_config
 from pipeline.training import checkpoint as ckpt
+from pipeline.training import flops, speed
 from pipeline.training.optim import BatchPlan, batch_plan, build_optimizer, build_scheduler, scaled_lrs
+from pipeline.training.profiling import StepProfiler
 
 log = logging.getLogger("mfm.train")
 EXIT_NON_FINITE = 3
@@ -35,10 +37,11 @@ EXIT_CHECKPOINT = 4  # the checkpoint to resume from was refused (damaged, alter
 
 
 class NonFiniteLoss(RuntimeError):
-    def __init__(self, step: int, loss: float, last_good: str | None):
+    def __init__(self, step: int, loss: float, last_good: str | None, seen: int | None = None):
         self.step, self.loss, self.last_good = step, loss, last_good
+        late = f" (read at step {seen}: the loss is read on log steps)" if seen and seen != step else ""
         super().__init__(
-            f"non-finite loss {loss} at step {step}; stopped without saving. "
+            f"non-finite loss {loss} at step {step}{late}; stopped without saving. "
             f"Last good checkpoint: {last_good or 'none'}"
         )
 
@@ -208,6 +211,13 @@ class Trainer:
     val_batch: object = None  # fixed inputs (and masks): its loss moves only with the model
     stats: StepStats = field(default_factory=StepStats)
     task: Task = PRETRAIN
+    compiled: bool = False
+    meter: speed.StepMeter | None = None  # device-side sums, read on log steps
+    reading: speed.Reading | None = None  # the latest read
+    flop_model: object = None  # meta copy of the model until the first batch gives FLOPs per image
+    peak: flops.Peak | None = None  # rank 0: the measured matmul peak
+    speed: flops.Speed | None = None
+    profiler: StepProfiler | None = None
 
     @property
     def is_main(self) -> bool:
@@ -249,28 +259,59 @@ class Trainer:
         if self.is_main:
             log.info("checkpoint %s", self.last_checkpoint)
 
-    def train_step(self, batches) -> tuple[float, object]:
-        """grad_accum micro batches and one optimizer step; returns (mean loss over all ranks,
-        the last batch and prediction, for pictures)."""
+    def is_log_step(self, step: int) -> bool:
+        """The steps that read the device: logs, checkpoints (so that a non-finite loss is seen
+        before one is written) and the last."""
+        cfg = self.cfg.train
+        return step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step == self.total_steps
+
+    def train_step(self, batches) -> tuple[float | None, object]:
+        """grad_accum micro batches and one optimizer step; returns (on log steps the mean loss
+        over ranks and the steps since the last log step, else None; the last batch and
+        prediction, for pictures). Ordinary steps neither sync with the device nor talk to
+        the other ranks beyond DeepSpeed's own gradient reduction."""
         engine, losses, waited = self.engine, [], 0.0
         start = time.perf_counter()
         for _ in range(self.plan.grad_accum):
             t = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - t
-            loss, pred = self.task.forward(engine, batch)
-            engine.backward(loss)
+            if self.flop_model is not None:
+                self.count_flops(batch)
+            with speed.compile_errors(self.compiled):
+                loss, pred = self.task.forward(engine, batch)
+                engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            losses.append(loss.detach().float())
-        total = torch.stack(losses).mean().reshape(1)
-        dist.all_reduce(total)  # gloo has no AVG: sum, then divide
+            losses.append(loss.detach())
         self.step += 1
+        self.meter.add(torch.stack(losses).float().mean(), engine.get_global_grad_norm(), self.step)
         self.scheduler.step_update(self.step)
+        self.profiler.after_step(self.step)
         self.stats.steps += 1
         self.stats.images += self.plan.global_batch
         self.stats.seconds += time.perf_counter() - start
         self.stats.waiting += waited
-        return total.item() / self.ranks.world_size, (batch, pred)
+        if not self.is_log_step(self.step):
+            return None, (batch, pred)
+        self.reading = self.meter.read()
+        return self.reading.loss, (batch, pred)
+
+    def count_flops(self, batch) -> None:
+        """Rank 0, first batch: FLOPs per image on the meta copy, then the run's speed row."""
+        meta, self.flop_model = self.flop_model, None
+        if not self.is_main:
+            return
+        step_flops = flops.count_step_flops(meta, batch, self.task.forward)
+        self.speed = flops.Speed.of(step_flops / len(batch[0]), self.peak, self.ranks.device)
+        self.log_row({"step": self.step, **self.speed.row(), "time": time.time()})
+        self.writer.add_text("perf/speed", json.dumps(self.speed.row()), self.step)
+        log.info(
+            "%.1f GFLOP per image (forward + backward); peak %.1f TFLOP/s (%s), datasheet %s",
+            self.speed.flops_per_image / 1e9,
+            self.speed.peak_tflops,
+            self.speed.peak_source,
+            self.speed.datasheet_tflops or "unknown",
+        )
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -291,7 +332,7 @@ class Trainer:
 
     def log_step(self, loss: float, val_loss: float | None = None) -> None:
         s = self.stats
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.reading.grad_norm if self.reading else None
         row = {
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
@@ -302,6 +343,7 @@ class Trainer:
             "data_wait": s.waiting / s.seconds if s.seconds else None,
             "time": time.time(),
         }
+        row.update(self.perf_figures(row["images_per_s"]))
         if val_loss is not None:
             row["val_loss"] = val_loss
         s.reset()
@@ -313,6 +355,10 @@ class Trainer:
             ("grad_norm", "train/grad_norm"),
             ("images_per_s", "perf/images_per_s"),
             ("data_wait", "perf/data_wait_share"),
+            ("tflops", "perf/tflops_per_device"),
+            ("mfu", "perf/mfu"),
+            ("mfu_datasheet", "perf/mfu_datasheet"),
+            ("peak_memory_gib", "perf/peak_memory_gib"),
         ):
             if row.get(key) is not None:
                 self.writer.add_scalar(tag, row[key], self.step)
@@ -326,6 +372,17 @@ class Trainer:
             row["images_per_s"] or 0,
             100 * (row["data_wait"] or 0),
         )
+
+    def perf_figures(self, images_per_s: float | None) -> dict:
+        """Achieved TFLOP/s per device, MFU against the measured and the datasheet peak, and
+        peak memory (see pipeline.training.flops)."""
+        if self.speed is None:
+            return {}
+        per_device = images_per_s / self.ranks.world_size if images_per_s else None
+        return {
+            **self.speed.figures(per_device),
+            "peak_memory_gib": flops.peak_memory_gib(self.ranks.device),
+        }
 
     def picture(self, batch, pred) -> None:
         from pipeline.pictures import save_picture
@@ -354,10 +411,12 @@ class Trainer:
                     self.writer.add_scalar("val/loss", val_loss, 0)
             while self.step < self.total_steps:
                 loss, (batch, pred) = self.train_step(batches)
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(self.step, loss, self.last_checkpoint)
+                if loss is not None and not math.isfinite(loss):
+                    bad = self.reading.first_non_finite or self.step
+                    raise NonFiniteLoss(bad, loss, self.last_checkpoint, seen=self.step)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
+                if loss is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}")
                 checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps
                 val_loss = self.validate() if checkpoint else None
                 if self.is_main:
@@ -370,6 +429,7 @@ class Trainer:
                     self.save()
         finally:
             bar.close()
+            self.profiler.close()
         return {"step": self.step, "checkpoint": self.last_checkpoint, **self.task.finish(self)}
 
 
@@ -398,6 +458,8 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
     seed_everything(cfg.train.seed)
     model = task.build_model(cfg).to(ranks.device)
     seed_everything(cfg.train.seed + 1000 * ranks.rank + 1)
+    flop_model = flops.meta_copy(model)  # before compile and DeepSpeed change the model
+    compiled = speed.prepare_model(model, cfg, ranks.device)
 
     loader = task.build_loader(
         cfg, rank=ranks.rank, world_size=ranks.world_size, micro_batch=plan.micro_batch, device=ranks.device
@@ -429,12 +491,23 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
         total,
         task=task,
         val_batch=task.val_batch(cfg, ranks, plan.micro_batch) if task.val_batch else None,
+        compiled=compiled,
+        meter=speed.StepMeter(ranks.device),
+        flop_model=flop_model,
+        peak=flops.measure_peak(ranks.device) if ranks.rank == 0 else None,
     )
     if resume_step is not None:
         if ranks.rank == 0:
             ckpt.sync_logs_down(folder)
             _truncate_metrics(folder.local / "metrics.jsonl", resume_step)
         trainer.restore(resume_step)
+    trainer.profiler = StepProfiler(
+        cfg.train.profile_steps,
+        folder.local / "profile",
+        start_step=trainer.step,
+        rank=ranks.rank,
+        cuda=ranks.device.type == "cuda",
+    )
     if ranks.rank == 0:
         from pipeline import storage
 
@@ -444,7 +517,7 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
             str(folder.local / "tensorboard"), purge_step=trainer.step + 1 if resume_step is not None else None
         )
         log.info(
-            "%s: %d ranks, micro batch %d x grad_accum %d = %d, zero %d, %s, lr %.3g, %d steps/epoch, "
+            "%s: %d ranks, micro batch %d x grad_accum %d = %d, zero %d, %s, %s, lr %.3g, %d steps/epoch, "
             "%s at step %d of %d",
             cfg.train.run_dir,
             ranks.world_size,
@@ -453,6 +526,7 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
             plan.global_batch,
             cfg.train.zero_stage,
             precision,
+            "compiled" if compiled else "eager",
             lrs.lr,
             steps_per_epoch,
             "resuming" if resume_step is not None else "starting",

@@ -1,0 +1,253 @@
+"""The fast training step on the CPU: no host sync or collective on ordinary steps, MFU fields in
+a real run's metrics, FLOPs counted by torch on the real model and loss, and torch.compile
+training like eager.
+
+The runs are real trainers (DeepSpeed ZeRO-2, the real loader on sample shards) in this
+process as a single gloo rank, so that calls can be counted by patching torch."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+# The loop's code. Not pipeline/data: the loader's bookkeeping (sample ids, seeds) is made on
+# the host by its workers, so reading it syncs with no device.
+OURS = tuple(str(REPO / p) for p in ("pipeline/training", "pipeline/models.py", "pipeline/corruptions.py", "kernels"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    from pipeline import sample_data
+    from pipeline.sharding import shard_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    sample = sample_data.build(str(root / "sample"), per_class=4, size=32)
+    shard_dataset(sample["folder"], str(root / "shards"), shard_size_mb=1)
+    return str(root / "shards")
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """One gloo rank in this process."""
+    from pipeline.training.trainer import init_distributed
+
+    mp = pytest.MonkeyPatch()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        mp.setenv(k, v)
+    mp.setenv("MASTER_PORT", str(port))
+    yield init_distributed()
+    dist.destroy_process_group()
+    mp.undo()
+
+
+def _cfg(shards: str, run_dir: Path, **extra):
+    from pipeline.config import load_config
+
+    values = {
+        "data.train": f"{shards}/train",
+        "data.val": f"{shards}/val",
+        "train.run_dir": str(run_dir),
+        "data.backend": "torch",
+        "data.workers": 0,
+        "data.batch_size": 8,
+        "train.checkpoint_every": 1000,
+        "train.picture_every": 1000,
+        "optim.warmup_epochs": 0,
+        "model.timm_kwargs": {"depth": 2},  # the tiny preset, two blocks: cheap to compile
+        **extra,
+    }
+    return load_config("tiny_cpu", [f"{k}={json.dumps(v)}" for k, v in values.items()])
+
+
+def _fit(cfg, ranks) -> dict:
+    from pipeline.training.trainer import build_trainer
+
+    trainer = build_trainer(cfg, ranks)
+    try:
+        trainer.fit()
+    finally:
+        trainer.writer.close()
+    return trainer
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+SYNCS = {  # what reads a tensor to the host, and the collectives
+    (torch.Tensor, "item"),
+    (torch.Tensor, "tolist"),
+    (torch.Tensor, "cpu"),
+    (torch.Tensor, "numpy"),
+    (torch.Tensor, "__float__"),
+    (torch.Tensor, "__int__"),
+    (torch.Tensor, "__bool__"),
+    (dist, "all_reduce"),
+    (dist, "all_gather"),
+    (dist, "broadcast"),
+    (dist, "reduce_scatter"),
+    (dist, "barrier"),
+}
+
+
+def test_ordinary_steps_neither_sync_nor_reduce_and_mfu_is_logged(shards, ranks, tmp_path, monkeypatch):
+    from pipeline.training import trainer as trainer_mod
+
+    run_dir = tmp_path / "run"
+    # 6 steps of 2 micro batches; steps 3 and 6 log (6 also checkpoints), 1, 2, 4, 5 are ordinary.
+    cfg = _cfg(
+        shards,
+        run_dir,
+        **{"train.max_steps": 6, "train.log_every": 3, "train.grad_accum": 2, "data.batch_size": 4},
+    )
+    current = [0]
+    calls: Counter = Counter()
+    where: Counter = Counter()
+
+    def counting(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(OURS):  # our loop, not DeepSpeed's own gradient reduction
+                calls[current[0], name] += 1
+                where[current[0], name, Path(caller).name, sys._getframe(1).f_lineno] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    real_step = trainer_mod.Trainer.train_step
+
+    def step(self, batches):
+        current[0] = self.step + 1
+        return real_step(self, batches)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", step)
+    for owner, name in SYNCS:
+        counting(owner, name)
+    _fit(cfg, ranks)
+    monkeypatch.undo()
+
+    by_step = {s: sum(n for (k, _), n in calls.items() if k == s) for s in range(1, 7)}
+    assert by_step[1] == by_step[2] == by_step[4] == by_step[5] == 0, sorted(where.items())
+    # the counting sees the reads that are there: one all_reduce and one read per log step
+    for s in (3, 6):
+        assert calls[s, "all_reduce"] >= 1 and calls[s, "tolist"] >= 1, calls
+
+    rows = _rows(run_dir)
+    logged = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in logged] == [3, 6]
+    for r in logged:
+        assert r["tflops"] > 0 and 0 < r["mfu"] < 1.5 and r["peak_memory_gib"] > 0, r
+        assert r["mfu_datasheet"] is None  # CPU: no datasheet figure
+        assert r["grad_norm"] > 0
+    speed = next(r for r in rows if "flops_per_image" in r)
+    assert speed["peak_source"].startswith("measured: fp32 matmul") and speed["peak_tflops"] > 0
+    # tiny preset, 2 blocks, 64 tokens of 192: the count is within reach of the transformer's
+    # 6 x params x tokens (+ attention); a sanity bound, the exact check is the ViT-B test below
+    assert 50e6 < speed["flops_per_image"] < 500e6, speed
+    assert (run_dir / "step-6" / "COMPLETE").exists()
+
+
+def test_vit_b16_flops_per_image_match_the_analytic_count():
+    """3 x 17.6 GMAC x 2 (timm's forward MACs at 224 px; backward = 2 x forward), counted by
+    FlopCounterMode on the real MFM model and frequency loss, built on the meta device."""
+    from pipeline.config import load_config
+    from pipeline.data import Batch
+    from pipeline.models import build_model
+    from pipeline.training.flops import count_step_flops, meta_copy
+    from pipeline.training.trainer import _pretrain_forward
+
+    cfg = load_config("vit_b16_mfm")
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.corruption)
+    images = torch.empty(2, 3, 224, 224)
+    batch = Batch(images, images, torch.empty(2, 224, 224))
+    per_image = count_step_flops(meta_copy(model), batch, _pretrain_forward) / 2
+    assert per_image == pytest.approx(3 * 17.6e9 * 2, rel=0.02)
+
+
+def test_datasheet_table_matches_device_names():
+    from pipeline.training.flops import datasheet_tflops
+
+    assert datasheet_tflops("NVIDIA H200") == 989
+    assert datasheet_tflops("NVIDIA H100 PCIe") == 756
+    assert datasheet_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert datasheet_tflops("NVIDIA L40S") == 362 and datasheet_tflops("NVIDIA L4") == 121
+    assert datasheet_tflops("NVIDIA A10") == 125 and datasheet_tflops("Some New GPU") is None
+
+
+def test_compile_setting_resolves_and_refuses_zero3():
+    from pipeline.config import ConfigError
+    from pipeline.training.speed import resolve_compile
+
+    assert resolve_compile("auto", cuda=True, zero_stage=2) is True
+    assert resolve_compile("auto", cuda=False, zero_stage=2) is False
+    assert resolve_compile("auto", cuda=True, zero_stage=3) is False
+    assert resolve_compile(True, cuda=False, zero_stage=1) is True
+    with pytest.raises(ConfigError, match="train.compile=true does not work with train.zero_stage=3"):
+        resolve_compile(True, cuda=True, zero_stage=3)
+
+
+def test_compile_with_zero3_is_refused_before_any_process_starts(shards, tmp_path, capsys, monkeypatch):
+    from pipeline.cli import main
+    from pipeline.training import launcher
+
+    def no_launch(*a, **k):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(launcher, "spawn_local", no_launch)
+    sets = [
+        f"data.train={shards}/train",
+        f"train.run_dir={tmp_path / 'run'}",
+        "train.zero_stage=3",
+        "train.compile=true",
+    ]
+    assert main(["pretrain", "--config", "tiny_cpu", *[a for s in sets for a in ("--set", s)]]) == 2
+    assert "train.compile=true does not work with train.zero_stage=3" in capsys.readouterr().err
+
+
+def test_a_compile_failure_names_the_setting():
+    from pipeline.training.speed import CompileError, compile_errors
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no code for this chip")
+
+    fn = torch.compile(lambda x: x * 2 + 1, backend=broken_backend)
+    with pytest.raises(
+        CompileError, match=r"train\.compile: torch\.compile of the model failed.*no code for this chip"
+    ):
+        with compile_errors(True):
+            fn(torch.ones(3))
+
+
+def test_compiled_training_matches_eager(shards, ranks, tmp_path):
+    """train.compile=true on the CPU (inductor, the frequency loss's torch path outside the
+    graph): the same losses as eager over 4 steps, within 1e-5 relative (inductor's kernels
+    reorder float32 sums; measured differences are ~2e-7)."""
+    losses = {}
+    for compiled in (False, True):
+        run_dir = tmp_path / f"run-{compiled}"
+        # no val batch: its eval-mode forward would be a second graph to compile
+        cfg = _cfg(
+            shards,
+            run_dir,
+            **{"train.max_steps": 4, "train.log_every": 1, "train.compile": compiled, "data.val": None},
+        )
+        trainer = _fit(cfg, ranks)
+        assert trainer.compiled is compiled
+        losses[compiled] = [r["loss"] for r in _rows(run_dir) if "loss" in r]
+    assert len(losses[True]) == 4
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5), losses
+    assert losses[False][0] != losses[False][-1]  # the weights moved
