@@ -301,7 +301,11 @@ class Trainer:
         meta, self.flop_model = self.flop_model, None
         if not self.is_main:
             return
-        step_flops = flops.count_step_flops(meta, batch, self.task.forward)
+        try:
+            step_flops = flops.count_step_flops(meta, batch, self.task.forward)
+        except Exception as e:  # a model the meta device cannot run: train on, without MFU
+            log.warning("FLOPs per image could not be counted, so no TFLOP/s or MFU is logged: %r", e)
+            return
         self.speed = flops.Speed.of(step_flops / len(batch[0]), self.peak, self.ranks.device)
         self.log_row({"step": self.step, **self.speed.row(), "time": time.time()})
         self.writer.add_text("perf/speed", json.dumps(self.speed.row()), self.step)
