@@ -592,3 +592,31 @@ def test_labelled_loaders_skip_and_count_a_body_that_does_not_decode(tmp_path, m
     if kind == "eval":  # in order: slot 2 holds sample 3, image and label together
         assert labels.tolist() == [0, 1, 3, 3, 4, 5, 6, 7]
         assert torch.equal(batches[0][0][2], batches[0][0][3])
+
+
+def test_a_damaged_train_archive_is_named(tmp_path):
+    import io
+    import tarfile
+
+    from test_data_shards import jpeg
+
+    from pipeline.sharding import SourceError
+    from pipeline.sharding.sources import list_split
+
+    src = tmp_path / "ilsvrc"
+    src.mkdir()
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for i in range(3):
+            _ilsvrc_member(tf, f"n01_{i}.JPEG", jpeg(i, 64))
+    outer = io.BytesIO()
+    with tarfile.open(fileobj=outer, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        _ilsvrc_member(tf, "n01.tar", inner.getvalue())
+        _ilsvrc_member(tf, "n02.tar", b"<html>not a tar</html>" * 40)
+    tar = src / "ILSVRC2012_img_train.tar"
+    tar.write_bytes(outer.getvalue())
+    with pytest.raises(SourceError, match=r"ILSVRC2012_img_train.tar: member n02.tar: not a readable tar"):
+        list_split(str(src), "train")
+    tar.write_bytes(outer.getvalue()[:3000])
+    with pytest.raises(SourceError, match=r"ILSVRC2012_img_train.tar"):
+        list_split(str(src), "train")
