@@ -28,7 +28,7 @@ def _cfg(registry: str, run_dir: str, init: str):
     )
 
 
-def test_an_alias_is_pinned_and_the_verified_weights_are_loaded(store_url, tmp_path):
+def test_an_alias_is_pinned_and_the_verified_weights_are_loaded(store_url, tmp_path, monkeypatch):
     reg_url = storage.join(store_url, "registry")
     cfg = _cfg(reg_url, str(tmp_path / "run"), "enc@production")
     source = build_model(cfg.model, cfg.corruption)
@@ -39,9 +39,12 @@ def test_an_alias_is_pinned_and_the_verified_weights_are_loaded(store_url, tmp_p
     pinned = pin(cfg)
     assert pinned.pretrain.init == "enc@v1"
     # The alias moves on; the pinned config keeps naming v1.
-    reg.register("enc", _export(storage.join(store_url, "b", "export"), state, config), aliases=("production",))
+    other = {k: v + 1 for k, v in state.items()}  # another model (registering the same one again is a no-op)
+    reg.register("enc", _export(storage.join(store_url, "b", "export"), other, config), aliases=("production",))
     assert pin(pinned).pretrain.init == "enc@v1" and pin(cfg).pretrain.init == "enc@v2"
 
+    with pytest.raises(ConfigError, match="not pinned"):
+        warm_start(build_model(cfg.model, cfg.corruption), cfg)
     torch.manual_seed(123)
     fresh = build_model(cfg.model, cfg.corruption)
     assert not torch.equal(fresh.encoder.patch_embed.proj.weight, source.encoder.patch_embed.proj.weight)
@@ -49,7 +52,9 @@ def test_an_alias_is_pinned_and_the_verified_weights_are_loaded(store_url, tmp_p
     for k, v in source.encoder.state_dict().items():
         assert torch.equal(fresh.encoder.state_dict()[k], v), k
 
-    # A tampered version is refused by the registry's checksum, nothing loaded.
+    # A tampered version is refused by the registry's checksum, nothing loaded (a machine
+    # without the verified copy in its local cache fetches it again).
+    monkeypatch.setenv("MFM_CACHE", str(tmp_path / "another-machine"))
     fs, path = storage.filesystem(storage.join(reg.version_url("enc", 1), "model.safetensors"))
     with fs.open(path, "wb") as f:
         f.write(save({k: v + 1 for k, v in state.items()}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 
@@ -122,6 +123,10 @@ def load_encoder(encoder: nn.Module, state: dict[str, torch.Tensor], what: str) 
 
 def warm_start(model, cfg: Config) -> None:
     """Load pretrain.init into model.encoder (the decoder keeps its fresh init)."""
+    init = cfg.pretrain.init
+    if is_registry_ref(init) and not re.fullmatch(r".+@v\d+", init):
+        # each rank resolving an alias for itself could load different versions
+        raise ConfigError(f"pretrain.init={init!r}: not pinned to a version; pin it first (warm_start.pin)")
     keys = load_encoder(model.encoder, read_state(cfg), f"pretrain.init={cfg.pretrain.init}")
     log.info(
         "pretrain.init=%s: encoder loaded; fresh %s; dropped %s",
