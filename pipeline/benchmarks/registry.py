@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import socket
 import statistics
@@ -33,6 +34,7 @@ def _start_moto() -> str:
         raise SystemExit(
             "mfm bench registry: needs moto for a local S3 endpoint (the [dev] extra), or --endpoint URL"
         ) from None
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     port = _free_port()
     ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
     for _ in range(100):
