@@ -251,3 +251,32 @@ def test_compiled_training_matches_eager(shards, ranks, tmp_path):
     assert len(losses[True]) == 4
     assert losses[True] == pytest.approx(losses[False], rel=1e-5), losses
     assert losses[False][0] != losses[False][-1]  # the weights moved
+
+
+def test_gpu_bench_matrix_runs_its_rows_and_the_real_data_row(shards, ranks, tmp_path):
+    """`mfm bench train --gpu`'s matrix, driven on the CPU at toy size: a row per configuration
+    with images/s, TFLOP/s, MFU and memory, and the fastest fed by the real loader."""
+    from types import SimpleNamespace
+
+    from pipeline.benchmarks.train_gpu import gpu_matrix
+
+    cfg = _cfg(shards, tmp_path / "unused", **{"data.batch_size": 4})
+    args = SimpleNamespace(
+        compile="off",
+        micro_batches=[2],
+        stages=[0, 2],
+        steps=2,
+        warmup=1,
+        real_data=f"{shards}/train",
+        workers=0,
+        out=str(tmp_path / "bench.json"),
+    )
+    result = {"rows": []}
+    gpu_matrix(args, cfg, ranks, "fp32", result)
+    names = [r["name"] for r in result["rows"]]
+    assert names[:2] == ["eager zero-0 mb2", "eager zero-2 mb2"]
+    for r in result["rows"]:
+        assert r["images_per_s_per_gpu"] > 0 and r["tflops"] > 0 and r["mfu"] > 0 and r["peak_memory_gib"] > 0
+    real = result["rows"][2]
+    assert real["name"].endswith("real data") and 0 <= real["loader_wait_share"] <= 1
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"] == result["rows"]

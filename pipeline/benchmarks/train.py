@@ -118,29 +118,6 @@ def _timed(contender, batches, steps: int, device) -> float:
     return time.perf_counter() - start
 
 
-def _timed_loader(contender, loader, steps: int, warmup: int, device) -> tuple[float, float]:
-    """(seconds, seconds waiting for the loader) for `steps` steps fed by a real loader."""
-    import torch
-    import torch.distributed as dist
-
-    batches = iter(loader)
-    for _ in range(warmup):
-        loss = contender.step(next(batches))
-    loss.item()
-    dist.barrier()
-    waited, start = 0.0, time.perf_counter()
-    for _ in range(steps):
-        t = time.perf_counter()
-        batch = next(batches)
-        waited += time.perf_counter() - t
-        loss = contender.step(batch)
-    loss.item()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dist.barrier()
-    return time.perf_counter() - start, waited
-
-
 def _flops_per_image(cfg) -> float:
     """FLOPs of forward + loss + backward per image, counted by torch on the meta device."""
     import torch
@@ -155,90 +132,6 @@ def _flops_per_image(cfg) -> float:
     size = cfg.model.img_size
     images = torch.empty(2, 3, size, size)
     return count_step_flops(meta_copy(model), Batch(images, images, torch.empty(2, size, size)), _pretrain_forward) / 2
-
-
-def _emit(result: dict, row: dict, out: str | None) -> None:
-    """Print a row as soon as it is measured and keep the JSON current: a run stopped by its
-    time limit keeps what it measured."""
-    result["rows"].append(row)
-    print(json.dumps(row), flush=True)
-    if out:
-        Path(out).write_text(json.dumps(result))
-
-
-def _gpu_matrix(args, cfg, ranks, precision, result) -> None:
-    """eager / compiled x ZeRO stages x micro batches; then, with --real-data, the fastest
-    configuration fed by the real loader."""
-    import torch
-    import torch.distributed as dist
-
-    from pipeline.training.flops import Speed, measure_peak, peak_memory_gib
-    from pipeline.training.optim import batch_plan, scaled_lrs
-
-    # one static graph per micro batch, shared by the stages (dynamo keeps one per shape)
-    torch._dynamo.config.automatic_dynamic_shapes = False
-    speed = Speed.of(_flops_per_image(cfg), measure_peak(ranks.device), ranks.device)
-    result["speed"] = speed.row()
-    main = ranks.rank == 0
-    modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.compile]
-    best = None
-    for compiled in modes:
-        for micro in args.micro_batches:
-            mcfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"batch_size": micro * ranks.world_size})})
-            plan = batch_plan(mcfg, ranks.world_size)
-            lr = scaled_lrs(mcfg.optim, plan.global_batch).lr
-            batches = _batches(mcfg, micro, 4, ranks.device, seed=ranks.rank)
-            for stage in args.stages:
-                name = f"{'compiled' if compiled else 'eager'} zero-{stage} mb{micro}"
-                row = {"name": name, "compiled": compiled, "zero_stage": stage, "micro_batch": micro}
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                contender = None
-                try:
-                    contender = ZeroContender(mcfg, plan, lr, ranks.device, stage, precision, compiled)
-                    t0 = time.perf_counter()
-                    _timed(contender, batches, args.warmup, ranks.device)
-                    row["warmup_s"] = time.perf_counter() - t0  # compile time shows here
-                    seconds = _timed(contender, batches, args.steps, ranks.device)
-                except torch.cuda.OutOfMemoryError:
-                    row["error"] = "out of memory"
-                else:
-                    ips = micro * args.steps / seconds
-                    row.update(images_per_s_per_gpu=ips, **speed.figures(ips))
-                    if best is None or ips > best[0]["images_per_s_per_gpu"]:
-                        best = (row, mcfg, plan, lr)
-                row["peak_memory_gib"] = peak_memory_gib(ranks.device)
-                del contender
-                dist.barrier()
-                if main:
-                    _emit(result, row, args.out)
-    if args.real_data and best is not None:
-        from pipeline.data import build_train_loader
-
-        row, mcfg, plan, lr = best
-        dcfg = mcfg.model_copy(
-            update={"data": mcfg.data.model_copy(update={"train": args.real_data, "workers": args.workers})}
-        )
-        torch.cuda.empty_cache()
-        contender = ZeroContender(dcfg, plan, lr, ranks.device, row["zero_stage"], precision, row["compiled"])
-        loader = build_train_loader(
-            dcfg, rank=ranks.rank, world_size=ranks.world_size, micro_batch=plan.micro_batch, device=ranks.device
-        )
-        seconds, waited = _timed_loader(contender, loader, args.steps, args.warmup, ranks.device)
-        ips = plan.micro_batch * args.steps / seconds
-        real = {
-            "name": f"{row['name']} real data",
-            "compiled": row["compiled"],
-            "zero_stage": row["zero_stage"],
-            "micro_batch": row["micro_batch"],
-            "split": args.real_data,
-            "images_per_s_per_gpu": ips,
-            **speed.figures(ips),
-            "loader_wait_share": waited / seconds,
-            "peak_memory_gib": peak_memory_gib(ranks.device),
-        }
-        if main:
-            _emit(result, real, args.out)
 
 
 def worker(args) -> dict:
@@ -271,7 +164,9 @@ def worker(args) -> dict:
         "rows": [],
     }
     if args.gpu:
-        _gpu_matrix(args, cfg, ranks, precision, result)
+        from pipeline.benchmarks.train_gpu import gpu_matrix
+
+        gpu_matrix(args, cfg, ranks, precision, result)
         return result
     batches = _batches(cfg, plan.micro_batch, 4, ranks.device, seed=ranks.rank)
     speed = Speed.of(_flops_per_image(cfg), measure_peak(ranks.device), ranks.device)
@@ -337,6 +232,8 @@ def print_table(result: dict) -> None:
         notes = f"loader wait {r['loader_wait_share']:.0%}" if "loader_wait_share" in r else ""
         if "warmup_s" in r:
             notes = f"warm-up {r['warmup_s']:.0f} s"
+        if r.get("host_syncs_per_step") is not None:
+            notes += f", {r['host_syncs_per_step']:g} host syncs/step"
         print(
             f"{r['name']:<30} {r['images_per_s_per_gpu']:>9.1f} {r['tflops']:>8.1f} {r['mfu']:>6.1%} {ds:>7} "
             f"{r['peak_memory_gib']:>9.2f}  {notes}"
