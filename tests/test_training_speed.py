@@ -109,7 +109,14 @@ def test_ordinary_steps_neither_sync_nor_reduce_and_mfu_is_logged(shards, ranks,
     cfg = _cfg(
         shards,
         run_dir,
-        **{"train.max_steps": 6, "train.log_every": 3, "train.grad_accum": 2, "data.batch_size": 4},
+        # and a profile of step 6 (the window opens 5 steps after the start)
+        **{
+            "train.max_steps": 6,
+            "train.log_every": 3,
+            "train.grad_accum": 2,
+            "data.batch_size": 4,
+            "train.profile_steps": 1,
+        },
     )
     current = [0]
     calls: Counter = Counter()
@@ -158,6 +165,10 @@ def test_ordinary_steps_neither_sync_nor_reduce_and_mfu_is_logged(shards, ranks,
     # 6 x params x tokens (+ attention); a sanity bound, the exact check is the ViT-B test below
     assert 50e6 < speed["flops_per_image"] < 500e6, speed
     assert (run_dir / "step-6" / "COMPLETE").exists()
+    traces = list((run_dir / "profile").glob("rank0.*.pt.trace.json"))
+    assert len(traces) == 1
+    trace = json.loads(traces[0].read_text())
+    assert any(e.get("name", "").startswith("ProfilerStep#") for e in trace["traceEvents"])
 
 
 def test_vit_b16_flops_per_image_match_the_analytic_count():
