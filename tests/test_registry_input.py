@@ -158,3 +158,12 @@ def test_registering_the_same_export_again_returns_the_same_version(reg, store_u
     assert reg.alias_version("m", "latest") == 3
     assert reg.register("m", export) == Ref("m", version=1)
     assert reg.alias_version("m", "latest") == 3  # latest never moves back
+
+
+def test_a_data_manifest_of_the_wrong_shape_is_named(reg, store_url):
+    url = storage.join(store_url, "shards", "train", "manifest.json")
+    storage.write_bytes(url, b"[1, 2]")
+    export = small_export(storage.join(store_url, "e9"), 9)
+    with pytest.raises(RegistryError, match="a JSON object expected") as e:
+        reg.register("m", export, data_manifest_url=storage.join(store_url, "shards", "train"))
+    assert url in str(e.value) and reg.versions("m") == [1]

@@ -14,9 +14,10 @@ A version exists only once its manifest exists. Version numbers are claimed with
 create-if-absent write, so racing registrations get distinct numbers; aliases are moved with a
 compare-and-swap, so no racing move is lost (`latest` only ever moves to a larger version).
 
-Modules: `refs` (names, refs, errors: pure), `gate` (promotion gate: pure), `card` (model card),
-`store` (`Registry`: reads, conditional writes, gc), `cache` (the verified local cache, verified
-downloads), `loading` (pulls, timm models), `commands` (the CLI).
+Modules: `refs` (names, refs, errors, JSON shapes: pure), `gate` (promotion gate: pure), `card`
+(model card), `store` (`Registry`: reads, conditional writes), `lineage` (what a version records),
+`gc` (abandoned claims), `cache` (verified downloads, the local cache), `loading` (pulls, timm
+models), `commands` (the CLI).
 """
 
 from pipeline.registry.cache import cached_version, fetch_verified

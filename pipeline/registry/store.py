@@ -7,8 +7,6 @@ Version numbers are claimed with a create-if-absent write and aliases move by co
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import json
 import logging
 import os
 import socket
@@ -18,8 +16,9 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import StorageConfig
-from pipeline.registry.card import code_version, model_card
+from pipeline.registry.card import model_card
 from pipeline.registry.gate import flatten_metrics, gate_decision
+from pipeline.registry.lineage import existing, version_lineage
 from pipeline.registry.refs import (
     ALIAS_FORMAT_VERSION,
     CARD,
@@ -70,7 +69,8 @@ class Registry:
     def alias_url(self, name: str, alias: str) -> str:
         return self._u(name, "aliases", f"{alias}.json")
 
-    def _ls(self, *parts: str) -> list[str]:
+    def ls(self, *parts: str) -> list[str]:
+        """Entry names under a folder of the registry (none if it does not exist)."""
         fs, path = storage.filesystem(self._u(*parts), self.storage)
         try:
             entries = storage.retry(lambda: fs.ls(path, detail=False), what=f"list {self._u(*parts)}")
@@ -81,20 +81,21 @@ class Registry:
     # -- reading
 
     def names(self) -> list[str]:
-        return sorted(n for n in self._ls() if NAME_RE.fullmatch(n) and self.versions(n))
+        return sorted(n for n in self.ls() if NAME_RE.fullmatch(n) and self.versions(n))
 
-    def _claimed(self, name: str) -> list[int]:
-        return sorted(int(m.group(1)) for m in map(VERSION_RE.fullmatch, self._ls(name)) if m)
+    def claimed(self, name: str) -> list[int]:
+        """Version numbers taken (with or without a manifest), ascending."""
+        return sorted(int(m.group(1)) for m in map(VERSION_RE.fullmatch, self.ls(name)) if m)
 
     def versions(self, name: str) -> list[int]:
         """Complete versions (those with a manifest), ascending."""
-        return [v for v in self._claimed(name) if storage.exists(self._u(name, f"v{v}", MANIFEST), self.storage)]
+        return [v for v in self.claimed(name) if storage.exists(self._u(name, f"v{v}", MANIFEST), self.storage)]
 
     def aliases(self, name: str, problems: list[str] | None = None) -> dict[str, int]:
         """alias -> version. An unreadable alias is left out and reported (appended to `problems`,
         else logged): one bad file must not hide the others."""
         out = {}
-        for entry in self._ls(name, "aliases"):
+        for entry in self.ls(name, "aliases"):
             if entry.endswith(".json") and not entry.startswith("."):
                 alias = entry[: -len(".json")]
                 try:
@@ -151,7 +152,7 @@ class Registry:
 
     def _claim(self, name: str, owner: str) -> int:
         """Take the next free version number: create-if-absent on v<N>/.claim, N+1 on conflict."""
-        claimed = self._claimed(name)
+        claimed = self.claimed(name)
         version = (claimed[-1] if claimed else 0) + 1
         for _ in range(MAX_ATTEMPTS):
             url = self._u(name, f"v{version}", CLAIM)
@@ -194,7 +195,7 @@ class Registry:
             raise RegistryError(f"{storage.join(export_url, CONFIG)}: not a timm config (no 'architecture')")
 
         if metrics is None:
-            metrics_url = metrics_url or _existing(storage.join(export_url, METRICS), self.storage)
+            metrics_url = metrics_url or existing(storage.join(export_url, METRICS), self.storage)
             if metrics_url:
                 metrics = parse_json(storage.read_bytes(metrics_url, self.storage), metrics_url)
         if metrics is not None:
@@ -207,7 +208,7 @@ class Registry:
             log.info("%s: %s holds the same files; not registering them again", export_url, same)
             self._point_aliases(name, same.version, aliases)
             return same
-        lineage = self._lineage(export_url, data_manifest_url, run_config_url, parent)
+        lineage = version_lineage(self, export_url, data_manifest_url, run_config_url, parent)
 
         owner = uuid.uuid4().hex
         version = self._claim(name, owner)
@@ -253,104 +254,10 @@ class Registry:
         return None
 
     def gc(self, older_than_s: float, name: str | None = None, *, dry_run: bool = False) -> list[str]:
-        """Remove abandoned claims: `v<N>/` folders holding a `.claim` older than `older_than_s`
-        (by its `created` time) and no manifest (a `register` killed midway). Complete versions are
-        never touched.
-        Returns the folders removed (or, with dry_run, that would be)."""
-        if older_than_s <= 0:
-            raise RegistryError(f"gc: the age must be positive, got {older_than_s} s")
-        now = dt.datetime.now(dt.timezone.utc)
-        removed = []
-        for n in [check_name(name)] if name else [x for x in self._ls() if NAME_RE.fullmatch(x)]:
-            for version in self._claimed(n):
-                vurl = self.version_url(n, version)
-                claim_url = storage.join(vurl, CLAIM)
-                fs, claim_path = storage.filesystem(claim_url, self.storage)
-                created = self._claim_time(claim_url)
-                if created is None or (now - created).total_seconds() < older_than_s:
-                    continue
-                if storage.exists(storage.join(vurl, MANIFEST), self.storage):
-                    continue
-                removed.append(vurl)
-                if dry_run:
-                    continue
-                # The claim goes last: while it stands nobody else can take version N and write here.
-                for entry in self._ls(n, f"v{version}"):
-                    if entry != CLAIM:
-                        if storage.exists(storage.join(vurl, MANIFEST), self.storage):
-                            raise RegistryError(f"{vurl}: a manifest appeared while collecting the claim; left alone")
-                        fs.rm(fs._strip_protocol(storage.join(vurl, entry)), recursive=True)
-                fs.rm(claim_path)
-                if storage.is_local(vurl):
-                    Path(fs._strip_protocol(vurl)).rmdir()
-                log.info("removed abandoned claim %s", vurl)
-        return removed
+        """Remove abandoned claims older than `older_than_s` (see `pipeline.registry.gc`)."""
+        from pipeline.registry.gc import collect_abandoned_claims
 
-    def _claim_time(self, url: str) -> dt.datetime | None:
-        """When a claim was taken: its `created` field, else the store's modification time; None
-        if the claim is gone."""
-        try:
-            body = storage.read_bytes(url, self.storage)
-        except FileNotFoundError:
-            return None
-        try:
-            created = dt.datetime.fromisoformat(json.loads(body)["created"])
-        except (ValueError, KeyError, TypeError):
-            fs, path = storage.filesystem(url, self.storage)
-            try:
-                created = fs.modified(path)
-            except FileNotFoundError:
-                return None
-        return created if created.tzinfo else created.replace(tzinfo=dt.timezone.utc)
-
-    def _lineage(
-        self, export_url: str, data_manifest_url: str | None, run_config_url: str | None, parent: str | None
-    ) -> dict:
-        run_url = export_url.rstrip("/").rsplit("/", 1)[0] if export_url.rstrip("/").endswith("/export") else None
-        data = None
-        if data_manifest_url:
-            url = (
-                data_manifest_url if data_manifest_url.endswith(".json") else storage.join(data_manifest_url, MANIFEST)
-            )
-            try:
-                raw = storage.read_bytes(url, self.storage)
-            except FileNotFoundError:
-                raise RegistryError(f"data manifest {url} does not exist") from None
-            info = parse_json(raw, url)
-            data = {
-                "url": url,
-                "sha256": sha256_bytes(raw),
-                "split": info.get("split"),
-                "num_samples": info.get("num_samples"),
-                "format_version": info.get("format_version"),
-                "revision": info.get("revision"),  # a growing split's revision (docs/architecture.md)
-            }
-        if run_config_url is None and run_url:
-            run_config_url = _existing(storage.join(run_url, "config.yaml"), self.storage) or _existing(
-                storage.join(run_url, "config.json"), self.storage
-            )
-        run_config = None
-        if run_config_url:
-            import yaml
-
-            raw = storage.read_bytes(run_config_url, self.storage)
-            try:
-                run_config = yaml.safe_load(raw)  # JSON is YAML too
-            except yaml.YAMLError as e:
-                raise RegistryError(f"run config {run_config_url}: not valid YAML/JSON: {e}") from None
-        if parent:
-            parent = str(self.resolve(parent))  # pin an alias to the version it means now
-        return {
-            "export_url": export_url,
-            "run_url": run_url,
-            "data_manifest": data,
-            "run_config_url": run_config_url,
-            "run_config": run_config,
-            "parent": parent,
-            # pretraining continued from this (pinned) model instead of a random init
-            "warm_start": _warm_start(run_config),
-            "code": code_version(),
-        }
+        return collect_abandoned_claims(self, older_than_s, name, dry_run=dry_run)
 
     def _move_alias(self, name: str, alias: str, decide: Callable[[int | None], int | None]) -> int | None:
         """Compare-and-swap loop: decide(current) -> new version (None: leave it); returns the
@@ -432,13 +339,3 @@ class Registry:
         from pipeline.registry.loading import load_version
 
         return load_version(self, ref, num_classes=num_classes, dest=dest)
-
-
-def _existing(url: str, storage_cfg: StorageConfig | None) -> str | None:
-    return url if storage.exists(url, storage_cfg) else None
-
-
-def _warm_start(run_config) -> str | None:
-    section = run_config.get("pretrain") if isinstance(run_config, dict) else None
-    init = section.get("init") if isinstance(section, dict) else None
-    return init if isinstance(init, str) else None
