@@ -4,8 +4,9 @@ Each stage is one task run with retries for transient failures. A stage's result
 and cached under a key made of everything it depends on (the flow's inputs, the source's
 fingerprint and every earlier stage's result), so a rerun with the same inputs after a failure
 loads the finished stages from the cache and continues at the one that failed. Behind the
-cache the stages are idempotent on their own: sharding keeps a split whose manifest matches,
-pretraining resumes from the newest complete checkpoint.
+cache the stages are idempotent on their own: sharding keeps a split whose manifest matches
+(and adds a revision with only the new files when the source grew), pretraining resumes from
+the newest complete checkpoint. `warm_start` continues pretraining from a registered model.
 
 The stage list is data: a stage is "module:function" taking the context dict and returning the
 keys it adds, plus the module it needs; a stage whose module is not installed is skipped with a
