@@ -132,3 +132,28 @@ def test_repeats_of_an_upsampled_source_are_different_views(tmp_path):
     assert repeated, "b's 3 samples fill 8 of 21 draws: some sample is drawn twice"
     for v in repeated:
         assert not torch.equal(v[0], v[1])  # another crop/flip of the same image
+
+
+def test_dali_gives_a_mixed_epoch_the_same_ids_and_resumes_exactly(tmp_path):
+    """The DALI backend computes later epochs' plans in its workers: with the sources' mix too."""
+    pytest.importorskip("nvidia.dali")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_split(a, [6, 5, 7], size=(40, 30))
+    write_split(b, [3], size=(40, 30))
+    cfg = _cfg([(a, 0.6), (b, 0.4)], "data.workers=1")
+
+    def build(backend):
+        return build_train_loader(cfg, rank=0, world_size=1, micro_batch=2, device="cpu", backend=backend)
+
+    torch_ids = [epoch_ids(ld) for ld in [build("torch")] for _ in range(2)]
+    dali = build("dali")
+    assert [epoch_ids(dali) for _ in range(2)] == torch_ids  # epoch 1 comes from the workers' plan
+    first = build("dali")
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = first.state_dict()
+    del it
+    again = build("dali")
+    again.load_state_dict(state)
+    assert epoch_ids(again) + epoch_ids(again) == [x for e in torch_ids for x in e][3:]
