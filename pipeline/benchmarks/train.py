@@ -208,7 +208,7 @@ def print_table(result: dict) -> None:
     if speed:
         print(
             f"{speed['flops_per_image'] / 1e9:.2f} GFLOP per image (forward + backward, FlopCounterMode); "
-            f"peak {speed['peak_tflops']:.1f} TFLOP/s ({speed['peak_source']}), "
+            f"peak {speed['peak_tflops']:.3g} TFLOP/s ({speed['peak_source']}), "
             f"datasheet {speed['datasheet_tflops'] or 'unknown'}"
         )
     mfu = "MFU vs measured peak" + (", vs datasheet" if speed and speed["datasheet_tflops"] else "")
