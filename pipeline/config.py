@@ -187,6 +187,9 @@ class TrainConfig(Section):
     # torch.compile of the model's prediction path: auto = on for CUDA (ZeRO 0-2), off on CPU
     compile: Literal["auto"] | bool = "auto"
     profile_steps: int = Field(0, ge=0)  # >0: a torch.profiler trace of that many steps into <run_dir>/profile/
+    # How long a rank waits in a collective or barrier for a peer (a frozen or unreachable node)
+    # before it fails the run; longer than any one-rank pause, such as a checkpoint upload.
+    dist_timeout_s: float = Field(300, gt=0)
 
 
 class PretrainConfig(Section):

@@ -299,6 +299,7 @@ def save(
     mine = digests(local_step) if (local_rank == 0 if folder.remote else rank == 0) else {}
     if folder.remote and local_rank == 0:
         _upload_tree(folder, local_step, folder.step_url(step))
+        shutil.rmtree(local_step, ignore_errors=True)  # on every node, not only the first
     hashes = {k: v for part in _gather(mine) for k, v in part.items()}
     if rank == 0:
         sync_logs_up(folder)
@@ -315,8 +316,6 @@ def save(
             storage.join(folder.step_url(step), MARKER), json.dumps(marker, indent=1).encode(), folder.storage
         )
         prune(folder, keep_last)
-        if folder.remote:
-            shutil.rmtree(local_step, ignore_errors=True)
     _barrier()
     return folder.step_url(step)
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import base64
+import ctypes
 import importlib
 import json
 import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ from pipeline.training.profiling import StepProfiler
 log = logging.getLogger("mfm.train")
 EXIT_NON_FINITE = 3
 EXIT_CHECKPOINT = 4  # the checkpoint to resume from was refused (damaged, altered, unsafe)
+EXIT_LOST_PEER = 5  # another rank went away (killed, frozen, unreachable): rerun to resume
 
 
 class NonFiniteLoss(RuntimeError):
@@ -161,7 +165,9 @@ class Ranks:
     device: torch.device
 
 
-def init_distributed() -> Ranks:
+def init_distributed(timeout_s: float | None = None) -> Ranks:
+    """Join the process group. `timeout_s` bounds every collective and barrier: a rank whose
+    peer froze (a hung node keeps its sockets open) fails after it instead of waiting forever."""
     import deepspeed
 
     cuda = torch.cuda.is_available()
@@ -169,9 +175,28 @@ def init_distributed() -> Ranks:
     if cuda:
         torch.cuda.set_device(local_rank)
     # DeepSpeed picks the backend of its accelerator: NCCL on GPUs, gloo on CPU.
-    deepspeed.init_distributed(verbose=False)
+    kw = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    deepspeed.init_distributed(verbose=False, **kw)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Ranks(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def bound_group_timeouts(timeout_s: float) -> None:
+    """Give every process group the default group's timeout. DeepSpeed's own groups (ZeRO's
+    data-parallel group carries the gradient all-reduce) are created without one, and torch then
+    gives them its 30-minute default: a frozen peer would hold the survivors that long."""
+    timeout = timedelta(seconds=timeout_s)
+    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # torch < 2.10
+    for group in list(dist.distributed_c10d._world.pg_map):
+        set_timeout(timeout, group)
+
+
+def lost_peer(e: BaseException) -> bool:
+    """A collective failed because another rank went away (killed: its sockets closed; frozen:
+    the timeout ran out), not because of this rank's own code."""
+    return isinstance(e, dist.DistError) or (
+        isinstance(e, RuntimeError) and any(s in str(e) for s in ("gloo/transport", "NCCL communicator was aborted"))
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -482,6 +507,7 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
     optimizer = task.build_optimizer(model, cfg, lrs.lr)
     scheduler = build_scheduler(optimizer, cfg.optim, lrs, steps_per_epoch)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, plan, precision))
+    bound_group_timeouts(cfg.train.dist_timeout_s)
 
     trainer = Trainer(
         cfg,
@@ -541,7 +567,7 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
 
 
 def run(cfg: Config, task: Task = PRETRAIN) -> dict:
-    ranks = init_distributed()
+    ranks = init_distributed(cfg.train.dist_timeout_s)
     trainer = build_trainer(cfg, ranks, task)
     try:
         result = trainer.fit()
@@ -551,6 +577,22 @@ def run(cfg: Config, task: Task = PRETRAIN) -> dict:
     if ranks.rank == 0:
         log.info("done: %s", json.dumps(result))
     return result
+
+
+def die_with_launcher() -> None:
+    """Linux: SIGKILL this rank when the process that started it exits. torchrun and the
+    DeepSpeed launcher start ranks in sessions of their own, so killing a node's launcher (or
+    its process group) would otherwise leave the rank alive, holding its peers in a collective.
+    A kernel parent-death signal, not a watchdog thread polling the parent: it fires at once and
+    also while this process is blocked in C (a gloo/NCCL wait). Killing is safe: a checkpoint
+    only counts once its COMPLETE marker is written."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError, TypeError):  # not Linux
+        return
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        os._exit(1)
 
 
 def encode_config(cfg: Config) -> str:
@@ -586,6 +628,22 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             log.error("%s", e)
         return EXIT_CHECKPOINT
+    except Exception as e:
+        if not lost_peer(e):
+            raise
+        log.error(
+            "lost contact with another rank (%s): a node died, froze or lost its network, so the run "
+            "stops on every node. Rerun the same command(s) to resume from the newest complete "
+            "checkpoint in %s (a frozen peer is given up on after train.dist_timeout_s=%g s)",
+            str(e).splitlines()[0][:400],
+            cfg.train.run_dir,
+            cfg.train.dist_timeout_s,
+        )
+        # Exit now: the group is broken and nothing is left to save, while the interpreter's
+        # teardown (a full GC of the model, engine and traceback frames) took ~8 s here.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(EXIT_LOST_PEER)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -593,4 +651,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    die_with_launcher()
     sys.exit(main())
