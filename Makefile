@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[all,dev]'
 	# Real photos for the sample data; scikit-image's photos are the fallback without it.
 	-dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	# sshd and pdsh: the multi-node test of the hostfile path (tests/test_multinode.py; skipped without them).
+	-dpkg -s openssh-server pdsh >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq openssh-server pdsh)
 	touch $@
 
 demo: venv

@@ -595,6 +595,21 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
+def threads_per_rank() -> None:
+    """Without OMP_NUM_THREADS, share this node's cores among its ranks (its hostfile slots), as
+    `mfm pretrain` does on one machine: the DeepSpeed launcher sets nothing on remote hosts and
+    torch would give every rank all the cores."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # torchrun sets LOCAL_WORLD_SIZE, DeepSpeed's launch.py LOCAL_SIZE
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    threads = max(1, cores // local)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for processes started later (loader workers)
+    torch.set_num_threads(threads)
+    log.info("OMP_NUM_THREADS unset: %d threads per rank (%d cores / %d ranks on this node)", threads, cores, local)
+
+
 def encode_config(cfg: Config) -> str:
     return base64.urlsafe_b64encode(json.dumps(cfg.model_dump(mode="json")).encode()).decode()
 
@@ -614,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    threads_per_rank()
     cfg = build_config(json.loads(base64.urlsafe_b64decode(args.config_b64)))
     try:
         run(cfg, import_function(args.task, "--task")(cfg) if args.task else PRETRAIN)
