@@ -16,6 +16,7 @@ cache without touching the store, and refuses aliases (only the store knows wher
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -168,28 +169,44 @@ def _lock(vdir: Path) -> FileLock:
 
 def cached_version(reg, ref: str | Ref, root: Path | None = None) -> tuple[Ref, Path]:
     """(name@vN, local folder of its verified files): from the cache, filled first if needed."""
+    with open_version(reg, ref, root) as got:
+        return got
+
+
+@contextlib.contextmanager
+def open_version(reg, ref: str | Ref, root: Path | None = None) -> Iterator[tuple[Ref, Path]]:
+    """`cached_version` with the entry's lock held until the block ends: read its files there, and
+    no other process replaces or prunes them meanwhile."""
     root = root or cache_root()
     if is_offline():
-        return _offline(reg.url, ref, root)
+        target = _pinned(ref)
+        vdir = version_dir(root, reg.url, target.name, target.version)
+        with _lock(vdir):
+            yield target, _offline_entry(reg.url, target, vdir, root)
+        return
     target, manifest, raw = reg.read_manifest(ref)  # an alias is resolved against the store each time
     vdir = version_dir(root, reg.url, target.name, target.version)
     entry = vdir / hashlib.sha256(raw).hexdigest()
     with _lock(vdir):
-        if entry.is_dir():
-            bad = changed_files(entry, manifest)
-            if not bad:
-                (entry / USED).touch()
-                return target, entry
-            log.warning(
-                "%s: cached %s in %s no longer match(es) the manifest; fetching the version again",
-                target,
-                ", ".join(bad),
-                entry,
-            )
-            _remove(entry)
-        _clear_leftovers(vdir)
-        _fill(reg, target, manifest, raw, entry)
-    return target, entry
+        _ensure(reg, target, manifest, raw, entry)
+        yield target, entry
+
+
+def _ensure(reg, target: Ref, manifest: dict, raw: bytes, entry: Path) -> None:
+    if entry.is_dir():
+        bad = changed_files(entry, manifest)
+        if not bad:
+            (entry / USED).touch()
+            return
+        log.warning(
+            "%s: cached %s in %s no longer match(es) the manifest; fetching the version again",
+            target,
+            ", ".join(bad),
+            entry,
+        )
+        _remove(entry)
+    _clear_leftovers(entry.parent)
+    _fill(reg, target, manifest, raw, entry)
 
 
 def _fill(reg, target: Ref, manifest: dict, raw: bytes, entry: Path) -> None:
@@ -212,34 +229,36 @@ def _fill(reg, target: Ref, manifest: dict, raw: bytes, entry: Path) -> None:
     log.info("fetched %s into the cache %s (%.1f MB, %.1fs)", target, entry, size / 1e6, time.perf_counter() - t0)
 
 
-def _offline(url: str, ref: str | Ref, root: Path) -> tuple[Ref, Path]:
+def _pinned(ref: str | Ref) -> Ref:
     ref = parse_ref(ref) if isinstance(ref, str) else ref
     if ref.version is None:
         raise RegistryError(
             f"{ref}: MFM_OFFLINE=1 loads pinned versions only; an alias can only be resolved by the "
             f"registry. Use NAME@vN (`mfm cache list` shows the cached ones)"
         )
-    vdir = version_dir(root, url, ref.name, ref.version)
-    with _lock(vdir):
-        entries = [d for d in vdir.iterdir() if SHA256_RE.fullmatch(d.name)] if vdir.is_dir() else []
-        if not entries:
-            raise RegistryError(
-                f"{ref}: not in the cache {root} for registry {canonical_url(url)}, and MFM_OFFLINE=1 forbids "
-                f"fetching it"
-            )
-        entry = max(entries, key=lambda d: _mtime(d / USED))
-        raw = (entry / MANIFEST).read_bytes()
-        if hashlib.sha256(raw).hexdigest() != entry.name:
-            raise IntegrityError(f"{entry / MANIFEST}: does not match its cache key; delete {entry}")
-        manifest = check_manifest(parse_json(raw, str(entry / MANIFEST)), str(entry / MANIFEST))
-        bad = changed_files(entry, manifest)
-        if bad:
-            raise IntegrityError(
-                f"{ref}: cached {', '.join(bad)} in {entry} no longer match(es) the manifest, and "
-                f"MFM_OFFLINE=1 forbids fetching it again"
-            )
-        (entry / USED).touch()
-    return Ref(ref.name, version=ref.version), entry
+    return ref
+
+
+def _offline_entry(url: str, ref: Ref, vdir: Path, root: Path) -> Path:
+    """The cached entry of a pinned version, checked, without the store (called with the lock held)."""
+    entries = [d for d in vdir.iterdir() if SHA256_RE.fullmatch(d.name)] if vdir.is_dir() else []
+    if not entries:
+        raise RegistryError(
+            f"{ref}: not in the cache {root} for registry {canonical_url(url)}, and MFM_OFFLINE=1 forbids fetching it"
+        )
+    entry = max(entries, key=lambda d: _mtime(d / USED))
+    raw = (entry / MANIFEST).read_bytes()
+    if hashlib.sha256(raw).hexdigest() != entry.name:
+        raise IntegrityError(f"{entry / MANIFEST}: does not match its cache key; delete {entry}")
+    manifest = check_manifest(parse_json(raw, str(entry / MANIFEST)), str(entry / MANIFEST))
+    bad = changed_files(entry, manifest)
+    if bad:
+        raise IntegrityError(
+            f"{ref}: cached {', '.join(bad)} in {entry} no longer match(es) the manifest, and "
+            f"MFM_OFFLINE=1 forbids fetching it again"
+        )
+    (entry / USED).touch()
+    return entry
 
 
 def _mtime(path: Path) -> float:

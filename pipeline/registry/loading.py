@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import StorageConfig
-from pipeline.registry.cache import cached_version
+from pipeline.registry.cache import open_version
 from pipeline.registry.refs import (
     CONFIG,
     MANIFEST,
@@ -29,18 +29,18 @@ def pull_version(reg: Registry, ref: str | Ref, dest: str | os.PathLike) -> tupl
 
     The files are assembled in a temporary folder beside `dest` and moved into place only once all
     of them verified: `dest` then holds the whole version, or nothing new if anything failed."""
-    target, entry = cached_version(reg, ref)
-    manifest = parse_json((entry / MANIFEST).read_bytes(), str(entry / MANIFEST))
     dest = Path(dest)
     if dest.exists() and not dest.is_dir():
         raise RegistryError(f"{dest}: exists and is not a folder")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.pull-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.mkdir()
-        names = [*sorted(manifest["files"]), MANIFEST]  # the manifest last: it marks a whole version
-        for fname in names:
-            shutil.copyfile(entry / fname, tmp / fname)
+        with open_version(reg, ref) as (target, entry):
+            manifest = parse_json((entry / MANIFEST).read_bytes(), str(entry / MANIFEST))
+            names = [*sorted(manifest["files"]), MANIFEST]  # the manifest last: it marks a whole version
+            tmp.mkdir()
+            for fname in names:
+                shutil.copyfile(entry / fname, tmp / fname)
         if not dest.exists() or not any(dest.iterdir()):
             os.replace(tmp, dest)  # a rename onto an empty folder
         else:
@@ -54,9 +54,10 @@ def pull_version(reg: Registry, ref: str | Ref, dest: str | os.PathLike) -> tupl
 def load_version(reg: Registry, ref: str | Ref, *, num_classes: int | None = None, dest: str | None = None):
     if dest is not None:
         _, folder = pull_version(reg, ref, dest)
-    else:
-        _, folder = cached_version(reg, ref)
-    return model_from_folder(folder, num_classes=num_classes)
+        return model_from_folder(folder, num_classes=num_classes)
+    with open_version(reg, ref) as (_, entry):
+        config, state = read_folder(entry)  # safetensors maps the file: nothing may replace it meanwhile
+    return model_from_export(config, state, num_classes=num_classes)
 
 
 def model_from_export(config: dict, state: dict, *, num_classes: int | None = None):
@@ -109,8 +110,8 @@ def model_from_export(config: dict, state: dict, *, num_classes: int | None = No
     return model.eval()
 
 
-def model_from_folder(folder: str | os.PathLike, *, num_classes: int | None = None):
-    """Load a local folder holding model.safetensors + config.json (a pull or an export)."""
+def read_folder(folder: str | os.PathLike) -> tuple[dict, dict]:
+    """(config, state dict) of a local folder holding model.safetensors + config.json."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -120,7 +121,13 @@ def model_from_folder(folder: str | os.PathLike, *, num_classes: int | None = No
     config = parse_json((folder / CONFIG).read_bytes(), str(folder / CONFIG))
     if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
         raise RegistryError(f"{folder / CONFIG}: not a timm config (no 'architecture')")
-    return model_from_export(config, load_file(str(folder / WEIGHTS)), num_classes=num_classes)
+    return config, load_file(str(folder / WEIGHTS))
+
+
+def model_from_folder(folder: str | os.PathLike, *, num_classes: int | None = None):
+    """Load a local folder holding model.safetensors + config.json (a pull or an export)."""
+    config, state = read_folder(folder)
+    return model_from_export(config, state, num_classes=num_classes)
 
 
 def load_export(export_url: str, *, num_classes: int | None = None, storage_cfg: StorageConfig | None = None):
