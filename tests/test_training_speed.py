@@ -155,11 +155,12 @@ def test_ordinary_steps_neither_sync_nor_reduce_and_mfu_is_logged(shards, ranks,
     rows = _rows(run_dir)
     logged = [r for r in rows if "loss" in r]
     assert [r["step"] for r in logged] == [3, 6]
-    for r in logged:
-        assert r["tflops"] > 0 and 0 < r["mfu"] < 1.5 and r["peak_memory_gib"] > 0, r
-        assert r["mfu_datasheet"] is None  # CPU: no datasheet figure
-        assert r["grad_norm"] > 0
     speed = next(r for r in rows if "flops_per_image" in r)
+    for r in logged:
+        tflops = speed["flops_per_image"] * r["images_per_s"] / 1e12
+        assert r["tflops"] == pytest.approx(tflops) and r["mfu"] == pytest.approx(tflops / speed["peak_tflops"])
+        assert r["mfu_datasheet"] is None and r["peak_memory_gib"] > 0  # CPU: no datasheet figure
+        assert r["grad_norm"] > 0
     assert speed["peak_source"].startswith("measured: fp32 matmul") and speed["peak_tflops"] > 0
     # tiny preset, 2 blocks, 64 tokens of 192: the count is within reach of the transformer's
     # 6 x params x tokens (+ attention); a sanity bound, the exact check is the ViT-B test below
