@@ -12,6 +12,7 @@ BENCHES = {
     "train": "training images/s under DeepSpeed ZeRO-1/2 vs PyTorch DDP",
     "registry": "load_model cold (download, verify) vs warm (local cache), light vs full install size",
     "plan": "one rank's epoch plan at ImageNet scale (world 512): time, memory, manifest load, S3 first batch",
+    "checkpoint": "training stall per checkpoint to S3 over a slow link, blocking vs background",
 }
 
 

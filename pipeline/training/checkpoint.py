@@ -13,8 +13,10 @@ Layout of `<run_dir>` (any fsspec URL):
 without it is ignored and removed on the next start, and a file whose hash differs refuses
 the checkpoint before anything is unpickled (DeepSpeed's loader unpickles its step files).
 DeepSpeed writes to a local folder; when run_dir is remote that folder is a staging mirror
-whose step folders are uploaded (and whose logs are synced) at every checkpoint. Remote keys
-are downloaded only to paths inside the folder they belong to.
+whose step folders are uploaded (and whose logs are synced) at every checkpoint, in the
+background (pipeline.training.saver). Remote keys are downloaded only to paths inside the
+folder they belong to. `load` also resumes on another number of ranks
+(pipeline.training.universal).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import random
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ MARKER = "COMPLETE"
 FORMAT_VERSION = 2  # 2: "sha256" {file: hex digest}; 1 had only the file names
 _STEP = re.compile(r"^step-(\d+)$")
 LOG_ITEMS = ("metrics.jsonl", "tensorboard", "pictures", "profile")
+UPLOADS = ".uploads"  # per-node digests of a step folder still being finalised (saver.py)
 
 
 class CheckpointError(RuntimeError):
@@ -78,21 +80,21 @@ def run_folder(run_dir: str, storage_cfg: StorageConfig) -> RunFolder:
     return RunFolder(run_dir, storage_cfg, local)
 
 
-def _retry(folder: RunFolder, fn, what: str):
+def retry(folder: RunFolder, fn, what: str):
     return storage.retry(fn, attempts=folder.storage.retries, what=what)
 
 
 def list_steps(folder: RunFolder) -> dict[int, bool]:
     """step -> complete, for every step-N folder under run_dir."""
     fs, path = folder.fs()
-    if not _retry(folder, lambda: fs.exists(path), f"stat {folder.url}"):
+    if not retry(folder, lambda: fs.exists(path), f"stat {folder.url}"):
         return {}
     out: dict[int, bool] = {}
-    for entry in _retry(folder, lambda: fs.ls(path, detail=False), f"list {folder.url}"):
+    for entry in retry(folder, lambda: fs.ls(path, detail=False), f"list {folder.url}"):
         m = _STEP.match(entry.rstrip("/").rsplit("/", 1)[-1])
         if m:
             step = int(m.group(1))
-            out[step] = _retry(folder, lambda: fs.exists(f"{path}/step-{step}/{MARKER}"), f"stat step-{step}")
+            out[step] = retry(folder, lambda: fs.exists(f"{path}/step-{step}/{MARKER}"), f"stat step-{step}")
     return out
 
 
@@ -107,7 +109,7 @@ def read_marker(folder: RunFolder, step: int) -> dict:
 
 def _remove(folder: RunFolder, step: int) -> None:
     fs, path = folder.fs()
-    _retry(folder, lambda: fs.rm(f"{path}/step-{step}", recursive=True), f"remove step-{step}")
+    retry(folder, lambda: fs.rm(f"{path}/step-{step}", recursive=True), f"remove step-{step}")
     if folder.remote:
         shutil.rmtree(folder.local / f"step-{step}", ignore_errors=True)
 
@@ -118,6 +120,9 @@ def remove_incomplete(folder: RunFolder) -> list[int]:
     for step in gone:
         log.warning("removing incomplete checkpoint %s", folder.step_url(step))
         _remove(folder, step)
+    fs, path = folder.fs()
+    if retry(folder, lambda: fs.exists(f"{path}/{UPLOADS}"), f"stat {UPLOADS}"):
+        retry(folder, lambda: fs.rm(f"{path}/{UPLOADS}", recursive=True), f"remove {UPLOADS}")
     return gone
 
 
@@ -127,7 +132,7 @@ def prune(folder: RunFolder, keep_last: int) -> None:
         _remove(folder, step)
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
@@ -160,15 +165,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _client_name(rank: int) -> str:
+def client_name(rank: int) -> str:
     return f"client-rank{rank}.pt"
 
 
-def _upload_tree(folder: RunFolder, local: Path, url: str) -> None:
+def upload_tree(folder: RunFolder, local: Path, url: str) -> None:
     fs, path = storage.filesystem(url, folder.storage)
     for file in sorted(p for p in local.rglob("*") if p.is_file() and ".tmp-" not in p.name):
         rel = file.relative_to(local).as_posix()
-        _retry(folder, lambda: fs.put_file(str(file), f"{path}/{rel}"), f"upload {rel}")
+        retry(folder, lambda: fs.put_file(str(file), f"{path}/{rel}"), f"upload {rel}")
 
 
 def inside(root: Path, rel: str, what: str) -> Path:
@@ -183,15 +188,15 @@ def inside(root: Path, rel: str, what: str) -> Path:
 
 def _download_tree(folder: RunFolder, url: str, local: Path) -> None:
     fs, path = storage.filesystem(url, folder.storage)
-    if not _retry(folder, lambda: fs.exists(path), f"stat {url}"):
+    if not retry(folder, lambda: fs.exists(path), f"stat {url}"):
         return
     path = path.rstrip("/")
-    remotes = _retry(folder, lambda: fs.find(path), f"list {url}")
+    remotes = retry(folder, lambda: fs.find(path), f"list {url}")
     # Check every key before writing any, so a hostile listing leaves nothing behind.
     plan = [(remote, inside(local, remote[len(path) :].lstrip("/"), url)) for remote in remotes]
     for remote, dest in plan:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _retry(folder, lambda: fs.get_file(remote, str(dest)), f"download {remote}")
+        retry(folder, lambda: fs.get_file(remote, str(dest)), f"download {remote}")
 
 
 def sha256_file(path: Path) -> str:
@@ -239,16 +244,19 @@ def verify(local_step: Path, marker: dict, url: str) -> None:
             )
 
 
-def sync_logs_up(folder: RunFolder) -> None:
-    """Remote run_dir: metrics, TensorBoard events and pictures go up with each checkpoint."""
+def sync_logs_up(folder: RunFolder, metrics: bytes | None = None) -> None:
+    """Remote run_dir: metrics (as of the checkpoint, when given), TensorBoard events and
+    pictures go up with each checkpoint."""
     if not folder.remote:
         return
     for item in LOG_ITEMS:
         src = folder.local / item
-        if src.is_file():
+        if item == "metrics.jsonl" and metrics is not None:
+            storage.write_bytes(storage.join(folder.url, item), metrics, folder.storage)
+        elif src.is_file():
             storage.write_bytes(storage.join(folder.url, item), src.read_bytes(), folder.storage)
         elif src.is_dir():
-            _upload_tree(folder, src, storage.join(folder.url, item))
+            upload_tree(folder, src, storage.join(folder.url, item))
 
 
 def sync_logs_down(folder: RunFolder) -> None:
@@ -264,7 +272,7 @@ def sync_logs_down(folder: RunFolder) -> None:
             _download_tree(folder, url, folder.local / item)
 
 
-def _gather(obj) -> list:
+def gather(obj) -> list:
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
@@ -272,57 +280,9 @@ def _gather(obj) -> list:
     return out
 
 
-def save(
-    engine,
-    folder: RunFolder,
-    step: int,
-    client: dict,
-    *,
-    rank: int,
-    local_rank: int,
-    keep_last: int,
-    extra: dict | None = None,
-) -> str:
-    """Collective: every rank writes its DeepSpeed shard and client state, then rank 0 marks
-    the folder complete and prunes old ones. Returns the step folder's URL."""
-    tag = f"step-{step}"
-    local_step = folder.local / tag
-    if folder.remote and local_rank == 0:
-        shutil.rmtree(local_step, ignore_errors=True)
-    _barrier()
-    engine.save_checkpoint(str(folder.local), tag=tag, client_state={"step": step}, save_latest=False)
-    local_step.mkdir(parents=True, exist_ok=True)
-    torch.save(client, local_step / _client_name(rank))
-    _barrier()
-    # One hasher (and uploader) per node: each node's staging folder holds the files its ranks
-    # wrote; a local run_dir is one folder that rank 0 hashes.
-    mine = digests(local_step) if (local_rank == 0 if folder.remote else rank == 0) else {}
-    if folder.remote and local_rank == 0:
-        _upload_tree(folder, local_step, folder.step_url(step))
-        shutil.rmtree(local_step, ignore_errors=True)  # on every node, not only the first
-    hashes = {k: v for part in _gather(mine) for k, v in part.items()}
-    if rank == 0:
-        sync_logs_up(folder)
-        marker = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "time": time.time(),
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            "files": sorted(hashes),
-            "sha256": hashes,
-            **(extra or {}),
-        }
-        storage.write_bytes(
-            storage.join(folder.step_url(step), MARKER), json.dumps(marker, indent=1).encode(), folder.storage
-        )
-        prune(folder, keep_last)
-    _barrier()
-    return folder.step_url(step)
-
-
 def _agree(error: str | None) -> None:
     """Collective: raise on every rank if any rank found an error (no rank left waiting)."""
-    errors = [e for e in _gather(error) if e]
+    errors = [e for e in gather(error) if e]
     if errors:
         raise CheckpointError(errors[0])
 
@@ -335,7 +295,13 @@ def read_client_state(path: Path) -> dict:
 
 def load(engine, folder: RunFolder, step: int, *, rank: int, local_rank: int) -> dict:
     """Collective: verify step-N against its COMPLETE, restore the engine (model, optimizer)
-    and return this rank's client state (step, loader, RNG, scheduler)."""
+    and return this rank's client state (step, loader, RNG, scheduler).
+
+    Saved by another number of ranks, ZeRO 1-3 state goes through DeepSpeed's universal
+    format (pipeline.training.universal) and every rank gets rank 0's client state with
+    `rng` None: the ranks' random streams cannot carry over, the caller reseeds them."""
+    from pipeline.training import universal
+
     tag = f"step-{step}"
     local_step = folder.local / tag
     error = None
@@ -348,22 +314,51 @@ def load(engine, folder: RunFolder, step: int, *, rank: int, local_rank: int) ->
         except CheckpointError as e:
             error = str(e)
     _agree(error)
-    # Verified above: DeepSpeed's loader unpickles these files (not weights_only).
-    path, _ = engine.load_checkpoint(
-        str(folder.local), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+    marker = json.loads((local_step / MARKER).read_bytes())
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    saved = int(marker.get("world_size", world))
+    # Partitioned optimizer state (ZeRO 1-3, or bf16's optimizer) needs the conversion; ZeRO-0's
+    # is whole in mp_rank_00_model_states.pt and DeepSpeed loads it on any number of ranks.
+    resharded = saved != world and any(local_step.glob("*optim_states.pt"))
+    scratch = Path(os.environ.get("MFM_STAGING_DIR", tempfile.gettempdir())) / (
+        f"mfm-universal-{hashlib.sha1(folder.url.encode()).hexdigest()[:12]}"
     )
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load {folder.step_url(step)}")
-    client_file = local_step / _client_name(rank)
-    if not client_file.exists():
-        raise RuntimeError(
-            f"{folder.step_url(step)} has no {client_file.name}: it was written by a "
-            "run with fewer ranks; resume with the same number of processes"
+    if resharded:
+        log.info(
+            "%s was saved by %d ranks, resuming on %d: converting it to DeepSpeed's universal format",
+            folder.step_url(step),
+            saved,
+            world,
         )
-    client = read_client_state(client_file)
-    _barrier()
-    if folder.remote and local_rank == 0:
-        shutil.rmtree(local_step, ignore_errors=True)
+        if local_rank == 0:
+            try:
+                universal.convert(local_step, scratch / tag)
+            except Exception as e:  # noqa: BLE001 - any failure: say which checkpoint, keep the cause
+                error = (
+                    f"{folder.step_url(step)}: converting it from {saved} to {world} ranks failed ({e}); "
+                    f"resume with {saved} ranks"
+                )
+        _agree(error)
+        with universal.loading_universal(engine):
+            path, _ = engine.load_checkpoint(
+                str(scratch), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+    else:
+        # Verified above: DeepSpeed's loader unpickles these files (not weights_only).
+        path, _ = engine.load_checkpoint(
+            str(folder.local), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {folder.step_url(step)}")
+    if saved == world:
+        client = read_client_state(local_step / client_name(rank))
+    else:
+        client = {**read_client_state(local_step / client_name(0)), "rng": None}
+    barrier()
+    if local_rank == 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if folder.remote:
+            shutil.rmtree(local_step, ignore_errors=True)
     return client
 
 
@@ -399,5 +394,5 @@ def export(engine, cfg: Config, folder: RunFolder, *, rank: int) -> str | None:
         storage.write_bytes(
             storage.join(url, "config.json"), json.dumps(timm_config, indent=1).encode(), folder.storage
         )
-    _barrier()
+    barrier()
     return url

@@ -33,6 +33,7 @@ from pipeline.training import checkpoint as ckpt
 from pipeline.training import flops, speed
 from pipeline.training.optim import BatchPlan, batch_plan, build_optimizer, build_scheduler, scaled_lrs
 from pipeline.training.profiling import StepProfiler
+from pipeline.training.saver import Saver
 
 log = logging.getLogger("mfm.train")
 EXIT_NON_FINITE = 3
@@ -243,6 +244,7 @@ class Trainer:
     peak: flops.Peak | None = None  # rank 0: the measured matmul peak
     speed: flops.Speed | None = None
     profiler: StepProfiler | None = None
+    saver: Saver | None = None  # checkpoints; the upload of the latest may still be in flight
 
     @property
     def is_main(self) -> bool:
@@ -267,22 +269,28 @@ class Trainer:
         self.loader.load_state_dict(client["loader"])
         self.scheduler.load_state_dict(client["scheduler"])
         self.scheduler.step_update(self.step)
-        ckpt.set_rng_state(client["rng"])
+        if client["rng"] is None:  # saved by another number of ranks: a fresh stream per (rank, step)
+            from pipeline.data.sampling import mix_seed
+
+            seed_everything(mix_seed(self.cfg.train.seed, self.step, self.ranks.rank))
+        else:
+            ckpt.set_rng_state(client["rng"])
         self.last_checkpoint = self.folder.step_url(step)
 
     def save(self) -> None:
-        self.last_checkpoint = ckpt.save(
+        """Collective; returns once step-N is written locally, its upload goes on meanwhile."""
+        url = self.saver.save(
             self.engine,
-            self.folder,
             self.step,
             self.client_state(),
-            rank=self.ranks.rank,
-            local_rank=self.ranks.local_rank,
-            keep_last=self.cfg.train.keep_last,
             extra={"zero_stage": self.cfg.train.zero_stage, "model": self.cfg.model.name},
         )
         if self.is_main:
-            log.info("checkpoint %s", self.last_checkpoint)
+            log.info("checkpoint %s written locally, completing in the background", url)
+
+    def wait_checkpoints(self) -> None:
+        """Collective: the checkpoint in flight is complete."""
+        self.last_checkpoint = self.saver.wait() or self.last_checkpoint
 
     def is_log_step(self, step: int) -> bool:
         """The steps that read the device: logs, checkpoints (so that a non-finite loss is seen
@@ -441,6 +449,7 @@ class Trainer:
             while self.step < self.total_steps:
                 loss, (batch, pred) = self.train_step(batches)
                 if loss is not None and not math.isfinite(loss):
+                    self.wait_checkpoints()  # the last good one
                     bad = self.reading.first_non_finite or self.step
                     raise NonFiniteLoss(bad, loss, self.last_checkpoint, seen=self.step)
                 bar.update(1)
@@ -456,6 +465,7 @@ class Trainer:
                     self.writer.flush()
                 if checkpoint:
                     self.save()
+            self.wait_checkpoints()
         finally:
             bar.close()
             self.profiler.close()
@@ -525,6 +535,7 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
         meter=speed.StepMeter(ranks.device),
         flop_model=flop_model,
         peak=flops.measure_peak(ranks.device) if ranks.rank == 0 else None,
+        saver=Saver(folder, rank=ranks.rank, local_rank=ranks.local_rank, keep_last=cfg.train.keep_last),
     )
     if resume_step is not None:
         if ranks.rank == 0:
