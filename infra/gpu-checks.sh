@@ -13,8 +13,9 @@
 #
 # Python packages the machine lacks (deepspeed, pydantic, hjson, webdataset, ...) travel as
 # wheels in .whl/, made here by `bash infra/gpu-wheels.sh`; carry .whl and they are installed
-# first. Issue 14's measurement, in one call (carry .whl):
-#   bash infra/gpu-checks.sh $OUT/gpu train pretrain train-resnet train-real
+# first. Issue 14's measurement in one call of at most 10 minutes (carry .whl, timeout_s 600):
+#   bash infra/gpu-checks.sh $OUT/gpu train pretrain
+# then, with device time left, a second call: bash infra/gpu-checks.sh $OUT/gpu train-resnet train-real
 #
 # DALI on a machine that cannot fetch it (the lent GPU machine takes at most 64 MiB per call):
 #   1. here, from the repo root: bash ../shared/tools/dali-device-parts.sh   (-> .dali/part-XX,
@@ -65,12 +66,12 @@ shards() {  # sample ImageNet-like shards at 256 px, made once
     mfm shard --source "$work/data/ilsvrc" --dest "$work/shards" > "$work/shard.txt"
 }
 
-pretrain() {  # ViT-B/16 as the preset trains it (compile auto = on), 40 steps, 3 profiled
+pretrain() {  # ViT-B/16 as the preset trains it (compile auto = on), 30 steps, 3 profiled
   shards || return 1
   mfm pretrain --config vit_b16_mfm --set data.train="$work/shards/train" --set data.val="$work/shards/val" \
     --set train.run_dir="$work/run" --set train.nprocs=1 --set data.batch_size=128 --set data.backend=torch \
-    --set data.workers=12 --set optim.epochs=20 --set optim.warmup_epochs=1 --set train.max_steps=40 \
-    --set train.log_every=10 --set train.checkpoint_every=40 --set train.picture_every=40 \
+    --set data.workers=12 --set optim.epochs=20 --set optim.warmup_epochs=1 --set train.max_steps=30 \
+    --set train.log_every=10 --set train.checkpoint_every=30 --set train.picture_every=30 \
     --set train.profile_steps=3 &&
     cat "$work/run/metrics.jsonl" && ls -R "$work/run/profile" && cp "$work/run/metrics.jsonl" "$log/pretrain-metrics.jsonl"
 }
@@ -98,10 +99,10 @@ step tests 150 'python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda
 step kernels 120 'mfm bench kernels --device cuda --repeats 20 --warmup 3'
 step data 120 'mfm bench data --backends pil,torch --workers 8 --downscale bicubic --images 2048'
 # ViT-B/16: eager and compiled x ZeRO 0, 1, 2 x micro batch 64, 128, 256
-step train 400 'mfm bench train --gpu --steps 10 --warmup 3 --json "$log/train.json"'
-step pretrain 240 pretrain
-step train-resnet 200 'mfm bench train --gpu --preset resnet50_mfm --stages 2 --micro-batches 128,256 --steps 10 --warmup 3 --json "$log/train-resnet.json"'
-step train-real 200 'shards && mfm bench train --gpu --compile on --stages 2 --micro-batches 256 --steps 20 --warmup 5 --real-data "$work/shards/train" --workers 12 --json "$log/train-real.json"'
+step train 370 'mfm bench train --gpu --steps 10 --warmup 3 --json "$log/train.json"'
+step pretrain 180 pretrain
+step train-resnet 150 'mfm bench train --gpu --preset resnet50_mfm --stages 2 --micro-batches 128,256 --steps 10 --warmup 3 --json "$log/train-resnet.json"'
+step train-real 150 'shards && mfm bench train --gpu --compile on --stages 2 --micro-batches 256 --steps 20 --warmup 5 --real-data "$work/shards/train" --workers 12 --json "$log/train-real.json"'
 if python3 -c 'import nvidia.dali' 2>/dev/null; then
   step dali-tests 150 'python3 -m pytest -q -p no:cacheprovider tests/test_data_dali.py tests/test_data_dali_cuda.py'
   step dali-data 240 'synthetic && mfm bench data --split /tmp/mfm-synthetic/train --device cuda \

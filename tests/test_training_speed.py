@@ -272,13 +272,13 @@ def test_gpu_bench_matrix_runs_its_rows_and_the_real_data_row(shards, ranks, tmp
 
     from pipeline.benchmarks.train_gpu import gpu_matrix
 
-    cfg = _cfg(shards, tmp_path / "unused", **{"data.batch_size": 4})
+    cfg = _cfg(shards, tmp_path / "unused", **{"data.batch_size": 8})
     args = SimpleNamespace(
         compile="off",
-        micro_batches=[2],
+        micro_batches=[8],  # 40 training images: 5 batches an epoch, and the real-data row crosses one
         stages=[0, 2],
-        steps=2,
-        warmup=1,
+        steps=4,
+        warmup=2,
         real_data=f"{shards}/train",
         workers=0,
         out=str(tmp_path / "bench.json"),
@@ -286,7 +286,7 @@ def test_gpu_bench_matrix_runs_its_rows_and_the_real_data_row(shards, ranks, tmp
     result = {"rows": []}
     gpu_matrix(args, cfg, ranks, "fp32", result)
     names = [r["name"] for r in result["rows"]]
-    assert names[:2] == ["eager zero-0 mb2", "eager zero-2 mb2"]
+    assert names[:2] == ["eager zero-0 mb8", "eager zero-2 mb8"]
     for r in result["rows"]:
         assert r["images_per_s_per_gpu"] > 0 and r["tflops"] > 0 and r["mfu"] > 0 and r["peak_memory_gib"] > 0
     real = result["rows"][2]

@@ -15,7 +15,11 @@ def _timed_loader(contender, loader, steps: int, warmup: int, device) -> tuple[f
     import torch
     import torch.distributed as dist
 
-    batches = iter(loader)
+    def endless():
+        while True:  # each pass over the loader yields the rest of one epoch
+            yield from loader
+
+    batches = endless()
     for _ in range(warmup):
         loss = contender.step(next(batches))
     loss.item()
