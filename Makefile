@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml
 	-dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 	# sshd and pdsh: the multi-node test of the hostfile path (tests/test_multinode.py; skipped without them).
 	-dpkg -s openssh-server pdsh >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq openssh-server pdsh)
+	# A real headless browser for the report test (tests/browser.py); the test says so when absent.
+	-dpkg -s chromium chromium-driver >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	touch $@
 
 demo: venv

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "cache": ("pipeline.registry.commands:cache_cli", "the local cache of pulled versions: mfm cache {list,prune}"),
     "evaluate": ("pipeline.evaluation:cli", "top-1/5, corruption robustness, k-NN, linear probe -> metrics.json"),
+    "report": ("pipeline.report:cli", "one self-contained HTML page about a run or model: mfm report RUN_DIR_OR_REF"),
     "experiment": (
         "pipeline.experiment:cli",
         "mfm experiment pretext-comparison: pretexts vs random init on Fashion-MNIST -> table, plot",
@@ -51,6 +52,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "finetune": ("train",),
     "bench": ("train",),
     "evaluate": ("eval",),
+    "report": ("eval",),  # matplotlib draws the curves
     "experiment": ("train",),
     "deploy": ("flows",),
 }
@@ -100,8 +102,34 @@ def config_cli(argv: list[str]) -> int:
     if args.action == "list":
         print("\n".join(list_presets()))
     else:
-        print(dump_config(load_config(args.preset, args.overrides)), end="")
+        cfg = load_config(args.preset, args.overrides)
+        print(dump_config(cfg), end="")
+        print(step_budget_note(cfg))
     return 0
+
+
+def step_budget_note(cfg) -> str:
+    """A YAML comment saying what sets the run's length (the step count needs data.train's size)."""
+    if cfg.train.max_steps:
+        return (
+            f"# steps: {cfg.train.max_steps}, set by train.max_steps (wins over optim.epochs={cfg.optim.epochs}; "
+            "when longer than the epochs, the lr schedule is stretched to it)"
+        )
+    from pipeline import storage
+
+    try:  # a local split only: showing a config never waits on the network
+        if not storage.is_local(cfg.data.train):
+            raise FileNotFoundError(cfg.data.train)
+        from pipeline.sharding import read_manifest
+
+        samples = read_manifest(cfg.data.train, cfg.storage)["num_samples"]
+    except (OSError, ValueError, KeyError):  # not sharded yet: the count is known once it is
+        return f"# steps: optim.epochs={cfg.optim.epochs} x steps per epoch of data.train (train.max_steps unset)"
+    per_epoch = samples // cfg.data.batch_size
+    return (
+        f"# steps: {cfg.optim.epochs * per_epoch}, set by optim.epochs={cfg.optim.epochs} x {per_epoch} "
+        f"steps per epoch ({samples} samples in data.train / batch {cfg.data.batch_size}; train.max_steps unset)"
+    )
 
 
 def _usage() -> str:
@@ -109,7 +137,9 @@ def _usage() -> str:
     needs = {name: f" [{','.join(extras)}]" for name, extras in NEEDS.items()}
     rows = "\n".join(f"  {name:<{width}}  {help_}{needs.get(name, '')}" for name, (_, help_) in COMMANDS.items())
     return (
-        f"usage: mfm COMMAND [ARGS]\n\ncommands:\n{rows}\n\n"
+        "usage: mfm [-v] COMMAND [ARGS]\n\n  -v, --verbose  also show third-party output (DeepSpeed's build probes,\n"
+        "                 Prefect's server), which otherwise goes to log files only\n\n"
+        f"commands:\n{rows}\n\n"
         "[extra]: a command of the pipeline, installed with pip install 'mfm-pipeline[extra]'\n"
     )
 
@@ -118,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-v", "--verbose"):  # third-party output on the terminal too (pipeline.logs)
+        import os
+
+        from pipeline.logs import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage(), end="")
         return 0
