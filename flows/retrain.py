@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,7 @@ def shard_stage(ctx: dict) -> dict:
     # shard_dataset keeps a split whose manifest matches the source fingerprint, adds a revision
     # with only the new files to one whose source grew, and refuses other options.
     manifests = shard_dataset(
-        ctx["source"], ctx["shards"], splits=ctx["splits"], storage=cfg, progress=False, **ctx["shard_options"]
+        ctx["source"], ctx["shards"], splits=ctx["splits"], storage=cfg, progress=None, **ctx["shard_options"]
     )
     for split, before in current.items():
         m = manifests[split]
@@ -393,6 +394,7 @@ def retrain_flow(
     if "://" not in store:  # the cache lives with the run; on object storage, Prefect's local default
         options["result_storage"] = Path(store) / ".prefect-results"
     states: dict[str, str] = {}
+    seconds: dict[str, float] = {}  # wall time per stage (a cached one: its loading)
     for stage in STAGES:
         why = (
             f"{stage.requires} is not installed"
@@ -406,10 +408,12 @@ def retrain_flow(
             states[stage.name] = "Skipped"
             continue
         inputs = {**ctx, **{k: params[k] for k in stage.params}}
+        started = time.monotonic()
         state = run_stage.with_options(name=stage.name, task_run_name=stage.name, **options)(
             stage.name, stage.function, inputs, return_state=True
         )
         states[stage.name] = state.name
+        seconds[stage.name] = round(time.monotonic() - started, 1)
         if state.name == "Cached":
             log.info("stage %s: finished in an earlier run; result loaded from the cache", stage.name)
         ctx.update(state.result())  # raises for a failed stage, failing the flow
@@ -430,6 +434,7 @@ def retrain_flow(
         "promoted": ctx["promoted"],
         "refused": ctx["refused"],
         "stages": states,
+        "seconds": seconds,
     }
     create_markdown_artifact(
         key="mfm-retrain",

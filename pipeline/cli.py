@@ -118,12 +118,12 @@ def step_budget_note(cfg) -> str:
     from pipeline import storage
 
     try:  # a local split only: showing a config never waits on the network
-        if not storage.is_local(cfg.data.train):
+        if not isinstance(cfg.data.train, str) or not storage.is_local(cfg.data.train):
             raise FileNotFoundError(cfg.data.train)
         from pipeline.sharding import read_manifest
 
         samples = read_manifest(cfg.data.train, cfg.storage)["num_samples"]
-    except (OSError, ValueError, KeyError):  # not sharded yet: the count is known once it is
+    except (OSError, ValueError, KeyError):  # not sharded yet, or a mix: known once it runs
         return f"# steps: optim.epochs={cfg.optim.epochs} x steps per epoch of data.train (train.max_steps unset)"
     per_epoch = samples // cfg.data.batch_size
     return (

@@ -114,7 +114,7 @@ class DataConfig(Section):
     # epoch then draws every source in proportion to its weight (pipeline/data/sampling.py, Mix)
     train: str | list[TrainSource] = "demo-out/shards/train"
     epoch_samples: int | None = Field(None, gt=0)  # draws per epoch of a list; default: all its samples
-    val: str | None = "demo-out/shards/val"
+    val: str | None = None  # held-out split: pretraining val_loss, fine-tuning top-1
     backend: Literal["auto", "dali", "torch"] = "auto"  # auto: DALI when installed
     batch_size: int = Field(64, gt=0, le=MAX_BATCH)  # global, across all ranks and accumulation steps
     workers: int = Field(2, ge=0, le=MAX_WORKERS)  # loader workers per rank
@@ -178,7 +178,9 @@ class TrainConfig(Section):
     zero_stage: int = Field(2, ge=0, le=3)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
     grad_accum: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)  # stop early (demos, tests); schedule still spans `epochs`
+    # steps outright, winning over optim.epochs: shorter, the run stops inside the epochs' schedule;
+    # longer, the lr schedule is stretched to it (training.optim.step_budget)
+    max_steps: int | None = Field(None, gt=0)
     checkpoint_every: int = Field(1000, gt=0)
     keep_last: int = Field(3, gt=0)
     log_every: int = Field(10, gt=0)

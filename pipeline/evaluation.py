@@ -4,6 +4,10 @@ Everything takes iterables of `(images, labels)` batches, so tests feed tensors 
 the CLI feeds `pipeline.data.build_eval_loader`. Images may be uint8 `(N, 3, H, W)` or float
 normalised with the model's mean/std (the batch contract); corruptions always act on uint8 HWC
 pixels before normalisation, as in ImageNet-C. Results go to `metrics.json` beside the checkpoint.
+
+Over the ~400-line guide (about 600): the four measures share the batch plumbing, the feature
+extraction and one metrics.json; the seam to split along, when it grows, is k-NN / linear probe
+(frozen features) apart from classifier accuracy and robustness.
 """
 
 from __future__ import annotations
@@ -145,8 +149,12 @@ def corrupt_images(images: torch.Tensor, name: str, severity: int, seed: int = 0
 # ---------------------------------------------------------------------------- evaluation loops
 
 
-def _batches_on(batches: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for images, labels in batches:
+def _batches_on(batches: Batches, desc: str = "evaluate") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    from tqdm import tqdm
+
+    # a progress bar with an ETA on a terminal only (disable=None); loaders know their length
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for images, labels in tqdm(batches, desc=desc, total=total, unit="batch", leave=False, disable=None):
         yield images, torch.as_tensor(labels).long()
 
 
@@ -185,7 +193,7 @@ def evaluate_robustness(
     (the data is read once; every corrupted copy is made from the batch in memory)."""
     clean = Tally(tuple(ks))
     tallies = {(c, s): Tally(tuple(ks)) for c in corruptions for s in severities}
-    for b, (images, labels) in enumerate(_batches_on(batches)):
+    for b, (images, labels) in enumerate(_batches_on(batches, "evaluate (clean + corrupted)")):
         pixels = as_uint8(images, mean, std)
         clean.update(classify(normalize(pixels.to(device), mean, std)).float().cpu(), labels)
         for i, (c, s) in enumerate(tallies):
@@ -254,7 +262,7 @@ def extract_features(
 
     A batch of 2-D float tensors is taken as features already (tests, cached features)."""
     feats, labels_out = [], []
-    for images, labels in _batches_on(batches):
+    for images, labels in _batches_on(batches, "features"):
         if images.ndim == 2:
             f = images.float()
         else:

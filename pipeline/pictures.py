@@ -22,15 +22,36 @@ def log_spectrum(images: torch.Tensor) -> torch.Tensor:
     return torch.log1p(torch.fft.fftshift(torch.fft.fft2(grey), dim=(-2, -1)).abs())
 
 
+def reconstruction(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The image MFM recovers: the frequencies the encoder was given (keep, centred layout) from
+    the target, the masked ones from the prediction. The loss scores only the masked ones, so
+    the prediction's others are unconstrained and the raw prediction is not a picture of them."""
+    spec = lambda x: torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1))  # noqa: E731
+    k = keep[:, None].float()
+    mixed = spec(target) * k + spec(pred) * (1 - k)
+    return torch.fft.ifft2(torch.fft.ifftshift(mixed, dim=(-2, -1))).real
+
+
 def save_picture(
-    path: Path, target: torch.Tensor, encoder_input: torch.Tensor, pred: torch.Tensor, *, step: int, samples: int = 4
+    path: Path,
+    target: torch.Tensor,
+    encoder_input: torch.Tensor,
+    pred: torch.Tensor,
+    *,
+    step: int,
+    samples: int = 4,
+    keep: torch.Tensor | None = None,
 ):
     """Write a PNG (rows: samples; columns: the three images, then their spectra); returns the
-    figure for TensorBoard."""
+    figure for TensorBoard. With `keep` (MFM), the third image is the reconstruction."""
     n = min(samples, target.shape[0])
+    pred = pred[:n].detach().float().cpu()
+    if keep is not None:
+        pred = reconstruction(pred, target[:n].detach().float().cpu(), keep[:n].detach().cpu())
     images = [denormalize(t[:n].detach().float().cpu()).clamp(0, 1) for t in (target, encoder_input, pred)]
     spectra = [log_spectrum(im) for im in images]
-    titles = ["input", "corrupted", "prediction", "|F| input", "|F| corrupted", "|F| prediction"]
+    third = "reconstruction" if keep is not None else "prediction"
+    titles = ["input", "corrupted", third, "|F| input", "|F| corrupted", f"|F| {third}"]
     fig, axes = plt.subplots(n, 6, figsize=(12, 2.1 * n), squeeze=False)
     for i in range(n):
         for j in range(3):

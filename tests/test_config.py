@@ -38,7 +38,7 @@ def test_overrides_are_typed():
         (["optim.base_lr=fast"], "optim.base_lr"),
         (["train.zero_stage=4"], "train.zero_stage"),
         (["data.backend=tf"], "data.backend"),
-        (["model.img_size=30"], "model.img_size (30) must be divisible by the encoder stride (4)"),
+        (["model.img_size=30"], "model.img_size (30) must be divisible by the encoder stride (8)"),
         (["corruption.radius=17"], "corruption.radius (17) must be at most half of model.img_size (32)"),
         (["corruption.radius2=2"], "corruption.radius2 (2) must be larger than corruption.radius (3)"),
         (["corruption.blur_kernel_sizes=[8]"], "corruption.blur_kernel_sizes"),
@@ -80,7 +80,8 @@ def test_cli_config_show_round_trips(tmp_path):
     f = tmp_path / "resolved.yaml"
     f.write_text(out)
     again = load_config(str(f))
-    assert again.optim.base_lr == 1e-3 and dump_config(again) == out
+    note = "# steps: optim.epochs=300 x steps per epoch of data.train (train.max_steps unset)\n"
+    assert again.optim.base_lr == 1e-3 and dump_config(again) + note == out
     bad = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "config", "show", "tiny_cpu", "--set", "model.foo=1"],
         capture_output=True,
@@ -97,3 +98,20 @@ def test_flow_parameters_become_typed_overrides():
         "tiny_cpu", override_strings({"train.run_dir": "123", "optim.betas": [0.8, 0.9], "train.max_steps": 7})
     )
     assert cfg.train.run_dir == "123" and cfg.optim.betas == (0.8, 0.9) and cfg.train.max_steps == 7
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ([], "# steps: optim.epochs=2 x steps per epoch of data.train (train.max_steps unset)"),
+        (["train.max_steps=500"], "# steps: 500, set by train.max_steps (wins over optim.epochs=2"),
+    ],
+)
+def test_config_show_says_what_sets_the_step_count(overrides, expected, capsys):
+    from pipeline.cli import main
+
+    args = ["config", "show", "tiny_cpu", "--set", "data.train=/nonexistent/train"]
+    assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
+    out = capsys.readouterr().out
+    assert expected in out
+    yaml.safe_load(out)  # still valid YAML: the note is a comment

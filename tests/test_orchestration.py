@@ -256,6 +256,19 @@ def test_retrain_fails_at_a_stage_and_the_rerun_continues_there(server, sample, 
         assert metrics["model"] == result["export"] and metrics["classifier"] == "head"
         assert Registry(result["registry"]).alias_version("mfm-test", "production") == 1
 
+        # The report of the registered model: both runs behind it, its evaluation and lineage.
+        from browser import open_page
+
+        from pipeline.report import write_report
+
+        report = Path(write_report(result["model"], registry=result["registry"]))
+        assert report == Path(result["finetune_run_dir"]) / "report.html"
+        page = report.read_text()
+        assert page.count("<h2>fine-tuning: ") == 1 and page.count("<h2>pretraining: ") == 1
+        assert "knn.top1" in page and "corruptions." in page and "data manifest" in page and "mfm-test@v1" in page
+        seen = open_page(report)
+        assert not seen["errors"] and seen["images"] and all(w > 0 for _, _, w in seen["images"]), seen
+
         # Same inputs once more (a scheduled run with no new data): all cached, no new version.
         again = retrain_flow(**kwargs)
         assert set(again["stages"].values()) == {"Cached"} and again["model"] == "mfm-test@v1"

@@ -122,8 +122,8 @@ def test_two_rank_zero2_run_learns_and_writes_its_run_folder(local_run):
         tflops = speed[0]["flops_per_image"] * r["images_per_s"] / 2 / 1e12  # per rank
         assert r["tflops"] == pytest.approx(tflops) and r["mfu"] == pytest.approx(tflops / speed[0]["peak_tflops"])
         assert r["peak_memory_gib"] > 0
-    # lr: scaled by 16/512 and decaying along the cosine from the first step (no warmup here)
-    assert rows[0]["lr"] <= 1.5e-2 * 16 / 512 and rows[-1]["lr"] < rows[0]["lr"]
+    # lr: scaled by 16/64 (tiny_cpu's lr_base_batch) and decaying along the cosine from the first step (no warmup)
+    assert rows[0]["lr"] <= 1.5e-2 * 16 / 64 and rows[-1]["lr"] < rows[0]["lr"]
     # keep_last=2 of the checkpoints at 2, 4, 6, 8; each complete with its marker
     steps = sorted(p.name for p in run_dir.glob("step-*"))
     assert steps == ["step-6", "step-8"]
@@ -158,7 +158,22 @@ def test_exported_encoder_loads_into_plain_timm_model(local_run):
     fresh = timm.create_model(config["architecture"], pretrained=False, num_classes=0, **config["model_args"])
     assert not torch.equal(fresh.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
     features = model.forward_features(torch.zeros(1, 3, 32, 32))
-    assert features.shape == (1, 1 + 64, 192) and torch.isfinite(features).all()
+    assert features.shape == (1, 1 + 16, 128) and torch.isfinite(features).all()  # tiny_cpu: 8 px patches, width 128
+
+
+def test_report_of_the_run_opens_in_a_browser(local_run, tmp_path):
+    from browser import open_page
+
+    from pipeline.report import write_report
+
+    run_dir, _ = local_run
+    out = write_report(str(run_dir), str(tmp_path / "report.html"))
+    page = Path(out).read_text()
+    assert all(f"<figcaption>step {s}</figcaption>" in page for s in (4, 8)) and "val_loss at step 8" in page
+    seen = open_page(Path(out))
+    assert not seen["errors"], seen["errors"]
+    # the latest reconstructions, the curves, the pictures at steps 4 and 8: all decoded
+    assert len(seen["images"]) == 4 and all(w > 0 for _, _, w in seen["images"]), seen["images"]
 
 
 def test_killed_run_on_s3_resumes_exactly(s3_endpoint, tmp_path, data, local_run):
@@ -210,6 +225,42 @@ def test_killed_run_on_s3_resumes_exactly(s3_endpoint, tmp_path, data, local_run
     assert {"export/model.safetensors", "export/config.json", "pictures/step-8.png", "config.yaml"} <= final
     assert any(k.startswith("tensorboard/events.out.tfevents") for k in final)
     assert not any(k.startswith(".uploads/") for k in final)
+    assert not list((tmp_path / "machine-b").glob("mfm-run-*")), "a finished run leaves its staging mirror"
+
+
+def test_fresh_run_on_s3_ignores_a_stale_staging_mirror(s3_endpoint, tmp_path, data):
+    # What a finished (or abandoned) earlier run at the same URL left on this machine: the new
+    # run must neither upload these rows and events nor keep the mirror once it is done.
+    import boto3
+
+    from pipeline.config import StorageConfig
+    from pipeline.training.checkpoint import run_folder
+
+    run_dir = f"s3://mfm-test/runs/fresh-{time.time_ns()}"
+    staging = tmp_path / "staging"
+    os.environ["MFM_STAGING_DIR"] = str(staging)
+    try:
+        mirror = run_folder(run_dir, StorageConfig()).local
+    finally:
+        del os.environ["MFM_STAGING_DIR"]
+    (mirror / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (1, 2, 3)))
+    (mirror / "tensorboard").mkdir()
+    (mirror / "tensorboard" / "events.out.tfevents.stale").write_bytes(b"old run")
+    args = _overrides(data, run_dir, **{"train.nprocs": 1, "train.max_steps": 2, "train.checkpoint_every": 2})
+    _finish(_pretrain(args, _env(staging)))
+    prefix = run_dir.removeprefix("s3://mfm-test/")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint.url)
+    body = s3.get_object(Bucket="mfm-test", Key=f"{prefix}/metrics.jsonl")["Body"].read().decode()
+    assert [r["step"] for r in map(json.loads, body.splitlines()) if "loss" in r] == [1, 2]
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="mfm-test", Prefix=prefix)["Contents"]}
+    assert not any(k.endswith("events.out.tfevents.stale") for k in keys)
+    assert not mirror.exists()
+    from pipeline.report import write_report
+
+    report = write_report(run_dir)  # beside the run, on S3
+    assert report == f"{run_dir}/report.html"
+    page = s3.get_object(Bucket="mfm-test", Key=f"{prefix}/report.html")["Body"].read().decode()
+    assert "val_loss at step 2" in page and "data:image/png;base64," in page
 
 
 def test_a_tampered_step_file_is_refused_before_it_is_unpickled(tmp_path, data, local_run):
@@ -269,6 +320,23 @@ def test_bad_config_is_refused_before_any_process_starts(tmp_path, data, overrid
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("val", [None, "missing"])
+def test_a_missing_val_split_is_warned_about(tmp_path, data, val, caplog):
+    from pipeline.config import load_config
+    from pipeline.training.launcher import validate
+
+    overrides = [f"data.train={data}/train"] + ([f"data.val={tmp_path}/val"] if val else [])
+    cfg = load_config("tiny_cpu", overrides)
+    assert load_config("tiny_cpu").data.val is None  # a preset never points at someone's data
+    with caplog.at_level("WARNING"):
+        validate(cfg, 1)
+    expected = f"data.val='{tmp_path}/val': no manifest.json there" if val else "data.val is not set"
+    assert any(expected in r.getMessage() and "no val_loss" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    validate(load_config("tiny_cpu", [f"data.train={data}/train", f"data.val={data}/val"]), 1)
+    assert not [r for r in caplog.records if "data.val" in r.getMessage()]
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data):

@@ -17,6 +17,8 @@ whose step folders are uploaded (and whose logs are synced) at every checkpoint,
 background (pipeline.training.saver). Remote keys are downloaded only to paths inside the
 folder they belong to. `load` also resumes on another number of ranks
 (pipeline.training.universal).
+The mirror is `$MFM_STAGING_DIR` (or the temp folder) / `mfm-run-<hash of run_dir>`: a fresh
+run starts from an empty one and a finished run removes it; a killed run leaves it for its restart.
 """
 
 from __future__ import annotations
@@ -69,15 +71,30 @@ class RunFolder:
         return storage.filesystem(self.url, self.storage)
 
 
-def run_folder(run_dir: str, storage_cfg: StorageConfig) -> RunFolder:
+def run_folder(run_dir: str, storage_cfg: StorageConfig, *, create: bool = True) -> RunFolder:
     if storage.is_local(run_dir):
         local = Path(run_dir.removeprefix("file://"))
     else:
         # Same run_dir -> same mirror, so a restart on this machine finds its own logs.
         root = Path(os.environ.get("MFM_STAGING_DIR", tempfile.gettempdir()))
         local = root / f"mfm-run-{hashlib.sha1(run_dir.encode()).hexdigest()[:12]}"
-    local.mkdir(parents=True, exist_ok=True)
+    if create:
+        local.mkdir(parents=True, exist_ok=True)
     return RunFolder(run_dir, storage_cfg, local)
+
+
+def reset_mirror(folder: RunFolder) -> None:
+    """A fresh run (no complete checkpoint at run_dir) starts from an empty staging mirror: what
+    an earlier run at the same URL left there would otherwise be uploaded as this run's logs."""
+    if folder.remote:
+        shutil.rmtree(folder.local, ignore_errors=True)
+        folder.local.mkdir(parents=True, exist_ok=True)
+
+
+def remove_mirror(folder: RunFolder) -> None:
+    """A finished run's staging mirror: everything in it is on run_dir now."""
+    if folder.remote:
+        shutil.rmtree(folder.local, ignore_errors=True)
 
 
 def retry(folder: RunFolder, fn, what: str):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import logging
 import os
 import signal
 import socket
@@ -25,10 +26,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline import storage
+from pipeline import logs, storage
 from pipeline.config import Config, ConfigError, load_config
 
 TRAINER = "pipeline.training.trainer"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,6 +77,10 @@ def validate(cfg: Config, world_size: int) -> None:
     for source in train_sources(cfg.data):
         if not storage.exists(storage.join(source.url, "manifest.json"), cfg.storage):
             raise ConfigError(f"data.train={source.url!r}: no manifest.json there (shard the data first: mfm shard)")
+    if not cfg.data.val:
+        log.warning("data.val is not set: no val_loss for this run")
+    elif not storage.exists(storage.join(cfg.data.val, "manifest.json"), cfg.storage):
+        log.warning("data.val=%r: no manifest.json there: no val_loss for this run", cfg.data.val)
     import torch
 
     resolve_precision(cfg.train.precision, torch.cuda.is_available())
@@ -98,9 +104,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def spawn_local(module: str, args: list[str], nprocs: int, *, env: dict | None = None) -> int:
+def spawn_local(
+    module: str, args: list[str], nprocs: int, *, env: dict | None = None, log_dir: Path | None = None
+) -> int:
     """Run `python -m module args` as nprocs ranks of one process group on this machine; if
-    one fails, stop the others. Returns the first non-zero exit code, else 0."""
+    one fails, stop the others. Returns the first non-zero exit code, else 0. With `log_dir`,
+    each rank's stdout and stderr go to `log_dir/rankR.log` and only the pipeline's own lines
+    reach this process's stdout (pipeline.logs)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     base = {
         **os.environ,
@@ -111,10 +121,21 @@ def spawn_local(module: str, args: list[str], nprocs: int, *, env: dict | None =
         "LOCAL_WORLD_SIZE": str(nprocs),
         "OMP_NUM_THREADS": str(max(1, cores // nprocs)),
     }
-    procs = []
+    procs, files, console_fd = [], [], None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        console_fd = os.dup(1)
+        print(f"training processes' full output: {log_dir}/rank*.log (mfm -v shows it here)", flush=True)
     for rank in range(nprocs):
         rank_env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=rank_env, preexec_fn=_die_with_parent))
+        quiet = {}
+        if console_fd is not None:
+            files.append(open(log_dir / f"rank{rank}.log", "ab"))
+            rank_env[logs.CONSOLE_FD_ENV] = str(console_fd)
+            quiet = {"stdout": files[-1], "stderr": subprocess.STDOUT, "pass_fds": (console_fd,)}
+        procs.append(
+            subprocess.Popen([sys.executable, "-m", module, *args], env=rank_env, preexec_fn=_die_with_parent, **quiet)
+        )
 
     def forward(signum, _frame):
         for p in procs:
@@ -133,10 +154,20 @@ def spawn_local(module: str, args: list[str], nprocs: int, *, env: dict | None =
                 _stop(procs)
                 break
             time.sleep(0.2)
-        return code or next((p.returncode for p in procs if p.returncode), 0)
+        code = code or next((p.returncode for p in procs if p.returncode), 0)
+        if code and log_dir is not None:  # the cause is in the files: show their ends here
+            for rank, p in enumerate(procs):
+                if p.returncode:
+                    end = logs.tail(log_dir / f"rank{rank}.log")
+                    print(f"--- end of {log_dir}/rank{rank}.log (exit {p.returncode}):\n{end}", file=sys.stderr)
+        return code
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+        for f in files:
+            f.close()
+        if console_fd is not None:
+            os.close(console_fd)
 
 
 def _stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
@@ -155,7 +186,7 @@ def _stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
 def run_result(cfg: Config) -> RunResult:
     from pipeline.training import checkpoint as ckpt
 
-    folder = ckpt.run_folder(cfg.train.run_dir, cfg.storage)
+    folder = ckpt.run_folder(cfg.train.run_dir, cfg.storage, create=False)
     steps = sorted(s for s, done in ckpt.list_steps(folder).items() if done)
     export = storage.join(cfg.train.run_dir, "export")
     has_export = storage.exists(storage.join(export, "config.json"), cfg.storage)
@@ -217,7 +248,8 @@ def launch(
         ]
         code = subprocess.call(cmd)
     else:
-        code = spawn_local(TRAINER, args, cfg.train.nprocs)
+        quiet = None if logs.verbose() else logs.log_dir(cfg.train.run_dir)
+        code = spawn_local(TRAINER, args, cfg.train.nprocs, log_dir=quiet)
     if code == EXIT_NON_FINITE:
         raise LaunchError(
             code,

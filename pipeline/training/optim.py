@@ -74,18 +74,44 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused or None)
 
 
+@dataclass(frozen=True)
+class StepBudget:
+    steps: int  # optimiser steps the run takes
+    schedule: int  # steps the cosine spans (>= steps: a run cut short stops inside its schedule)
+    warmup: int
+    source: str  # what set `steps`: "train.max_steps" or "optim.epochs"
+
+
+def step_budget(optim: OptimConfig, max_steps: int | None, steps_per_epoch: int) -> StepBudget:
+    """The run's length. An explicit train.max_steps wins over optim.epochs x steps_per_epoch:
+    shorter, the run stops inside the epochs' schedule (as a resumable cut); longer, the schedule
+    is stretched to max_steps and the warmup keeps its share of it."""
+    epochs_steps = optim.epochs * steps_per_epoch
+    warmup = int(optim.warmup_epochs * steps_per_epoch)
+    if not max_steps:
+        return StepBudget(epochs_steps, epochs_steps, warmup, "optim.epochs")
+    if max_steps <= epochs_steps:
+        return StepBudget(max_steps, epochs_steps, warmup, "train.max_steps")
+    return StepBudget(max_steps, max_steps, int(max_steps * optim.warmup_epochs / optim.epochs), "train.max_steps")
+
+
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, optim: OptimConfig, lrs: LearningRates, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer,
+    optim: OptimConfig,
+    lrs: LearningRates,
+    steps_per_epoch: int,
+    budget: StepBudget | None = None,
 ) -> CosineLRScheduler:
-    """Per-iteration cosine over all `epochs` with a linear warmup, as the official code
-    (SimMIM's scheduler): step it with step_update(step) after every optimiser step."""
-    total = optim.epochs * steps_per_epoch
+    """Per-iteration cosine over the budget's schedule (default: all `epochs`) with a linear
+    warmup, as the official code (SimMIM's scheduler): step it with step_update(step) after
+    every optimiser step."""
+    budget = budget or step_budget(optim, None, steps_per_epoch)
     scheduler = CosineLRScheduler(
         optimizer,
-        t_initial=total,
+        t_initial=budget.schedule,
         lr_min=lrs.min_lr,
         warmup_lr_init=lrs.warmup_lr,
-        warmup_t=int(optim.warmup_epochs * steps_per_epoch),
+        warmup_t=budget.warmup,
         cycle_limit=1,
         t_in_epochs=False,
     )

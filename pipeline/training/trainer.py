@@ -4,6 +4,10 @@ Started by `pipeline.training.launcher` (never directly by users) as
 `python -m pipeline.training.trainer --config-b64 ...` with RANK / LOCAL_RANK / WORLD_SIZE /
 MASTER_ADDR / MASTER_PORT set, locally or by the DeepSpeed launcher on every node.
 A "step" is one optimizer step: grad_accum micro batches on every rank.
+
+Over the ~400-line guide (about 500): the Trainer's loop, logging, pictures, validation and
+resume share one state, and build_trainer is its start-up; the stage-specific parts already
+live in `Task` (pretraining here, fine-tuning in pipeline/finetune.py).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch.distributed as dist
 from pipeline.config import Config, ConfigError, build_config, dump_config
 from pipeline.training import checkpoint as ckpt
 from pipeline.training import flops, speed
-from pipeline.training.optim import BatchPlan, batch_plan, build_optimizer, build_scheduler, scaled_lrs
+from pipeline.training.optim import BatchPlan, batch_plan, build_optimizer, build_scheduler, scaled_lrs, step_budget
 from pipeline.training.profiling import StepProfiler
 from pipeline.training.saver import Saver
 
@@ -425,11 +429,13 @@ class Trainer:
         from pipeline.pictures import save_picture
 
         path = self.folder.local / "pictures" / f"step-{self.step}.png"
-        fig = save_picture(path, batch.target, batch.encoder_input, pred, step=self.step)
+        fig = save_picture(path, batch.target, batch.encoder_input, pred, step=self.step, keep=batch.keep)
         self.writer.add_figure("pictures", fig, self.step, close=True)
 
     def fit(self) -> dict:
         from tqdm import tqdm
+
+        from pipeline import logs
 
         cfg = self.cfg.train
         batches = self._batches()
@@ -438,7 +444,8 @@ class Trainer:
             initial=self.step,
             unit="step",
             dynamic_ncols=True,
-            disable=not (self.is_main and sys.stderr.isatty()),
+            file=logs.console(),
+            disable=not (self.is_main and logs.console().isatty()),
         )
         try:
             if self.step == 0:
@@ -491,6 +498,9 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
         ckpt.remove_incomplete(folder)
     dist.barrier()
     resume_step = ckpt.latest_complete(folder)
+    if resume_step is None and ranks.local_rank == 0:
+        ckpt.reset_mirror(folder)
+    dist.barrier()
 
     # The same seed everywhere so that every rank builds the same initial model (ZeRO-3
     # partitions it without a broadcast), then a per-rank seed for everything after.
@@ -509,13 +519,12 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
             f"data.train yields {loader.steps_per_epoch} micro batches per rank per epoch, fewer "
             f"than train.grad_accum ({plan.grad_accum}): use a smaller data.batch_size"
         )
-    total = cfg.optim.epochs * steps_per_epoch
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
+    budget = step_budget(cfg.optim, cfg.train.max_steps, steps_per_epoch)
+    total = budget.steps
 
     lrs = scaled_lrs(cfg.optim, plan.global_batch)
     optimizer = task.build_optimizer(model, cfg, lrs.lr)
-    scheduler = build_scheduler(optimizer, cfg.optim, lrs, steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg.optim, lrs, steps_per_epoch, budget)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, plan, precision))
     bound_group_timeouts(cfg.train.dist_timeout_s)
 
@@ -559,7 +568,7 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
         )
         log.info(
             "%s: %d ranks, micro batch %d x grad_accum %d = %d, zero %d, %s, %s, lr %.3g, %d steps/epoch, "
-            "%s at step %d of %d",
+            "%s at step %d of %d (set by %s)",
             cfg.train.run_dir,
             ranks.world_size,
             plan.micro_batch,
@@ -573,6 +582,7 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
             "resuming" if resume_step is not None else "starting",
             trainer.step,
             total,
+            budget.source,
         )
     return trainer
 
@@ -585,6 +595,8 @@ def run(cfg: Config, task: Task = PRETRAIN) -> dict:
     finally:
         if trainer.writer is not None:
             trainer.writer.close()
+    if ranks.local_rank == 0:  # fit() ends in collectives: every rank of this node is done with it
+        ckpt.remove_mirror(trainer.folder)
     if ranks.rank == 0:
         log.info("done: %s", json.dumps(result))
     return result
@@ -632,12 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", help="module:function, (cfg) -> Task (default: MFM pretraining)")
     args = p.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        stream=sys.stdout,
-        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
-        force=True,
-    )
+    from pipeline import logs
+
+    logs.setup_rank(rank)  # the pipeline's lines to the terminal, third-party output to the log file
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     threads_per_rank()
