@@ -233,7 +233,8 @@ def _fmt(v: object) -> str:
 
 def _table(pairs: list[tuple[str, object]], head: tuple[str, str] = ("key", "value")) -> str:
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in pairs)
-    return f"<table><tr><th>{head[0]}</th><th>{head[1]}</th></tr>{rows}</table>"
+    top = f"<tr><th>{head[0]}</th><th>{head[1]}</th></tr>" if any(head) else ""
+    return f"<table>{top}{rows}</table>"
 
 
 def _accuracy_pairs(metrics: dict) -> list[tuple[str, object]]:
@@ -257,7 +258,8 @@ def _run_section(run: Run, index: int) -> str:
     if run.pictures:
         parts.append(
             "<h3>reconstructions over time</h3><p>rows: samples; columns: input, corrupted input, "
-            "what the model makes of it, then the three spectra (log |F|)</p>"
+            "the reconstruction (MFM: the given frequencies plus the predicted masked ones; other "
+            "pretexts: the prediction), then the three spectra (log |F|)</p>"
         )
         parts += [
             f"<figure>{_img(png, f'step {s}')}<figcaption>step {s}</figcaption></figure>" for s, png in run.pictures

@@ -141,6 +141,10 @@ def test_two_rank_zero2_run_learns_and_writes_its_run_folder(local_run):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     result = json.loads(out[out.rindex("{\n") :])
     assert result["latest"] == str(run_dir / "step-8") and result["export"] == str(run_dir / "export")
+    # quiet terminal: the pipeline's lines there, DeepSpeed's accelerator and build chatter in the rank logs
+    rank0 = (run_dir / "logs" / "rank0.log").read_text()
+    assert "mfm.train: step 8/8" in out and "Setting accelerator to CPU" in rank0
+    assert "Setting accelerator" not in out and "real_accelerator" not in out
 
 
 def test_exported_encoder_loads_into_plain_timm_model(local_run):
