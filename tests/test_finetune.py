@@ -108,7 +108,13 @@ def pipeline_run(s3_endpoint, tmp_path_factory):
         "train.checkpoint_every": 2,
         "train.log_every": 1,
         "optim.warmup_epochs": 1,
+        # the full ViT recipe, which finetune_tiny_cpu trims for a CPU demo: mixing, RandAugment,
+        # erasing, and the lr given per 512 images
+        "finetune.mixup": 0.8,
+        "finetune.cutmix": 1.0,
+        "finetune.randaugment": "rand-m9-mstd0.5-inc1",
         "finetune.reprob": 0.5,
+        "optim.lr_base_batch": 512,
     }
     first = _run(["finetune", "--config", "finetune_tiny_cpu", *_sets({**finetune, "train.max_steps": 2})], env)
     # What a kill during step 3's checkpoint leaves: step-2 complete, step-3 half written, no

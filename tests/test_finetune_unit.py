@@ -199,6 +199,8 @@ def test_odd_micro_batch_with_mixup_is_refused(tmp_path, no_launch, capsys):
         "--set",
         "data.batch_size=6",
         "--set",
+        "finetune.mixup=0.8",  # finetune_tiny_cpu leaves mixup off
+        "--set",
         f"train.run_dir={tmp_path / 'run'}",
     ]
     assert main(args) == 2
