@@ -26,8 +26,8 @@ PRETRAIN = {
 FINETUNE = {
     "optim.epochs": 1,
     "optim.warmup_epochs": 0.1,
-    "train.max_steps": 400,
-    "train.checkpoint_every": 200,
+    "train.max_steps": 600,
+    "train.checkpoint_every": 300,
     "train.log_every": 50,
 }
 EVALUATE = {"corruptions": "gaussian_noise,contrast", "severities": "3", "probe_epochs": 10}
