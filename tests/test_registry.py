@@ -89,6 +89,7 @@ def test_register_pull_load_roundtrip(store_url, tiny_export, tmp_path):
     assert m["metrics"] == {"top1": 0.25, "top5": 0.5}
     card = storage.read_bytes(storage.join(reg_url, "tiny", "v1", "README.md")).decode()
     assert "# tiny v1" in card and "| top1 | 0.25 |" in card and "runs/r1" in card
+    assert "runs/r1/report.html" in card and "mfm report tiny@v1" in card  # where pipeline.report writes
 
     ref2, dest = reg.pull("tiny@v1", tmp_path / "pulled")
     assert ref2 == ref and sorted(p.name for p in dest.iterdir()) == sorted([*m["files"], "manifest.json"])

@@ -20,6 +20,11 @@ def model_card(name: str, version: int, config: dict, lineage: dict, metrics: di
         f"- pretraining run: `{lineage.get('run_url')}`",
         f"- export: `{lineage.get('export_url')}`",
     ]
+    if lineage.get("run_url"):  # pipeline.report's default place for a run's page
+        lines.append(
+            f"- report: `{lineage['run_url'].rstrip('/')}/report.html` "
+            f"(curves, reconstructions, evaluation; `mfm report {name}@v{version}` writes it)"
+        )
     data = lineage.get("data_manifest")
     lines.append(
         f"- data manifest: `{data['url']}` (sha256 `{data['sha256']}`)" if data else "- data manifest: not recorded"
