@@ -173,7 +173,7 @@ def test_first_run_pins_the_registry_version_and_reports_metrics(pipeline_run, s
     from pipeline import storage
 
     config = storage.read_bytes(f"{pipeline_run['run_dir']}/config.yaml").decode()
-    assert "init: tiny-mfm@v1" in config and "num_classes: 10" in config and "patch_size: 4" in config
+    assert "init: tiny-mfm@v1" in config and "num_classes: 10" in config and "patch_size: 8" in config  # tiny_cpu
 
 
 def test_flow_resumes_the_cut_short_run(pipeline_run, resumed, s3_endpoint):
