@@ -5,7 +5,7 @@ Started by `pipeline.training.launcher` (never directly by users) as
 MASTER_ADDR / MASTER_PORT set, locally or by the DeepSpeed launcher on every node.
 A "step" is one optimizer step: grad_accum micro batches on every rank.
 
-Over the ~400-line guide (about 500): the Trainer's loop, logging, pictures, validation and
+Over the ~400-line guide (about 700): the Trainer's loop, logging, pictures, validation and
 resume share one state, and build_trainer is its start-up; the stage-specific parts already
 live in `Task` (pretraining here, fine-tuning in pipeline/finetune.py).
 """
