@@ -11,6 +11,9 @@ the newest complete checkpoint. `warm_start` continues pretraining from a regist
 The stage list is data: a stage is "module:function" taking the context dict and returning the
 keys it adds, plus the module it needs; a stage whose module is not installed is skipped with a
 log line, as is fine-tuning when `finetune_preset` is None.
+
+Over the ~400-line guide: the stages, their cache keys and the growth/warm-start decisions
+form one flow whose keys must agree with each other; each stage itself is a call into pipeline.
 """
 
 from __future__ import annotations

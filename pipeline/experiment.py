@@ -9,6 +9,9 @@ evaluate. The outcome is a table (markdown) and a plot, mean and spread over the
 
 Resumable: each run leaves `<out>/results/<run>.json`; a rerun skips runs whose file exists,
 and an interrupted pretraining or fine-tune resumes from its newest checkpoint.
+
+Over the ~400-line guide: one experiment's recipe, runs, summary table and plot, read
+together; every stage it runs is the pipeline's own.
 """
 
 from __future__ import annotations

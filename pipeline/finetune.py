@@ -15,6 +15,9 @@ DeepSpeed engine, loop, `step-N/` checkpoints, resume and logs. What differs is 
   which `mfm registry register` picks up).
 
 Everything that can be known wrong (init, classes, recipe, val split) fails before a process starts.
+
+Over the ~400-line guide: the fine-tuning Task's parts (model, loader, optimiser, forward,
+finish) are read together as the recipe; the loop itself is the shared trainer's.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ folder they belong to. `load` also resumes on another number of ranks
 (pipeline.training.universal).
 The mirror is `$MFM_STAGING_DIR` (or the temp folder) / `mfm-run-<hash of run_dir>`: a fresh
 run starts from an empty one and a finished run removes it; a killed run leaves it for its restart.
+
+Over the ~400-line guide: the marker, its checksums, staging and the remote copy are one
+contract (what counts as a complete step-N), kept in one place; the background upload and
+the world-size conversion already live beside it (saver.py, universal.py).
 """
 
 from __future__ import annotations
