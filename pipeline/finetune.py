@@ -27,15 +27,14 @@ import datetime as dt
 import json
 import logging
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipeline import storage
 from pipeline.config import Config, ConfigError, build_config, load_config
+from pipeline.registry import is_registry_ref
 from pipeline.training.trainer import compute_dtype
 
 log = logging.getLogger("mfm.finetune")
@@ -45,11 +44,6 @@ METRICS_FORMAT_VERSION = 1
 
 
 # ---------------------------------------------------------------------------- the init
-
-
-def is_registry_ref(init: str) -> bool:
-    """NAME@ALIAS / NAME@vN; anything with a slash (or a scheme) is an export folder URL."""
-    return "@" in init and "/" not in init
 
 
 def _registry(cfg: Config):
@@ -97,20 +91,9 @@ def resolve_init(cfg: Config) -> tuple[str, dict]:
 
 def read_init_state(cfg: Config) -> dict[str, torch.Tensor]:
     """The encoder weights of the (pinned) init; a registry version is verified against its manifest."""
-    from safetensors.torch import load as load_safetensors
-    from safetensors.torch import load_file
+    from pipeline.registry import read_init_weights
 
-    from pipeline.registry import WEIGHTS, check_safetensors
-
-    init = cfg.finetune.init
-    if is_registry_ref(init):
-        with tempfile.TemporaryDirectory(prefix="mfm-init-") as tmp:
-            _, folder = _registry(cfg).pull(init, tmp)
-            return load_file(str(Path(folder) / WEIGHTS))
-    url = storage.join(init, WEIGHTS)
-    data = storage.read_bytes(url, cfg.storage)
-    check_safetensors(data, url)
-    return load_safetensors(data)
+    return read_init_weights(cfg.finetune.init, _registry(cfg), cfg.storage)
 
 
 def train_classes(cfg: Config) -> list[dict]:

@@ -25,11 +25,13 @@ from pipeline.registry.card import code_version, model_card
 from pipeline.registry.commands import cli, pull_cli
 from pipeline.registry.gate import flatten_metrics, gate_decision
 from pipeline.registry.loading import (
+    is_registry_ref,
     load_export,
     load_model,
     model_from_export,
     model_from_folder,
     pull,
+    read_init_weights,
 )
 from pipeline.registry.refs import (
     ALIAS_FORMAT_VERSION,
@@ -53,6 +55,8 @@ from pipeline.registry.refs import (
 from pipeline.registry.store import Registry, default_registry
 
 __all__ = [
+    "is_registry_ref",
+    "read_init_weights",
     "ALIAS_FORMAT_VERSION",
     "CARD",
     "CLAIM",

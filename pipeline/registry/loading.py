@@ -146,6 +146,29 @@ def load_export(export_url: str, *, num_classes: int | None = None, storage_cfg:
     return model_from_export(config, load_safetensors(data[WEIGHTS]), num_classes=num_classes), config
 
 
+def is_registry_ref(init: str) -> bool:
+    """NAME@ALIAS / NAME@vN; anything with a slash (or a scheme) is an export folder URL."""
+    return "@" in init and "/" not in init
+
+
+def read_init_weights(init: str, reg: Registry, storage_cfg: StorageConfig | None = None) -> dict:
+    """The weights of an init (a registry ref, verified against its manifest; or an export folder
+    URL, checked as safetensors), never a pickle."""
+    import tempfile
+
+    from safetensors.torch import load as load_safetensors
+    from safetensors.torch import load_file
+
+    if is_registry_ref(init):
+        with tempfile.TemporaryDirectory(prefix="mfm-init-") as tmp:
+            _, folder = reg.pull(init, tmp)
+            return load_file(str(Path(folder) / WEIGHTS))
+    url = storage.join(init, WEIGHTS)
+    data = storage.read_bytes(url, storage_cfg)
+    check_safetensors(data, url)
+    return load_safetensors(data)
+
+
 def load_model(
     ref: str, registry: str | None = None, *, num_classes: int | None = None, storage_cfg: StorageConfig | None = None
 ):

@@ -12,24 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import re
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipeline import storage
 from pipeline.config import Config, ConfigError
+from pipeline.registry import is_registry_ref
 
 log = logging.getLogger(__name__)
 # A fine-tuned classifier may be the init: its head and the norm that replaced the encoder's
 # final one are dropped, and the encoder's final norm then starts fresh.
 CLASSIFIER_ONLY = ("head", "fc_norm")
 REPLACED_BY_FC_NORM = ("norm",)
-
-
-def is_registry_ref(init: str) -> bool:
-    return "@" in init and "/" not in init
 
 
 def _registry(cfg: Config):
@@ -90,20 +85,9 @@ def pin(cfg: Config) -> Config:
 
 def read_state(cfg: Config) -> dict[str, torch.Tensor]:
     """The weights of the pinned init, verified (registry) or at least checked as safetensors."""
-    from safetensors.torch import load as load_safetensors
-    from safetensors.torch import load_file
+    from pipeline.registry import read_init_weights
 
-    from pipeline.registry import WEIGHTS, check_safetensors
-
-    init = cfg.pretrain.init
-    if is_registry_ref(init):
-        with tempfile.TemporaryDirectory(prefix="mfm-warm-") as tmp:
-            _, folder = _registry(cfg).pull(init, tmp)
-            return load_file(str(Path(folder) / WEIGHTS))
-    url = storage.join(init, WEIGHTS)
-    data = storage.read_bytes(url, cfg.storage)
-    check_safetensors(data, url)
-    return load_safetensors(data)
+    return read_init_weights(cfg.pretrain.init, _registry(cfg), cfg.storage)
 
 
 def load_encoder(encoder: nn.Module, state: dict[str, torch.Tensor], what: str) -> dict[str, list[str]]:
