@@ -12,8 +12,8 @@ from test_data_shards import write_split
 
 from pipeline.config import StorageConfig
 from pipeline.data.shards import Shard, cache_shard, read_samples, read_split
+from pipeline.sharding import verify_split
 from pipeline.sharding.cli import cli as shard_cli
-from pipeline.sharding.manifest import verify_split
 from pipeline.storage import join, read_bytes, write_bytes
 
 # --- 1: manifest names stay inside the split ---------------------------------------------------

@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.config import StorageConfig
 from pipeline.data import cache
-from pipeline.sharding.manifest import check_manifest
+from pipeline.split_manifest import check_manifest
 from pipeline.storage import filesystem, join, plain_name, retry
 
 log = logging.getLogger(__name__)

@@ -84,7 +84,8 @@ def verify_cli(argv: list[str]) -> int:
     )
     p.add_argument("url", help="a split (folder holding manifest.json) or a dest holding <split>/manifest.json")
     args = p.parse_args(argv)
-    from pipeline.sharding.manifest import MANIFEST, verify_split
+    from pipeline.sharding.verify import verify_split
+    from pipeline.split_manifest import MANIFEST
 
     fs, path = st.filesystem(args.url)
     if st.exists(st.join(args.url, MANIFEST)):

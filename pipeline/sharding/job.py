@@ -10,10 +10,10 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
+from pipeline import split_manifest as mf
 from pipeline import storage as st
 from pipeline.config import StorageConfig
 from pipeline.jpeg import MAX_PIXELS
-from pipeline.sharding import manifest as mf
 from pipeline.sharding import revisions as rv
 from pipeline.sharding.plan import plan_shards
 from pipeline.sharding.sources import SourceError, available_splits, list_split
