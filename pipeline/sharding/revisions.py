@@ -13,19 +13,28 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import re
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 
 from pipeline import storage as st
 from pipeline.config import StorageConfig
 from pipeline.sharding.sources import Entry
+from pipeline.split_manifest import ManifestError
 
 REVISIONS_DIR = "revisions"
 # A claim whose writer has not reported progress for this long is taken to be dead and may be
 # taken over; a live writer refreshes it after every shard (shards take seconds to minutes).
 CLAIM_STALE_S = 30 * 60
+# A heartbeat further ahead than this is no live writer's clock (hosts disagree by seconds):
+# the claim is invalid and taken over, so an edited claim cannot block growing forever.
+CLAIM_SKEW_S = 60
+# A file list decompresses to about 6x its size (ImageNet's: 11.7 MB -> 65 MB); more than this
+# is a bomb that would fill the memory.
+MAX_EXPANSION, MIN_LIMIT = 100, 16 << 20
 _NOT_KEY = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -96,13 +105,22 @@ def encode_files(rows: list[tuple[str, int, str]]) -> bytes:
 
 
 def decode_files(data: bytes, what: str) -> dict[str, tuple[int, str]]:
+    """file -> (size, key) from `encode_files`' bytes; a ManifestError naming `what` for anything
+    else, a list that would inflate past MAX_EXPANSION x its size included."""
+    limit = max(MIN_LIMIT, MAX_EXPANSION * len(data))
     out = {}
     try:
-        for line in gzip.decompress(data).decode().splitlines():
+        z = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing, one member (as encode_files writes)
+        text = z.decompress(data, limit + 1)
+        if len(text) > limit:
+            raise ValueError(f"inflates to more than {limit} bytes ({len(data)} compressed)")
+        if not z.eof or z.unused_data:
+            raise ValueError("truncated, or bytes after the gzip stream")
+        for line in text.decode().splitlines():
             f, s, k = line.split("\t")
             out[f] = (int(s), k)
-    except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{what}: not a file list (file, size, key per line): {e}") from None
+    except (zlib.error, UnicodeDecodeError, ValueError) as e:
+        raise ManifestError(f"{what}: not a file list (file, size, key per line): {e}") from None
     return out
 
 
@@ -158,9 +176,20 @@ class Claim:
     def still_ours(self, cfg: StorageConfig | None) -> None:
         """Check the claim is this writer's and take its current token."""
         cur = st.read_versioned(self.url, cfg)
-        if cur is None or json.loads(cur[0]).get("owner") != self.owner:
+        if cur is None or _held(cur[0])[0].get("owner") != self.owner:
             raise ClaimRefused(f"{self.url}: taken over by another writer; stopping")
         self.token = cur[1]
+
+
+def _held(raw: bytes) -> tuple[dict, float]:
+    """(a claim's fields, seconds since its heartbeat). A claim that is not one, or whose
+    heartbeat lies in the future past clock skew, is infinitely old: it holds nothing."""
+    try:
+        held = json.loads(raw)
+        age = time.time() - float(held["heartbeat"])
+    except (ValueError, KeyError, TypeError, OverflowError):  # UnicodeDecodeError is a ValueError
+        return {}, math.inf
+    return held, (age if math.isfinite(age) and age >= -CLAIM_SKEW_S else math.inf)
 
 
 def claim(split_url: str, revision: int, digest: str, cfg: StorageConfig | None, *, stale_s: float = CLAIM_STALE_S):
@@ -175,15 +204,11 @@ def claim(split_url: str, revision: int, digest: str, cfg: StorageConfig | None,
         cur = st.read_versioned(c.url, cfg)
         if cur is None:
             continue  # removed in between: try to create it again
-        try:
-            held = json.loads(cur[0])
-            age = time.time() - float(held["heartbeat"])
-        except (ValueError, KeyError, TypeError):
-            held, age = {}, float("inf")
+        held, age = _held(cur[0])
         if held.get("digest") != digest and age < stale_s:
             raise ClaimRefused(
                 f"{c.url}: another writer is adding revision {revision} to this split (other files or "
-                f"options; last progress {age:.0f} s ago). Wait for it; a claim silent for "
+                f"options; last progress {max(age, 0):.0f} s ago). Wait for it; a claim silent for "
                 f"{stale_s:.0f} s is taken over, or delete the claim if that writer is known dead"
             )
         if st.replace_bytes_if(c.url, c._payload(), cur[1], cfg):
