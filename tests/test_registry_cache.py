@@ -204,3 +204,40 @@ def test_bench_registry_runs(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert re.search(r"load_model cold [\d.]+s .* warm [\d.]+s: warm is [\d.]+x faster", done.stdout), done.stdout
+
+
+def test_a_file_larger_than_its_manifest_says_is_not_downloaded_whole(two_versions, cache_dir, monkeypatch):
+    """The store's weights replaced by twice its size under a manifest that declares the old size:
+    the fill reads at most the declared size + 1 byte, so a lying manifest cannot fill the disk."""
+    reg, _ = two_versions
+    declared = reg.manifest("m@v1")["files"]["model.safetensors"]["size"]
+    storage.write_bytes(storage.join(reg.version_url("m", 1), "model.safetensors"), os.urandom(2 * declared))
+    got = []
+    real = storage.filesystem
+
+    def counting(url, cfg=None):  # counts the bytes the cache takes from every file it opens
+        fs, path = real(url, cfg)
+
+        class Counted:
+            def __getattr__(self, name):
+                return getattr(fs, name)
+
+            def open(self, *args, **kwargs):
+                f = fs.open(*args, **kwargs)
+                read = f.read
+
+                def counted(*a):
+                    b = read(*a)
+                    got.append(len(b))
+                    return b
+
+                f.read = counted
+                return f
+
+        return Counted(), path
+
+    monkeypatch.setattr(storage, "filesystem", counting)
+    with pytest.raises(IntegrityError, match=rf"model.safetensors: checksum mismatch .* size {declared}, got"):
+        cache.cached_version(reg, "m@v1")
+    assert sum(got) <= declared + 1 + (1 << 20)  # the other files are small
+    assert not [p for p in cache_dir.rglob("*") if p.is_file() and p.stat().st_size > declared + 1]

@@ -47,6 +47,7 @@ from pipeline.registry.refs import (
 
 log = logging.getLogger(__name__)
 FINGERPRINTS, USED, REGISTRY_FILE = ".fingerprints.json", ".used", "REGISTRY"
+BLOCK = 8 << 20  # bytes per read of a download
 
 
 def cache_root() -> Path:
@@ -133,14 +134,16 @@ def _remove(entry: Path) -> None:
 
 
 def fetch_verified(url: str, out: Path, expected: dict, what: str, storage_cfg: StorageConfig | None = None) -> None:
-    """Stream `url` to `out` through a temporary name, renamed only once size and sha256 match."""
+    """Stream `url` to `out` through a temporary name, renamed only once size and sha256 match.
+    Reading stops one byte past the declared size: a manifest understating a file cannot fill the disk."""
     fs, path = storage.filesystem(url, storage_cfg)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    limit = expected["size"] + 1
 
     def fetch():
         digest, size = hashlib.sha256(), 0
-        with fs.open(path, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(8 << 20):
+        with fs.open(path, "rb", block_size=min(BLOCK, limit)) as src, open(tmp, "wb") as dst:
+            while size < limit and (chunk := src.read(min(BLOCK, limit - size))):
                 digest.update(chunk)
                 size += len(chunk)
                 dst.write(chunk)
@@ -152,9 +155,10 @@ def fetch_verified(url: str, out: Path, expected: dict, what: str, storage_cfg: 
         except FileNotFoundError:
             raise IntegrityError(f"{what}: file is missing from the registry ({url})") from None
         if size != expected["size"] or sha != expected["sha256"]:
+            got = f"more than {expected['size']} bytes" if size == limit else f"sha256 {sha} size {size}"
             raise IntegrityError(
                 f"{what}: checksum mismatch ({url}): expected sha256 {expected['sha256']} "
-                f"size {expected['size']}, got sha256 {sha} size {size}; refusing to use it"
+                f"size {expected['size']}, got {got}; refusing to use it"
             )
         os.replace(tmp, out)
     finally:
