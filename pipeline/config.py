@@ -113,7 +113,8 @@ class DataConfig(Section):
     # URL of a sharded split (the folder holding manifest.json), or a list of {url, weight}: each
     # epoch then draws every source in proportion to its weight (pipeline/data/sampling.py, Mix)
     train: str | list[TrainSource] = "demo-out/shards/train"
-    epoch_samples: int | None = Field(None, gt=0)  # draws per epoch of a list; default: all its samples
+    # draws per epoch of a list; default: all its samples (bounded: sample ids are int64 and the shares float64)
+    epoch_samples: int | None = Field(None, gt=0, le=2**40)
     val: str | None = None  # held-out split: pretraining val_loss, fine-tuning top-1
     backend: Literal["auto", "dali", "torch"] = "auto"  # auto: DALI when installed
     batch_size: int = Field(64, gt=0, le=MAX_BATCH)  # global, across all ranks and accumulation steps

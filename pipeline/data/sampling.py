@@ -24,6 +24,7 @@ seen twice, and the new layout's remainder is dropped.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -132,6 +133,11 @@ class Mix:
     weights: tuple[float, ...]
     epoch_samples: int | None = None
 
+    def __post_init__(self):
+        w = self.weights
+        if not w or len(w) != len(self.shards) or not all(math.isfinite(x) and x > 0 for x in w):
+            raise ValueError(f"mix weights {w}: one finite, positive weight per source ({len(self.shards)})")
+
     def sizes(self, counts: list[int]) -> list[int]:
         bounds = np.concatenate([[0], np.cumsum(self.shards)])
         if bounds[-1] != len(counts):
@@ -142,7 +148,8 @@ class Mix:
         """Draws per source per epoch: largest-remainder rounding of the weights (pure)."""
         total = self.epoch_samples or sum(self.sizes(counts))
         w = np.asarray(self.weights, dtype=np.float64)
-        exact = total * w / w.sum()
+        w = w / w.max()  # relative weights: scaled first, so that 1e308 + 1e308 cannot overflow
+        exact = total * (w / w.sum())
         out = np.floor(exact).astype(np.int64)
         rest = total - int(out.sum())
         out[np.argsort(-(exact - out), kind="stable")[:rest]] += 1
