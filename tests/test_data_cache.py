@@ -16,7 +16,7 @@ from pipeline.data.shards import SampleReader, _cache_path, read_samples, read_s
 
 
 def _cached(cache_dir: str) -> set[str]:
-    return {n.split("-", 1)[1] for n in os.listdir(cache_dir) if ".tmp-" not in n}
+    return {n.split("-", 1)[1] for n in os.listdir(cache.folder(cache_dir)) if ".tmp-" not in n}
 
 
 def test_lru_eviction_keeps_the_cache_under_its_limit(tmp_path, store_url, caplog):

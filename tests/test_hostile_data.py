@@ -3,11 +3,16 @@ float range, and a shard cache pointed at a folder that holds other files."""
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import pytest
+from test_data_shards import write_split
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data.sampling import Mix, mixed_epoch_order
+from pipeline.data.shards import _cache_path, read_samples, read_split
 
 # --- mixing weights (issue 26, item 8) -------------------------------------------------------------
 
@@ -39,3 +44,51 @@ def test_config_takes_huge_weights_and_bounds_epoch_samples():
         load_config(None, ["data.train=[{url: a, weight: .inf}, {url: b, weight: 1}]"])
     with pytest.raises(ConfigError, match=r"data.epoch_samples"):
         load_config(None, [f"data.epoch_samples={10**30}"])
+
+
+# --- the shard cache in a folder that holds other files (issue 26, item 6) -------------------------
+
+
+def test_a_cache_in_the_home_folder_never_evicts_the_users_files(tmp_path):
+    """data.cache_dir=~ with a limit smaller than one shard: the user's files stay, an old one
+    and one named like a cached shard included; only the cache's own shards are evicted."""
+    url = str(tmp_path / "train")
+    write_split(url, [4] * 3, size=(40, 30))
+    split = read_split(url)
+    home = tmp_path / "home"
+    home.mkdir()
+    mine = {"thesis.tex": b"x" * 50_000, f"{'0' * 16}-train-000000.tar": b"my tar"}
+    for name, data in mine.items():
+        (home / name).write_bytes(data)
+        os.utime(home / name, (1, 1))  # older than any shard: first in line for an LRU
+    for shard in split.shards:
+        assert len(read_samples(shard, [0], None, str(home), 1e-9)) == 1
+    assert {n: (home / n).read_bytes() for n in mine} == mine
+
+
+def test_a_download_never_writes_through_a_planted_link(tmp_path):
+    """The old temporary name (`<shard>.tmp-<pid>-<thread>`) could be predicted and planted as a
+    link to another file, which the download then overwrote."""
+    url = str(tmp_path / "train")
+    write_split(url, [4], size=(40, 30))
+    shard = read_split(url).shards[0]
+    cache_dir, victim = str(tmp_path / "cache"), tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    local = _cache_path(cache_dir, shard)
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    os.symlink(victim, f"{local}.tmp-{os.getpid()}-{threading.get_ident()}")
+    assert len(read_samples(shard, [0, 1], None, cache_dir)) == 2
+    assert victim.read_bytes() == b"precious"
+
+
+def test_a_cache_folder_that_is_a_link_is_refused(tmp_path):
+    from pipeline.data import cache
+
+    url = str(tmp_path / "train")
+    write_split(url, [4], size=(40, 30))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "cache" / cache.FOLDER)
+    with pytest.raises(cache.CacheError, match=f"{cache.FOLDER}: the shard cache's folder is a link"):
+        read_samples(read_split(url).shards[0], [0], None, str(tmp_path / "cache"), 1e-9)
+    assert os.listdir(tmp_path / "elsewhere") == []

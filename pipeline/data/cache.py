@@ -1,5 +1,10 @@
-"""The local shard cache's size limit (`data.cache_dir`, `data.cache_limit_gb`): least recently
-used shards are evicted, a shard in use never.
+"""The local shard cache (`data.cache_dir`, `data.cache_limit_gb`): where a shard is cached, and
+its size limit: least recently used shards are evicted, a shard in use never.
+
+The cache keeps its shards in a folder of its own, `<data.cache_dir>/mfm-shard-cache/` (created
+private, refused when it is a link or another user's), and evicts only files named as it names
+them, so `data.cache_dir=~` with a tiny limit never deletes a file of the user's. Downloads go to
+an unguessable temporary name beside the shard, created exclusively (tempfile).
 
 A reader holds a shared `flock` on the cached file for as long as it reads it, and touches its
 mtime (the LRU clock). Eviction takes an exclusive, non-blocking `flock` on a candidate before
@@ -11,16 +16,56 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
+import re
+import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
 GB = 10**9
+FOLDER = "mfm-shard-cache"
 _TMP = ".tmp-"  # downloads in progress (shards.cache_shard): counted, never evicted
+# `<16 hex of the shard URL's sha256>-<shard name>`, and a download in progress `<that>.tmp-<random>`
+_OURS = re.compile(r"[0-9a-f]{16}-[^/]+")
 _REPORT_EVERY_S = 60.0
 _last_report = [0.0]
+
+
+class CacheError(RuntimeError):
+    """The cache folder cannot be used safely; the message names it."""
+
+
+def folder(cache_dir: str) -> str:
+    """The folder the cache owns inside `cache_dir`: created private (0700), refused when it is
+    a link or not a folder of this user's (it could lead eviction to other files)."""
+    path = os.path.join(os.path.expanduser(cache_dir), FOLDER)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise CacheError(
+            f"{path}: the shard cache's folder is a link, not a folder, or another user's; "
+            "remove it or choose another data.cache_dir"
+        )
+    return path
+
+
+def path(cache_dir: str, url: str, name: str) -> str:
+    """Where the shard at `url` (plain file name `name`) is cached: one file per URL."""
+    return os.path.join(folder(cache_dir), f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}")
+
+
+def temp_path(local: str) -> str:
+    """A fresh, unguessable download name beside `local`, created exclusively, so nothing planted
+    at a predictable name (a link to another file) is written through."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(local) + _TMP, dir=os.path.dirname(local))
+    os.close(fd)
+    return tmp
 
 
 def usage(cache_dir: str) -> tuple[int, int]:
@@ -33,16 +78,12 @@ def usage(cache_dir: str) -> tuple[int, int]:
 
 
 def _entries(cache_dir: str) -> list[tuple[float, int, str]]:
-    """(mtime, size, path) of every regular file, oldest first."""
+    """(mtime, size, path) of every regular file the cache wrote, oldest first."""
     out = []
-    try:
-        it = os.scandir(os.path.expanduser(cache_dir))
-    except FileNotFoundError:
-        return out
-    with it:
+    with os.scandir(folder(cache_dir)) as it:
         for e in it:
             try:
-                if e.is_file(follow_symlinks=False):
+                if _OURS.fullmatch(e.name) and e.is_file(follow_symlinks=False):
                     st = e.stat(follow_symlinks=False)
                     out.append((st.st_mtime, st.st_size, e.path))
             except FileNotFoundError:  # evicted by another process meanwhile

@@ -4,12 +4,10 @@ local cache, and a reader that streams the samples of an id sequence with prefet
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import tarfile
-import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -117,9 +115,7 @@ def read_split(url: str, storage: StorageConfig | None = None) -> Split:
 
 def _cache_path(cache_dir: str, shard: Shard) -> str:
     # checked again here: a Shard need not come from read_split, and this path is written to
-    tag = hashlib.sha256(shard.url.encode()).hexdigest()[:16]
-    name = plain_name(shard.name, f"{shard.url}: shard name")
-    return os.path.join(os.path.expanduser(cache_dir), f"{tag}-{name}")
+    return cache.path(cache_dir, shard.url, plain_name(shard.name, f"{shard.url}: shard name"))
 
 
 READ_BLOCK = 8 << 20  # readahead of a remote shard: few large sequential GETs
@@ -133,9 +129,8 @@ def cache_shard(shard: Shard, storage: StorageConfig | None, cache_dir: str) -> 
     local = _cache_path(cache_dir, shard)
     if os.path.exists(local) and (shard.nbytes is None or os.path.getsize(local) == shard.nbytes):
         return local
-    os.makedirs(os.path.dirname(local), exist_ok=True)
     fs, path = filesystem(shard.url, storage)
-    tmp = f"{local}.tmp-{os.getpid()}-{threading.get_ident()}"
+    tmp = cache.temp_path(local)
     try:
         with open(tmp, "wb") as out:
 
