@@ -1,9 +1,12 @@
-"""Sources: the official ILSVRC2012 archives or an ImageFolder tree, listed cheaply.
+"""Sources: the official ILSVRC2012 archives, Kaggle's ImageNet download, or an ImageFolder tree,
+listed cheaply.
 
 Listing yields one `Entry` per image with where its bytes live: a file, or a byte range
 inside ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar. The archives are read as
 streams (tarfile 'r|'), nested per-class tars included, and never extracted: the listing
-records each member's offset, and workers later read just that range.
+records each member's offset, and workers later read just that range. Kaggle's layout
+(`ILSVRC/Data/CLS-LOC/train/<wnid>/*.JPEG`, `val/*.JPEG` labelled by `LOC_val_solution.csv`)
+is read as files. Class indices are the sorted wnids (torchvision's ImageNet labels).
 
 A source may sit on storage others write, so listing reads only what it can trust: real
 folders and regular files (regular members inside the archives). Links, FIFOs, devices and
@@ -30,6 +33,8 @@ LOC_VAL = "LOC_val_solution.csv"
 LOC_SYNSETS = "LOC_synset_mapping.txt"
 DEVKIT_GT = "ILSVRC2012_validation_ground_truth.txt"
 DEVKIT_TGZ = "ILSVRC2012_devkit_t12.tar.gz"
+KAGGLE_DATA = os.path.join("ILSVRC", "Data", "CLS-LOC")  # under the folder holding LOC_*.csv
+METADATA_MAX_BYTES = 64 << 20  # a label or synset file (LOC_val_solution.csv: 2.5 MB)
 IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -58,34 +63,66 @@ class Listing:
 
 
 def detect(source: str) -> str:
-    """'ilsvrc-tar' or 'folder'; anything else is a SourceError naming the path."""
+    """'ilsvrc-tar', 'ilsvrc-kaggle' or 'folder'; anything else is a SourceError naming the path."""
     if not os.path.isdir(source):
         raise SourceError(
-            f"{source}: source must be a directory holding {TRAIN_TAR}/{VAL_TAR} or <split>/<class>/<image>"
+            f"{source}: source must be a directory holding {TRAIN_TAR}/{VAL_TAR}, Kaggle's {KAGGLE_DATA}, "
+            "or <split>/<class>/<image>"
         )
     names = set(os.listdir(source))
     if TRAIN_TAR in names or VAL_TAR in names:
         return "ilsvrc-tar"
+    if _real_dir(source, KAGGLE_DATA):
+        return "ilsvrc-kaggle"
     if _folder_splits(source):
         return "folder"
     raise SourceError(
-        f"{source}: not a recognised dataset: expected {TRAIN_TAR} and/or {VAL_TAR} (official ILSVRC2012 archives) "
+        f"{source}: not a recognised dataset: expected {TRAIN_TAR} and/or {VAL_TAR} (official ILSVRC2012 archives), "
+        f"Kaggle's ImageNet ({KAGGLE_DATA}/<split>, {LOC_VAL} beside ILSVRC/), "
         "or an ImageFolder tree <split>/<class>/<image>"
     )
 
 
 def available_splits(source: str) -> list[str]:
-    if detect(source) == "folder":
+    kind = detect(source)
+    if kind == "folder":
         return _folder_splits(source)
+    if kind == "ilsvrc-kaggle":  # test/ has no labels
+        return [s for s in ("train", "val") if _real_dir(source, KAGGLE_DATA, s)]
     return [s for s, name in (("train", TRAIN_TAR), ("val", VAL_TAR)) if os.path.exists(os.path.join(source, name))]
 
 
 def list_split(source: str, split: str) -> Listing:
+    """Every image of the split. A split with nothing to shard is a SourceError that says what
+    was found instead (files outside class folders, files without a label, rejected entries)."""
     kind = detect(source)
-    listing = _list_ilsvrc(source, split) if kind == "ilsvrc-tar" else _list_folder(source, split)
+    lister = {"ilsvrc-tar": _list_ilsvrc, "ilsvrc-kaggle": _list_kaggle, "folder": _list_folder}[kind]
+    listing = lister(source, split)
     listing.entries = assign_keys(listing.entries)
     listing.fingerprint = fingerprint(listing.entries)
     return listing
+
+
+def _nothing_to_shard(where: str, split: str, rejected: list[dict], found: str = "") -> SourceError:
+    reasons: dict[str, int] = {}
+    for r in rejected:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    seen = [found] if found else []
+    seen += [f"{n} {'entry' if n == 1 else 'entries'} rejected ({reason})" for reason, n in reasons.items()]
+    return SourceError(
+        f"{where}: split {split!r} has no images to shard; found {'; '.join(seen) or 'nothing'}"
+        + (f" (e.g. {', '.join(r['file'] for r in rejected[:3])})" if rejected else "")
+    )
+
+
+def _real_dir(*parts: str) -> bool:
+    """Whether every folder along the joined path is a real folder (no link on the way)."""
+    path = parts[0]
+    for part in os.path.join(*parts[1:]).split(os.sep) if len(parts) > 1 else []:
+        path = os.path.join(path, part)
+        if os.path.islink(path) or not os.path.isdir(path):
+            return False
+    return os.path.isdir(path)
 
 
 def fingerprint(entries: list[Entry]) -> str:
@@ -197,22 +234,70 @@ def _list_folder(source: str, split: str) -> Listing:
         raise SourceError(f"{root}: split {split!r} not found (have: {', '.join(_folder_splits(source)) or 'none'})")
     # Classes are the union over all splits, so train and val agree on indices.
     wnids = {c for s in _folder_splits(source) for c in _class_dirs(os.path.join(source, s))}
-    entries, rejected = [], []
+    rejected: list[dict] = []
+    entries = _tree_entries(root, rejected)
+    if not entries:
+        loose = _loose_images(root)
+        found = (
+            f"{len(loose)} image files directly in {root} (e.g. {', '.join(loose[:3])}) and no class folders "
+            f"holding images: an ImageFolder split is <split>/<class>/<image>; for Kaggle's ImageNet, whose "
+            f"val images are flat, point the source at the folder holding ILSVRC/ and {LOC_VAL}"
+            if loose
+            else ""
+        )
+        raise _nothing_to_shard(root, split, rejected, found)
+    return Listing("folder", source, split, entries, class_table(wnids, _synset_names(source)), rejected=rejected)
+
+
+def _tree_entries(root: str, rejected: list[dict], labels: dict[str, str] | None = None, label_file: str = ""):
+    """Entries of `<root>/<class>/**/<image>` (the class from the folder) and, given `labels`
+    (file stem -> wnid, from `label_file`), of the images directly in `root`."""
+    entries = []
     for cls in _class_dirs(root, rejected):
         for f, kind in _walk_files(os.path.join(root, cls)):
-            name = f.name
-            if name.startswith("."):
+            if f.name.startswith("."):
                 continue
             rel = f.path[len(root) + 1 :]
             if kind is not None:
                 rejected.append({"file": shown(rel), "reason": kind if kind == NOT_UTF8 else not_read(kind)})
-                continue
-            dot = name.rfind(".")  # os.path.splitext for a name without leading dots
-            if (name[dot:].lower() if dot > 0 else "") not in IMAGE_EXTS:
+            elif not _is_image(f.name):
                 rejected.append({"file": rel, "reason": "not an image file extension"})
+            else:
+                entries.append(Entry("", rel, cls, f.stat(follow_symlinks=False).st_size, f.path))
+    if labels is not None:
+        for f in _loose_files(root, rejected):
+            stem = f.name.rpartition(".")[0]
+            if not _is_image(f.name):
+                rejected.append({"file": f.name, "reason": "not an image file extension"})
+            elif stem not in labels:
+                rejected.append({"file": f.name, "reason": f"no label in {label_file}"})
+            else:
+                entries.append(Entry("", f.name, labels[stem], f.stat(follow_symlinks=False).st_size, f.path))
+    return entries
+
+
+def _is_image(name: str) -> bool:
+    dot = name.rfind(".")  # os.path.splitext for a name without leading dots
+    return (name[dot:].lower() if dot > 0 else "") in IMAGE_EXTS
+
+
+def _loose_files(root: str, rejected: list[dict] | None = None) -> list[os.DirEntry]:
+    """The regular files directly in `root` with UTF-8 names (others go to `rejected`; links and
+    special files there are reported by _class_dirs)."""
+    out = []
+    with os.scandir(root) as it:
+        for d in sorted(it, key=lambda d: d.name):
+            if d.name.startswith(".") or not d.is_file(follow_symlinks=False):
                 continue
-            entries.append(Entry("", rel, cls, f.stat(follow_symlinks=False).st_size, f.path))
-    return Listing("folder", source, split, entries, class_table(wnids, _synset_names(source)), rejected=rejected)
+            if utf8(d.name):
+                out.append(d)
+            elif rejected is not None:
+                rejected.append({"file": shown(d.name), "reason": NOT_UTF8})
+    return out
+
+
+def _loose_images(root: str) -> list[str]:
+    return [d.name for d in _loose_files(root) if _is_image(d.name)]
 
 
 def _walk_files(top: str):
@@ -276,8 +361,39 @@ def _list_ilsvrc(source: str, split: str) -> Listing:
             entries.append(Entry("", name, labels[stem], size, tar_path, offset))
     except (tarfile.TarError, EOFError) as e:
         raise SourceError(f"{tar_path}: not a readable tar archive (truncated or damaged?): {e}") from None
+    if not entries:
+        raise _nothing_to_shard(tar_path, split, rejected)
     wnids = names.keys() or set(labels.values())
     return Listing("ilsvrc-tar", source, split, entries, class_table(wnids, names), rejected=rejected)
+
+
+# --- Kaggle's ImageNet (imagenet-object-localization-challenge) ------------------------------------
+
+
+def _list_kaggle(source: str, split: str) -> Listing:
+    """`ILSVRC/Data/CLS-LOC/train/<wnid>/*.JPEG` and `val/*.JPEG` (flat, labelled by
+    LOC_val_solution.csv beside ILSVRC/; class folders there are read as folders too). The
+    class table is LOC_synset_mapping.txt's wnids, else those seen in train and the labels."""
+    if split not in ("train", "val"):
+        raise SourceError(f"{source}: Kaggle's ImageNet has labelled splits train and val, not {split!r}")
+    base = os.path.join(source, KAGGLE_DATA)
+    root = os.path.join(base, split)
+    if not _real_dir(source, KAGGLE_DATA, split):
+        raise SourceError(f"{root}: split {split!r} not found (or a link)")
+    names = _synset_names(source)
+    labels = _val_labels(source) if split == "val" else None
+    rejected: list[dict] = []
+    entries = _tree_entries(root, rejected, labels, LOC_VAL)
+    if not entries:
+        raise _nothing_to_shard(root, split, rejected)
+    wnids = set(names)
+    if not wnids:
+        for s in ("train", "val"):
+            if _real_dir(base, s):
+                wnids |= set(_class_dirs(os.path.join(base, s)))
+        if _metadata(os.path.join(source, LOC_VAL)):
+            wnids |= set((labels or _val_labels(source)).values())
+    return Listing("ilsvrc-kaggle", source, split, entries, class_table(wnids, names), rejected=rejected)
 
 
 def _regular(members, rejected: list[dict], prefix: str = ""):
@@ -324,27 +440,82 @@ def _metadata(path: str) -> bool:
     return True
 
 
+def _read_metadata(path: str) -> bytes:
+    """A label or synset file's bytes (a SourceError past METADATA_MAX_BYTES)."""
+    with open(path, "rb") as f:
+        data = f.read(METADATA_MAX_BYTES + 1)
+    if len(data) > METADATA_MAX_BYTES:
+        raise SourceError(f"{path}: larger than {METADATA_MAX_BYTES >> 20} MiB; not a label file")
+    return data
+
+
+_LABEL = re.compile(r"[A-Za-z0-9_-]+")  # a wnid (n01440764) or a file stem (ILSVRC2012_val_00000001)
+
+
+def _text(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{where}: not UTF-8 text: {e}") from None
+
+
+def parse_loc_val(data: bytes, where: str) -> dict[str, str]:
+    """Pure: image stem -> wnid from Kaggle's LOC_val_solution.csv (`ImageId,PredictionString`,
+    the string's first token the wnid); a SourceError naming `where` and the line otherwise."""
+    try:
+        reader = csv.DictReader(io.StringIO(_text(data, where), newline=""))
+        if not {"ImageId", "PredictionString"} <= set(reader.fieldnames or ()):
+            raise SourceError(f"{where}: expected columns ImageId,PredictionString, got {reader.fieldnames}")
+        out: dict[str, str] = {}
+        for row in reader:
+            line = reader.line_num
+            image, pred = row.get("ImageId"), row.get("PredictionString")
+            wnid = pred.split()[0] if isinstance(pred, str) and pred.split() else None
+            if not isinstance(image, str) or not _LABEL.fullmatch(image) or wnid is None or not _LABEL.fullmatch(wnid):
+                raise SourceError(f"{where}: line {line}: expected ImageId,wnid ..., got {image!r}, {pred!r}")
+            if out.setdefault(image, wnid) != wnid:
+                raise SourceError(f"{where}: line {line}: {image} labelled twice ({out[image]}, {wnid})")
+        return out
+    except csv.Error as e:
+        raise SourceError(f"{where}: not a CSV file: {e}") from None
+
+
+def parse_synsets(data: bytes, where: str) -> dict[str, str]:
+    """Pure: wnid -> name from LOC_synset_mapping.txt (`n01440764 tench, Tinca tinca` per line)."""
+    out: dict[str, str] = {}
+    for i, line in enumerate(_text(data, where).splitlines(), start=1):
+        if not line.strip():
+            continue
+        wnid, *name = line.split(None, 1)
+        if not _LABEL.fullmatch(wnid) or wnid in out:
+            raise SourceError(f"{where}: line {i}: expected a new wnid and its name, got {line[:80]!r}")
+        out[wnid] = name[0].strip() if name else wnid
+    return out
+
+
+def parse_devkit_gt(data: bytes, ids: dict[int, tuple[str, str]], where: str) -> dict[str, str]:
+    """Pure: ILSVRC2012_val_<n> -> wnid from the devkit's ground truth (one ILSVRC2012_ID per
+    line, for image n = the line number) and meta.mat's synsets (`ids`)."""
+    out = {}
+    for i, token in enumerate(_text(data, where).split(), start=1):
+        if not (token.isascii() and token.isdigit() and len(token) < 6) or int(token) not in ids:
+            raise SourceError(f"{where}: line {i}: {token[:20]!r} is not an ILSVRC2012_ID of meta.mat")
+        out[f"ILSVRC2012_val_{i:08d}"] = ids[int(token)][0]
+    return out
+
+
 def _val_labels(source: str) -> dict[str, str]:
     """Validation file stem -> wnid, from the Kaggle CSV or the official devkit."""
     loc = os.path.join(source, LOC_VAL)
     if _metadata(loc):
-        with open(loc, newline="") as f:
-            rows = list(csv.DictReader(f))
-        try:
-            return {r["ImageId"]: r["PredictionString"].split()[0] for r in rows}
-        except (KeyError, IndexError) as e:
-            raise SourceError(f"{loc}: expected columns ImageId,PredictionString: {e}") from None
+        return parse_loc_val(_read_metadata(loc), loc)
     gt, meta = _devkit_files(source)
     if gt is None or meta is None:
         raise SourceError(
             f"{source}: no validation labels: put {LOC_VAL} (Kaggle) or the devkit ({DEVKIT_TGZ}, "
             f"or its data/{DEVKIT_GT} and data/meta.mat) next to {VAL_TAR}"
         )
-    ids = _devkit_synsets(meta)
-    out = {}
-    for i, line in enumerate(gt.decode().split(), start=1):
-        out[f"ILSVRC2012_val_{i:08d}"] = ids[int(line)][0]
-    return out
+    return parse_devkit_gt(gt, _devkit_synsets(meta), f"{source}: {DEVKIT_GT}")
 
 
 def _devkit_files(source: str) -> tuple[bytes | None, bytes | None]:
@@ -354,14 +525,15 @@ def _devkit_files(source: str) -> tuple[bytes | None, bytes | None]:
         for name in want:
             p = os.path.join(d, name)
             if want[name] is None and _metadata(p):
-                with open(p, "rb") as f:
-                    want[name] = f.read()
+                want[name] = _read_metadata(p)
     tgz = os.path.join(source, DEVKIT_TGZ)
     if None in want.values() and _metadata(tgz):
         with tarfile.open(tgz, "r|gz") as tf:
             for m in tf:
                 base = os.path.basename(m.name)
                 if m.isfile() and base in want and want[base] is None:
+                    if m.size > METADATA_MAX_BYTES:
+                        raise SourceError(f"{tgz}: {m.name} is larger than {METADATA_MAX_BYTES >> 20} MiB")
                     want[base] = tf.extractfile(m).read()
     return want[DEVKIT_GT], want["meta.mat"]
 
@@ -370,11 +542,14 @@ def _devkit_synsets(meta: bytes) -> dict[int, tuple[str, str]]:
     """ILSVRC2012_ID -> (wnid, words) for the 1000 leaf synsets of the devkit's meta.mat."""
     from scipy.io import loadmat
 
-    synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
-    out = {}
-    for s in synsets:
-        if int(s["num_children"]) == 0:
-            out[int(s["ILSVRC2012_ID"])] = (str(s["WNID"]), str(s["words"]))
+    try:
+        synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+        out = {}
+        for s in synsets:
+            if int(s["num_children"]) == 0:
+                out[int(s["ILSVRC2012_ID"])] = (str(s["WNID"]), str(s["words"]))
+    except Exception as e:  # noqa: BLE001 - scipy's reader raises many kinds for a damaged file
+        raise SourceError(f"meta.mat of the devkit: not the ILSVRC2012 synsets: {type(e).__name__}: {e}") from None
     return out
 
 
@@ -382,8 +557,7 @@ def _synset_names(source: str) -> dict[str, str]:
     """wnid -> human-readable name, where the source ships them."""
     p = os.path.join(source, LOC_SYNSETS)
     if _metadata(p):
-        with open(p) as f:
-            return dict(line.rstrip("\n").split(" ", 1) for line in f if line.strip())
+        return parse_synsets(_read_metadata(p), p)
     if os.path.exists(os.path.join(source, TRAIN_TAR)) or os.path.exists(os.path.join(source, VAL_TAR)):
         _, meta = _devkit_files(source)
         if meta is not None:
