@@ -12,7 +12,7 @@ from test_sharding_growth import samples_of
 
 from pipeline import storage
 from pipeline.cli import main
-from pipeline.sharding import SourceError, shard_dataset, verify_split
+from pipeline.sharding import SourceError, shard_dataset, sources, verify_split
 from pipeline.sharding.sources import KAGGLE_DATA, available_splits
 
 SYNSETS = {"n01440764": "tench, Tinca tinca", "n01443537": "goldfish, Carassius auratus", "n01484850": "great white"}
@@ -100,3 +100,15 @@ def test_a_split_of_only_rejected_files_names_the_reasons(tmp_path):
         f.write("ImageId,PredictionString\nILSVRC2012_val_00000099,n01440764 1 2 3 4\n")
     with pytest.raises(SourceError, match=r"found 6 entries rejected \(no label in LOC_val_solution.csv\)"):
         shard_dataset(src, str(tmp_path / "out"), splits="val")
+
+
+def test_names_with_control_characters_are_rejected_not_sharded(tmp_path):
+    """A tab or newline in a name would split its row of the revision file list in two, and a
+    crafted one could mark another file as already sharded."""
+    src = kaggle_tree(tmp_path / "kaggle")
+    train = os.path.join(src, KAGGLE_DATA, "train", "n01440764")
+    with open(os.path.join(train, "x\t0\tk\nn01440764_0.JPEG"), "wb") as f:
+        f.write(jpeg(9))
+    m = shard_dataset(src, str(tmp_path / "out"), splits="train", shard_size_mb=0.01)["train"]
+    assert m["num_samples"] == 8
+    assert m["rejected"] == [{"file": "n01440764/x\t0\tk\nn01440764_0.JPEG", "reason": sources.CONTROL}]

@@ -208,9 +208,13 @@ def read_index(shard: Shard, storage: StorageConfig | None = None) -> list[list[
         except ValueError:
             rows = None
             break
-        # members in file order, each after a header block: anything else cannot be a wds2idx index
-        if any(off < BLOCK or size < 0 for _, off, size, _ in row) or any(
-            b[1] < a[1] + a[2] + BLOCK for a, b in zip(row, row[1:])
+        # members in file order (across samples too), each after a header block, inside the shard:
+        # anything else cannot be a wds2idx index of this tar
+        members = rows[-1][-1:] + row if rows else row
+        if (
+            any(off < BLOCK or size < 0 for _, off, size, _ in row)
+            or any(b[1] < a[1] + a[2] + BLOCK for a, b in zip(members, members[1:]))
+            or (shard.nbytes is not None and row[-1][1] + row[-1][2] > shard.nbytes)
         ):
             rows = None
             break

@@ -213,7 +213,15 @@ def _ensure(reg, target: Ref, manifest: dict, raw: bytes, entry: Path) -> None:
     _fill(reg, target, manifest, raw, entry)
 
 
+# A file's name in the cache, with the temporary prefix and suffix of a download, must fit the
+# 255 bytes file systems allow; a longer one in a manifest is refused before anything is fetched.
+MAX_NAME_BYTES = 200
+
+
 def _fill(reg, target: Ref, manifest: dict, raw: bytes, entry: Path) -> None:
+    long = [f for f in manifest["files"] if len(os.fsencode(f)) > MAX_NAME_BYTES]
+    if long:
+        raise RegistryError(f"{target}: the manifest lists a file name over {MAX_NAME_BYTES} bytes: {long[0][:60]!r}")
     tmp = entry.with_name(f".tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:

@@ -38,6 +38,13 @@ METADATA_MAX_BYTES = 64 << 20  # a label or synset file (LOC_val_solution.csv: 2
 IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
+CONTROL = "name has control characters (a tab or newline would break the revision file lists)"
+
+
+def _plain(name: str) -> bool:
+    return not any(ord(c) < 32 or ord(c) == 127 for c in name)
+
+
 class SourceError(ValueError):
     """The source is not one we can read; the message names the path."""
 
@@ -219,10 +226,10 @@ def _class_dirs(split_dir: str, rejected: list[dict] | None = None) -> list[str]
                 continue
             kind = entry_kind(d)
             if kind is None and d.is_dir(follow_symlinks=False):
-                if utf8(d.name):
+                if utf8(d.name) and _plain(d.name):
                     out.append(d.name)
                 elif rejected is not None:
-                    rejected.append({"file": shown(d.name), "reason": NOT_UTF8})
+                    rejected.append({"file": shown(d.name), "reason": CONTROL if utf8(d.name) else NOT_UTF8})
             elif kind is not None and rejected is not None:
                 rejected.append({"file": shown(d.name), "reason": not_read(kind)})
     return out
@@ -260,6 +267,8 @@ def _tree_entries(root: str, rejected: list[dict], labels: dict[str, str] | None
             rel = f.path[len(root) + 1 :]
             if kind is not None:
                 rejected.append({"file": shown(rel), "reason": kind if kind == NOT_UTF8 else not_read(kind)})
+            elif not _plain(rel):
+                rejected.append({"file": rel, "reason": CONTROL})
             elif not _is_image(f.name):
                 rejected.append({"file": rel, "reason": "not an image file extension"})
             else:
@@ -289,10 +298,10 @@ def _loose_files(root: str, rejected: list[dict] | None = None) -> list[os.DirEn
         for d in sorted(it, key=lambda d: d.name):
             if d.name.startswith(".") or not d.is_file(follow_symlinks=False):
                 continue
-            if utf8(d.name):
+            if utf8(d.name) and _plain(d.name):
                 out.append(d)
             elif rejected is not None:
-                rejected.append({"file": shown(d.name), "reason": NOT_UTF8})
+                rejected.append({"file": shown(d.name), "reason": CONTROL if utf8(d.name) else NOT_UTF8})
     return out
 
 
@@ -403,6 +412,8 @@ def _regular(members, rejected: list[dict], prefix: str = ""):
             continue
         if not utf8(m.name):
             rejected.append({"file": shown(prefix + m.name), "reason": NOT_UTF8})
+        elif not _plain(m.name):
+            rejected.append({"file": prefix + m.name, "reason": CONTROL})
         elif not m.isfile():
             rejected.append({"file": prefix + m.name, "reason": f"{member_kind(m)}; only regular members are read"})
         else:
