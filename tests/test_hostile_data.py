@@ -92,3 +92,18 @@ def test_a_cache_folder_that_is_a_link_is_refused(tmp_path):
     with pytest.raises(cache.CacheError, match=f"{cache.FOLDER}: the shard cache's folder is a link"):
         read_samples(read_split(url).shards[0], [0], None, str(tmp_path / "cache"), 1e-9)
     assert os.listdir(tmp_path / "elsewhere") == []
+
+
+# --- an index that repeats one sample's rows (found by tests/test_fuzz_data.py) ---------------------
+
+
+def test_an_index_repeating_one_samples_rows_is_not_read_as_the_others(tmp_path, caplog):
+    """Each row alone matches the tar's headers, but samples 1..4 would read sample 0's bytes."""
+    url = str(tmp_path / "train")
+    write_split(url, [5], size=8)
+    shard = read_split(url).shards[0]
+    truth = read_samples(shard, range(5))
+    head, first = open(shard.index_url).read().splitlines()[:2]
+    open(shard.index_url, "w").write("\n".join([head] + [first] * 5) + "\n")
+    assert read_samples(shard, range(5)) == truth
+    assert "not a v1.2 index of 5 samples; scanning the tar instead" in caplog.text
