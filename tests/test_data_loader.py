@@ -281,7 +281,7 @@ def test_s3_with_worker_processes_and_cache(s3_endpoint, tmp_path):
         loader = build_train_loader(cfg, rank=rank, world_size=2, micro_batch=2, device="cpu")
         seen += [i for _ in loader for i in loader.last_ids]
     assert len(seen) == len(set(seen)) == 12
-    assert len(list((tmp_path / "cache").iterdir())) == 3  # each shard cached once, whole
+    assert len(list((tmp_path / "cache" / "mfm-shard-cache").iterdir())) == 3  # each shard cached once, whole
 
 
 def test_a_view_that_fails_late_is_filled_from_the_batch():
