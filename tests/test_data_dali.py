@@ -269,3 +269,36 @@ def test_dali_pipeline_lives_across_epochs(tmp_path, monkeypatch, ahead):
     assert [i for i, _ in want] == [i for i, _ in second]
     for (_, x), (_, y) in zip(want, second):
         assert torch.equal(x.encoder_input, y.encoder_input) and torch.equal(x.target, y.target)
+
+
+def test_dali_workers_start_once_the_cuda_driver_is_up(tmp_path, monkeypatch):
+    """With the CUDA driver up in the process (torch.cuda.is_available() alone starts it), DALI
+    refuses to fork its workers: the loader spawns them instead, by DALI's own check."""
+    import nvidia.dali.backend
+
+    from pipeline.data.dali_backend import start_method
+
+    monkeypatch.setattr(nvidia.dali.backend, "IsDriverInitialized", lambda: True)  # DALI's pool reads it too
+    assert start_method() == "spawn"
+    url = str(tmp_path / "train")
+    write_split(url, [4, 4], size=(40, 30))
+    cfg = make_cfg(url, "data.workers=1")
+    _, ref = run(cfg, "torch", micro_batch=2)
+    _, got = run(cfg, "dali", micro_batch=2)
+    assert [i for i, _ in got] == [i for i, _ in ref] and len(got) == 4
+
+
+def test_collecting_the_cuda_tests_leaves_cuda_alone(monkeypatch):
+    """Importing tests/test_data_dali_cuda.py must not start the CUDA driver (see start_method)."""
+    import importlib.util
+    from pathlib import Path
+
+    def refuse(*a, **kw):
+        raise AssertionError("CUDA queried at import")
+
+    monkeypatch.setattr(torch.cuda, "is_available", refuse)
+    monkeypatch.setattr(torch.cuda, "device_count", refuse)
+    monkeypatch.setattr(torch.cuda, "init", refuse)
+    path = Path(__file__).with_name("test_data_dali_cuda.py")
+    spec = importlib.util.spec_from_file_location("_dali_cuda_tests", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))

@@ -150,9 +150,13 @@ def views(encoded, anchor, shape, flip, *, size: int, downscale: str, gpu: bool,
 
 
 def start_method() -> str:
-    """DALI's worker processes fork, unless CUDA is up in this process (a forked child cannot use
-    it, and DALI refuses): then they are spawned, which costs an interpreter start each."""
-    return "spawn" if torch.cuda.is_initialized() else "fork"
+    """DALI's worker processes fork, unless the CUDA driver is up in this process: DALI refuses to
+    fork then (its own check, `_multiproc/pool.py`), and the driver is up long before torch's
+    CUDA state is (`torch.cuda.is_available()` alone runs cuInit). Spawned workers cost an
+    interpreter start and the imports each, once per pipeline."""
+    from nvidia.dali import backend
+
+    return "spawn" if backend.IsDriverInitialized() else "fork"
 
 
 def build_pipeline(cfg: Config, batch_size: int, source, *, workers: int, device: torch.device):
