@@ -101,55 +101,118 @@ def test_dali_batches_outlive_later_runs(tmp_path):
     assert not torch.equal(held[0][0], held[-1][0])
 
 
+def _photo(width: int = 400, height: int = 300, **save) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    noise = rng.integers(-20, 21, (height, width, 3))
+    arr = (np.asarray(coarse, dtype=np.int16) + noise).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def _dali_views(data: bytes, params, downscale: str = "bicubic", size: int = 32) -> torch.Tensor:
+    """The DALI graph's views of `data` (the same code the GPU runs, on CPU devices)."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def
+
+    from pipeline.data.dali_backend import views
+
+    @pipeline_def(batch_size=len(params), num_threads=1, device_id=None)
+    def pipe():
+        encoded, anchor, shape, flip = fn.external_source(
+            source=lambda: (
+                [np.frombuffer(data, np.uint8)] * len(params),
+                [np.array([q.left, q.top], np.int32) for q in params],
+                [np.array([q.width, q.height], np.int32) for q in params],
+                [np.array(int(q.flip), np.int32) for q in params],
+            ),
+            num_outputs=4,
+            batch=True,
+        )
+        return views(encoded, anchor, shape, flip, size=size, downscale=downscale, gpu=False, hw_decoder_load=0)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    return torch.from_numpy(np.array(out.as_tensor()))
+
+
 def test_dali_views_match_pillow():
     """The DALI graph's views (crop-window decode, bicubic antialiased resize, flip; the same code
     the GPU runs, on CPU devices) against the torch backend's Pillow views: shrinking, enlarging
     and mixed axes, both downscale filters."""
-    import io
-
-    import numpy as np
-    from nvidia.dali import fn, pipeline_def
-    from PIL import Image
-
     from pipeline.data.augment import SampleParams, train_view
-    from pipeline.data.dali_backend import views
 
-    rng = np.random.default_rng(0)
-    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((400, 300), Image.BICUBIC)
-    arr = (np.asarray(coarse, dtype=np.int16) + rng.integers(-20, 21, (300, 400, 3))).clip(0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-    data = buf.getvalue()
+    data = _photo()
     # (top, left, height, width, flip): shrink both axes, enlarge both, one of each, the whole image
     windows = [(10, 20, 280, 300, True), (5, 7, 20, 28, False), (0, 50, 100, 20, True), (40, 3, 20, 100, False)]
     windows.append((0, 0, 300, 400, True))
     params = [SampleParams(t, left, h, w, f, 0) for t, left, h, w, f in windows]
     for downscale in ("bicubic", "bilinear"):
-
-        @pipeline_def(batch_size=len(params), num_threads=1, device_id=None)
-        def pipe():
-            encoded, anchor, shape, flip = fn.external_source(
-                source=lambda: (
-                    [np.frombuffer(data, np.uint8)] * len(params),
-                    [np.array([q.left, q.top], np.int32) for q in params],
-                    [np.array([q.width, q.height], np.int32) for q in params],
-                    [np.array(int(q.flip), np.int32) for q in params],
-                ),
-                num_outputs=4,
-                batch=True,
-            )
-            return views(encoded, anchor, shape, flip, size=32, downscale=downscale, gpu=False, hw_decoder_load=0)
-
-        p = pipe()
-        p.build()
-        (out,) = p.run()
-        got = torch.from_numpy(np.array(out.as_tensor()))
+        got = _dali_views(data, params, downscale)
         want = torch.stack([train_view(data, q, 32, downscale) for q in params])
         assert got.shape == want.shape == (len(params), 3, 32, 32)
         # measured: 5 levels at most when enlarging, 3 when shrinking; 0.33 levels on average
         assert (got - want).abs().max() <= 5.5 / 255, downscale
         assert (got - want).abs().mean() < 1 / 255
         assert (got - want.flip(-1)).abs().mean() > 10 / 255  # a wrong flip would show
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_rotated_jpeg_gives_the_same_view_in_both_backends(orientation):
+    """Both backends read the stored pixels and ignore EXIF orientation: the crop window is drawn
+    from the stored size, so a decoder that rotated would crop elsewhere (or out of bounds)."""
+    from PIL import Image
+
+    from pipeline.data.augment import SampleParams, image_size, sample_params, train_view
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # rotated 180 / 90 clockwise / 90 counter-clockwise
+    data = _photo(exif=exif.tobytes())
+    assert image_size(data) == (400, 300)
+    params = [sample_params(0, 0, i, 400, 300, (0.2, 1.0)) for i in range(4)]
+    params.append(SampleParams(200, 310, 90, 85, False, 0))  # past a rotated image's width and height
+    got = _dali_views(data, params)
+    want = torch.stack([train_view(data, q, 32) for q in params])
+    assert (got - want).abs().max() <= 5.5 / 255 and (got - want).abs().mean() < 1 / 255
+
+
+def test_gpu_decoder_buffers_are_sized_per_thread():
+    """DALI preallocates the mixed decoder's paddings per thread (one device buffer, two pinned
+    host ones): 12 threads share the decoder's budget instead of taking 12 of it (2.4 GiB of
+    device and 3.1 GiB of pinned host memory per rank)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipeline.data.dali_backend import views
+
+    found = []
+
+    @pipeline_def(batch_size=2, num_threads=12, device_id=0)
+    def pipe():
+        dtypes = [types.UINT8, types.INT32, types.INT32, types.INT32]
+        encoded, anchor, shape, flip = fn.external_source(source=lambda: None, num_outputs=4, batch=True, dtype=dtypes)
+        out = views(
+            encoded, anchor, shape, flip, size=32, downscale="bicubic", gpu=True, hw_decoder_load=0.65, threads=12
+        )
+        nodes = [out]
+        while nodes:  # the graph back from the output: DALI keeps each operator's arguments
+            src = nodes.pop().source
+            if hasattr(src, "_op") and src._op._schema.Name() == "decoders__ImageSlice":
+                found.append(src._op._init_args)
+            nodes.extend(getattr(src, "_inputs", None) or [])
+        return out
+
+    pipe()  # defines the graph; building it would need a GPU
+    (args,) = found
+    assert 12 * args["device_memory_padding"] <= 256 << 20
+    assert 12 * 2 * args["host_memory_padding"] <= 300 << 20
+    assert args["device_memory_padding"] >= 16 << 20  # DALI's own per-thread default
 
 
 def test_gpu_graph_is_defined_with_valid_arguments():

@@ -116,26 +116,58 @@ class BatchSource:
         )
 
 
-def views(encoded, anchor, shape, flip, *, size: int, downscale: str, gpu: bool, hw_decoder_load: float):
-    """The graph from encoded bytes to float (3, S, S) views in [0, 1]; `gpu` picks the devices."""
+# nvJPEG's buffers for ImageNet's largest JPEGs (NVIDIA's ResNet-50 example): a budget for the whole
+# decoder, shared among its threads. DALI preallocates the paddings per thread (one device buffer,
+# two pinned host ones), so passing these as they are would take 2.4 GiB of device and 3.1 GiB of
+# pinned host memory per rank at 12 threads; a thread whose image needs more grows its buffer once.
+DEVICE_PADDING = 211025920
+HOST_PADDING = 140544512
+
+
+def decoder_paddings(threads: int) -> dict:
+    """The mixed decoder's per-thread paddings: the budget divided among `threads`, at least
+    DALI's own per-thread defaults (16 MiB device, 8 MiB host)."""
+    n = max(1, threads)
+    return dict(
+        device_memory_padding=max(16 << 20, DEVICE_PADDING // n), host_memory_padding=max(8 << 20, HOST_PADDING // n)
+    )
+
+
+def views(
+    encoded,
+    anchor,
+    shape,
+    flip,
+    *,
+    size: int,
+    downscale: str,
+    gpu: bool,
+    hw_decoder_load: float,
+    threads: int = 1,
+    fancy_upsampling: bool = True,
+):
+    """The graph from encoded bytes to float (3, S, S) views in [0, 1]; `gpu` picks the devices,
+    `threads` is the pipeline's (the decoder's buffers are per thread)."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
     decoder = (
         # fancy upsampling: the chroma upsampling of libjpeg-turbo (DALI's CPU decoder and Pillow)
-        # paddings: NVIDIA's ResNet-50 example's, so that ImageNet's largest JPEGs cause no
-        # reallocation in nvJPEG mid-epoch
         dict(
             device="mixed",
             hw_decoder_load=hw_decoder_load,
-            jpeg_fancy_upsampling=True,
-            device_memory_padding=211025920,
-            host_memory_padding=140544512,
+            jpeg_fancy_upsampling=fancy_upsampling,
+            **decoder_paddings(threads),
         )
         if gpu
         else dict(device="cpu")
     )
-    images = fn.decoders.image_slice(encoded, anchor, shape, axis_names="WH", output_type=types.RGB, **decoder)
+    # EXIF orientation ignored, as Pillow and the torch backend do: the crop window is drawn from
+    # the stored size (augment.sample_params), and ImageNet-style training has always read the
+    # stored pixels (torchvision, timm); honouring it here alone would rotate the window
+    images = fn.decoders.image_slice(
+        encoded, anchor, shape, axis_names="WH", output_type=types.RGB, adjust_orientation=False, **decoder
+    )
     images = fn.resize(
         images,
         resize_x=size,
@@ -201,6 +233,8 @@ def build_pipeline(cfg: Config, batch_size: int, source, *, workers: int, device
             downscale=d.downscale,
             gpu=gpu,
             hw_decoder_load=d.dali_hw_decoder_load,
+            threads=max(1, workers),
+            fancy_upsampling=d.dali_fancy_upsampling,
         )
         return out, seed, ids, skipped
 
