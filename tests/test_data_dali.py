@@ -3,6 +3,8 @@ exact resume, corrupt samples skipped."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from test_data_loader import make_cfg
@@ -251,14 +253,9 @@ def _failing(monkeypatch, fail_on: set[int]):
             runs[0] += 1
             if runs[0] in fail_on:
                 raise RuntimeError("decoder exploded")
-            _, _, _, _, seeds, ids, notes = self.source(self.i)
+            _, params, notes = self.source(self.i)
             self.i += 1
-            return (
-                TensorListCPU(np.zeros(self.shape, np.float32)),
-                TensorListCPU(np.stack(seeds)),
-                TensorListCPU(np.stack(ids)),
-                TensorListCPU(list(notes)),
-            )
+            return (TensorListCPU(np.zeros(self.shape, np.float32)), TensorListCPU(params), TensorListCPU(notes))
 
         def reset(self):
             pass
@@ -365,3 +362,150 @@ def test_collecting_the_cuda_tests_leaves_cuda_alone(monkeypatch):
     path = Path(__file__).with_name("test_data_dali_cuda.py")
     spec = importlib.util.spec_from_file_location("_dali_cuda_tests", path)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def test_dali_views_are_taken_without_a_copy_and_stay_valid(tmp_path):
+    """The pipeline runs on DALI's dynamic executor, whose outputs are not recycled while
+    referenced: the views are DALI's own memory (DLPack, no copy) and stay intact while the
+    pipeline runs on."""
+    import numpy as np
+
+    from pipeline.data.dali_backend import BatchSource, Corruption, build_pipeline
+
+    url = str(tmp_path / "train")
+    write_split(url, [4, 4, 4], size=(40, 30))
+    cfg = make_cfg(url, "data.workers=1")
+    loader = build_train_loader(cfg, rank=0, world_size=1, micro_batch=2, device="cpu", backend="dali")
+    plan = loader._plan()
+    pipe = build_pipeline(cfg, 2, BatchSource(loader.split, cfg, plan, 0, 0), workers=1, device=torch.device("cpu"))
+    assert pipe.exec_dynamic
+    c = Corruption(cfg, torch.device("cpu"))
+    held = []
+    for _ in range(len(plan)):
+        views, params, _ = pipe.run()
+        v = c.receive(views)
+        assert v.data_ptr() == views.as_tensor().data_ptr()  # DALI's buffer itself
+        held.append((v, v.clone(), np.array(params.as_tensor())[:, -1].tolist()))
+    assert [ids for _, _, ids in held] == plan.tolist()
+    for v, v0, _ in held:
+        assert torch.equal(v, v0)
+    assert not torch.equal(held[0][0], held[-1][0])
+
+
+_ABANDONING_PROCESS = """
+import os, sys, time
+from pipeline.config import load_config
+from pipeline.data import build_train_loader
+
+cfg = load_config(None, [f"data.train={sys.argv[1]}", "model.img_size=32", "corruption.radius=4",
+                         "data.shuffle_buffer=5", "data.workers=2"])
+loader = build_train_loader(cfg, rank=0, world_size=1, micro_batch=2, device="cpu", backend="dali")
+it = iter(loader)
+next(it)
+print("mid-epoch", flush=True)
+if sys.argv[2] == "exit":
+    os._exit(0)
+time.sleep(600)
+"""
+
+
+def _descendants(pid: int) -> set[int]:
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = {int(k) for k in f.read().split()}
+            except OSError:
+                continue
+            todo.extend(kids - out)
+            out |= kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads the process tree from /proc (Linux)")
+@pytest.mark.parametrize("how", ["sigkill", "exit"])
+def test_dali_workers_die_with_their_process(tmp_path, how):
+    """A process killed mid-epoch (SIGKILL) or leaving with os._exit takes DALI's worker
+    processes with it: none of its tree remains, and its output pipe reaches its end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    url = str(tmp_path / "train")
+    write_split(url, [4, 4, 4], size=(40, 30))
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ABANDONING_PROCESS, url, how], stdout=subprocess.PIPE, env=env, cwd=root
+    )
+    tree: set[int] = set()
+    try:
+        assert proc.stdout.readline() == b"mid-epoch\n"
+        tree = _descendants(proc.pid)
+        assert len(tree) >= 2  # DALI's two workers
+        if how == "sigkill":
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in tree):
+            time.sleep(0.1)
+        assert not [p for p in tree if _alive(p)]
+        assert proc.stdout.read() == b""  # no one holds the pipe any more
+    finally:
+        for p in [proc.pid, *tree]:  # what this test started, should it have outlived the test
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_dali_hand_over_runs_off_the_training_thread(tmp_path, monkeypatch):
+    """DALI's runs (which feed its external source from the workers' shared memory) and the
+    corruption's per-sample draws happen on the hand-over thread: the training thread takes the
+    results and corrupts; the batches are the same."""
+    import threading
+
+    from pipeline.data import dali_backend
+
+    url = str(tmp_path / "train")
+    write_split(url, [4, 4, 4], size=(40, 30))
+    cfg = make_cfg(url, "data.workers=1")
+    _, want = run(cfg, "dali", micro_batch=2)
+    runs, draws = set(), set()
+    real_build, real_draws = dali_backend.build_pipeline, dali_backend.sample_draws
+
+    class Recorded:
+        def __init__(self, pipe):
+            self.pipe = pipe
+
+        def run(self, *a):
+            runs.add(threading.get_ident())
+            return self.pipe.run(*a)
+
+        def reset(self):
+            self.pipe.reset()
+
+    monkeypatch.setattr(dali_backend, "build_pipeline", lambda *a, **kw: Recorded(real_build(*a, **kw)))
+    monkeypatch.setattr(dali_backend, "sample_draws", lambda *a: draws.add(threading.get_ident()) or real_draws(*a))
+    _, got = run(cfg, "dali", micro_batch=2)
+    me = threading.get_ident()
+    assert runs and draws and me not in runs | draws
+    assert [i for i, _ in got] == [i for i, _ in want]
+    for (_, x), (_, y) in zip(got, want):
+        assert torch.equal(x.encoder_input, y.encoder_input) and torch.equal(x.keep, y.keep)
