@@ -509,3 +509,19 @@ def test_dali_hand_over_runs_off_the_training_thread(tmp_path, monkeypatch):
     assert [i for i, _ in got] == [i for i, _ in want]
     for (_, x), (_, y) in zip(got, want):
         assert torch.equal(x.encoder_input, y.encoder_input) and torch.equal(x.keep, y.keep)
+
+
+def test_bench_data_reports_the_training_threads_own_cpu_time(capsys):
+    """`mfm bench data` gives each loader the training thread's CPU time inside next(loader) per
+    256 images, and the corruption's part of it apart (tiny run: the figures are not judged)."""
+    from pipeline.benchmarks.data import cli
+
+    assert cli(["--images", "48", "--image-size", "64x48", "--size", "32", "--batch", "8", "--workers", "1"]
+               + ["--backends", "torch,dali", "--downscale", "bilinear"]) == 0  # fmt: skip
+    rows = {
+        line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line[:5] in ("torch", "dali ")
+    }
+    assert set(rows) == {"torch", "dali"}
+    for row in rows.values():
+        thread, corruption = float(row[-2]), float(row[-1])
+        assert thread > 0 and corruption > 0

@@ -325,10 +325,17 @@ def cli(argv: list[str]) -> int:
     p.add_argument(
         "--hw-decoder-load", default=None, help="comma list: data.dali_hw_decoder_load values to try (dali on cuda)"
     )
+    p.add_argument(
+        "--fancy-upsampling",
+        default="on,off",
+        help="comma list of on,off: data.dali_fancy_upsampling in the --hw-decoder-load sweep (default both)",
+    )
     p.add_argument("--repeat", type=int, default=1, help="interleaved rounds (default 1)")
     p.add_argument("--epochs", type=int, default=1, help="epochs per loader (dali, torch, nvjpeg; default 1)")
     p.add_argument("--downscale", default="bicubic,bilinear", help="comma list: filters for shrinking crops")
     args = p.parse_args(argv)
+    if not set(args.fancy_upsampling.split(",")) <= {"on", "off"}:
+        p.error(f"--fancy-upsampling: a comma list of on,off, not {args.fancy_upsampling!r}")
 
     tmp = None
     url = args.split
@@ -359,15 +366,22 @@ def cli(argv: list[str]) -> int:
                 # the backends of a round run back to back, so that a change in the machine's load
                 # between rounds moves them together
                 for name in names:
-                    loads = [None]
+                    variants = [(name, [])]  # (label, config overrides)
                     if name == "dali" and not dali_available():
                         continue
                     if name == "nvjpeg" and device != "cuda":
                         continue
                     if name == "dali" and device == "cuda" and args.hw_decoder_load:
-                        loads = args.hw_decoder_load.split(",")
-                    for load in loads:
-                        label = name if load is None else f"{name}@{load}"
+                        fancy = {"on": "true", "off": "false"}
+                        variants = [
+                            (
+                                f"{name}@{load}/{'fancy' if f == 'on' else 'plain'}",
+                                [f"data.dali_hw_decoder_load={load}", f"data.dali_fancy_upsampling={fancy[f]}"],
+                            )
+                            for load in args.hw_decoder_load.split(",")
+                            for f in args.fancy_upsampling.split(",")
+                        ]
+                    for label, extra in variants:
                         thread = None
                         if name in ("pil", "pil-plain"):
                             rate, cpu = bench_pil_baseline(
@@ -376,11 +390,7 @@ def cli(argv: list[str]) -> int:
                         elif name == "nvjpeg":
                             rate, cpu = bench_nvjpeg(cfg, url, args.batch, args.workers, device, args.epochs)
                         else:
-                            c = (
-                                cfg
-                                if load is None
-                                else load_config(None, [*overrides, f"data.dali_hw_decoder_load={load}"])
-                            )
+                            c = load_config(None, [*overrides, *extra]) if extra else cfg
                             rate, cpu, thread = bench_loader(c, name, args.batch, device, args.epochs)
                         runs.setdefault((device, down, label), []).append((rate, cpu, thread))
                         print(
@@ -410,7 +420,7 @@ def cli(argv: list[str]) -> int:
     )
     med = statistics.median
     print(
-        f"{'loader':<12} {'device':<6} {'downscale':<9} {'img/s':>8} {'vs base':>7} {'CPU ms/img':>11} {'cores':>6} "
+        f"{'loader':<16} {'device':<6} {'downscale':<9} {'img/s':>8} {'vs base':>7} {'CPU ms/img':>11} {'cores':>6} "
         f"{'idle img/s':>11} {'vs base':>7} {'thread ms/256':>13} {'corr ms/256':>11}"
     )
     for (dev, down, name), rs in runs.items():
@@ -421,7 +431,7 @@ def cli(argv: list[str]) -> int:
         threads = [r[2] for r in rs if r[2] is not None]
         thread = f"{med(t[0] for t in threads):>13.2f} {med(t[1] for t in threads):>11.2f}" if threads else ""
         print(
-            f"{name:<12} {dev:<6} {down:<9} {rate:>8.1f} {ratio:>7} {cpu:>11.1f} {rate * cpu / 1000:>6.1f} "
+            f"{name:<16} {dev:<6} {down:<9} {rate:>8.1f} {ratio:>7} {cpu:>11.1f} {rate * cpu / 1000:>6.1f} "
             f"{1000 * os.cpu_count() / cpu:>11.1f} {cratio:>7} {thread}"
         )
     if tmp is not None:
