@@ -516,8 +516,8 @@ def test_bench_data_reports_the_training_threads_own_cpu_time(capsys):
     256 images, and the corruption's part of it apart (tiny run: the figures are not judged)."""
     from pipeline.benchmarks.data import cli
 
-    assert cli(["--images", "48", "--image-size", "64x48", "--size", "32", "--batch", "8", "--workers", "1"]
-               + ["--backends", "torch,dali", "--downscale", "bilinear"]) == 0  # fmt: skip
+    tiny = ["--images", "48", "--image-size", "64x48", "--size", "32", "--batch", "8", "--workers", "1"]
+    assert cli([*tiny, "--backends", "torch,dali", "--downscale", "bilinear"]) == 0
     rows = {
         line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line[:5] in ("torch", "dali ")
     }
