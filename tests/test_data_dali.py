@@ -394,11 +394,14 @@ def test_dali_views_are_taken_without_a_copy_and_stay_valid(tmp_path):
 
 _ABANDONING_PROCESS = """
 import os, sys, time
+import nvidia.dali.backend
 from pipeline.config import load_config
 from pipeline.data import build_train_loader
 
 cfg = load_config(None, [f"data.train={sys.argv[1]}", "model.img_size=32", "corruption.radius=4",
                          "data.shuffle_buffer=5", "data.workers=2"])
+if sys.argv[3] == "spawn":  # as in a GPU process, where the CUDA driver is up
+    nvidia.dali.backend.IsDriverInitialized = lambda: True
 loader = build_train_loader(cfg, rank=0, world_size=1, micro_batch=2, device="cpu", backend="dali")
 it = iter(loader)
 next(it)
@@ -437,10 +440,11 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads the process tree from /proc (Linux)")
-@pytest.mark.parametrize("how", ["sigkill", "exit"])
-def test_dali_workers_die_with_their_process(tmp_path, how):
+@pytest.mark.parametrize("how,start", [("sigkill", "fork"), ("exit", "fork"), ("sigkill", "spawn")])
+def test_dali_workers_die_with_their_process(tmp_path, how, start):
     """A process killed mid-epoch (SIGKILL) or leaving with os._exit takes DALI's worker
-    processes with it: none of its tree remains, and its output pipe reaches its end."""
+    processes with it, forked or spawned: none of its tree remains, and its output pipe reaches
+    its end."""
     import signal
     import subprocess
     import sys
@@ -452,7 +456,7 @@ def test_dali_workers_die_with_their_process(tmp_path, how):
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": root}
     proc = subprocess.Popen(
-        [sys.executable, "-c", _ABANDONING_PROCESS, url, how], stdout=subprocess.PIPE, env=env, cwd=root
+        [sys.executable, "-c", _ABANDONING_PROCESS, url, how, start], stdout=subprocess.PIPE, env=env, cwd=root
     )
     tree: set[int] = set()
     try:

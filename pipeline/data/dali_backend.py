@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing
 import multiprocessing.util
 import os
 import queue
@@ -229,11 +230,16 @@ class InWorkers:
     after-fork hook, run before DALI's worker loop), a spawned one when it unpickles the source."""
 
     def __init__(self, source):
-        self.source, self.parent = source, os.getpid()
+        self.source, self.parent, self.thread = source, os.getpid(), threading.get_ident()
         multiprocessing.util.register_after_fork(self, InWorkers._forked)
 
     def _forked(self) -> None:
-        _die_with(self.parent)
+        # the hook runs in every multiprocessing child forked while this lives: act only in those
+        # this process forked from the pipeline's thread (DALI's workers), not in one forked by a
+        # thread that may end sooner, nor in a grandchild
+        parent = multiprocessing.parent_process()
+        if parent is not None and parent.pid == self.parent and threading.get_ident() == self.thread:
+            _die_with(self.parent)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
