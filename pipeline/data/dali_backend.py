@@ -1,19 +1,22 @@
 """The DALI backend: one graph, built by the same code on a CPU and a GPU (only the devices differ),
-with no Python function inside it, on DALI's pipelined asynchronous executor.
+with no Python function inside it, on DALI's dynamic executor.
 
 Feeding: DALI's parallel external_source in batch mode. Its callable (BatchSource) runs in DALI's
-worker processes, `data.workers` of them: call i returns batch start + i of the rank's plan, read
-through the shards' .idx and header-checked (augment.image_size) before DALI sees a byte, so the
-exactly-once plan, the corrupt-sample replacement and resume are the torch backend's, whichever
-worker a batch lands on. DALI returns the batches in call order.
+worker processes, `data.workers` of them (each dies with the process that built the pipeline):
+call i returns batch start + i of the rank's plan, read through the shards' .idx and
+header-checked (augment.image_size) before DALI sees a byte, so the exactly-once plan, the
+corrupt-sample replacement and resume are the torch backend's, whichever worker a batch lands
+on. DALI returns the batches in call order.
 
 Graph: decoders.image_slice decodes only each sample's crop window ("mixed" on a GPU, with the
-hardware JPEG decoder taking `data.dali_hw_decoder_load` of the batch), resize (bicubic,
-antialiased) to S x S, crop_mirror_normalize flips and scales to float CHW in [0, 1]. The crop
-window, flip and corruption seed are augment.sample_params', as in the torch backend.
+hardware JPEG decoder taking `data.dali_hw_decoder_load` of the batch; EXIF ignored), resize
+(bicubic, antialiased) to S x S, crop_mirror_normalize flips and scales to float CHW in [0, 1].
+The crop window, flip and corruption seed are augment.sample_params', as in the torch backend.
 
-The corruption runs beside DALI (Corruption): on a GPU on its own CUDA stream, one batch ahead,
-so it overlaps the training step; the consumer's stream waits on an event, never the device.
+Hand-over (HandOver): a thread of its own runs the pipeline one batch ahead and takes its outputs
+without a copy, so the training thread only takes finished batches. The corruption runs beside
+DALI (Corruption): on a GPU on its own CUDA stream, one batch ahead, so it overlaps the training
+step; the consumer's stream waits on an event, never the device. Design: docs/data-gpu.md.
 """
 
 from __future__ import annotations
