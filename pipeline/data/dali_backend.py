@@ -22,6 +22,7 @@ step; the consumer's stream waits on an event, never the device. Design: docs/da
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import multiprocessing
 import multiprocessing.util
@@ -44,7 +45,7 @@ from pipeline.data.shards import SampleReader, Split
 log = logging.getLogger(__name__)
 MAX_FAILURES = 3
 # what BatchSource returns per batch: the encoded bytes (one array per sample), then the per-sample
-# parameters as one (B, 7) int64 array with these columns, then the skip messages (pack_note)
+# parameters as one (B, 7) int64 array with these columns, then the skip messages (pack_notes)
 PARAMS = ("left", "top", "width", "height", "flip", "seed", "id")
 OUTPUTS = ("encoded", "params", "skipped")
 
@@ -123,21 +124,22 @@ class BatchSource:
                 ],
                 np.int64,
             ),
-            pack_note("\n".join(raw.skipped), len(raw.ids)),
+            pack_notes(raw.skipped, len(raw.ids)),
         )
 
 
-def pack_note(note: str, batch: int) -> np.ndarray:
-    """A batch's skip messages as one dense (batch, k) uint8 array, NUL-padded: DALI takes a dense
-    array as one batch, where a list costs a feed per sample."""
-    data = note.encode()
+def pack_notes(notes: list[str], batch: int) -> np.ndarray:
+    """A batch's skip messages (which hold shard and sample names: any text) as one dense (batch, k)
+    uint8 array of ASCII JSON, NUL-padded: DALI takes a dense array as one piece, where a list
+    costs a feed per sample."""
+    data = json.dumps(notes).encode() if notes else b""
     k = -(-len(data) // batch)
     return np.frombuffer(data.ljust(batch * k, b"\0"), np.uint8).reshape(batch, k)
 
 
-def unpack_note(packed: np.ndarray) -> list[str]:
-    note = packed.tobytes().rstrip(b"\0").decode()
-    return note.split("\n") if note else []
+def unpack_notes(packed: np.ndarray) -> list[str]:
+    data = packed.tobytes().rstrip(b"\0")
+    return json.loads(data) if data else []
 
 
 # nvJPEG's buffers for ImageNet's largest JPEGs (NVIDIA's ResNet-50 example): a budget for the whole
@@ -414,7 +416,7 @@ class HandOver:
                     return
                 p = np.array(params.as_tensor())
                 draws = sample_draws(self.corruption.cfg.corruption, p[:, PARAMS.index("seed")])
-                item = Ready(j, self.corruption.receive(views), p, unpack_note(np.array(notes.as_tensor())), draws)
+                item = Ready(j, self.corruption.receive(views), p, unpack_notes(np.array(notes.as_tensor())), draws)
                 if not self._put(item):
                     return
             try:
