@@ -135,6 +135,10 @@ class DataConfig(Section):
     # A100, H100/H200), the rest to its CUDA decoder. 0.65 is DALI's default (A100); measure
     # with `mfm bench data --device cuda --hw-decoder-load 0.5,0.75,0.9,1.0`
     dali_hw_decoder_load: float = Field(0.65, ge=0, le=1)
+    # the DALI GPU decoder's chroma upsampling: libjpeg-turbo's "fancy" one (Pillow's and DALI's CPU
+    # decoder's, so that the views match the torch backend's) or nvJPEG's cheaper plain one; measure
+    # with `mfm bench data --device cuda --hw-decoder-load ... --fancy-upsampling on,off`
+    dali_fancy_upsampling: bool = True
 
     @model_validator(mode="after")
     def _check_sources(self):

@@ -12,7 +12,14 @@ from test_data_shards import write_split
 from pipeline.data import build_train_loader
 
 pytest.importorskip("nvidia.dali")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _cuda():
+    # decided per test, not at import: torch.cuda.is_available() starts the CUDA driver (cuInit),
+    # and a driver started while pytest collects would make every CPU DALI test spawn its workers
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
 
 
 def run(cfg, backend):

@@ -9,11 +9,13 @@ The first batch of each loader (worker start-up, pipeline build) is not timed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import resource
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -105,18 +107,80 @@ def _time(batches, batch_size: int) -> tuple[float, float]:
     return n / wall, 1000 * (cpu1 - cpu0) / n
 
 
-def bench_loader(cfg, backend: str, batch: int, device: str, epochs: int = 1) -> tuple[float, int]:
+class ThreadClock:
+    """The consuming thread's own CPU time (time.thread_time) inside next(loader), and the part of
+    it spent in the corruption's maths (corrupt_samples, wherever a backend calls it on that
+    thread): what the training thread pays per batch beside its step."""
+
+    def __init__(self):
+        self.owner = threading.get_ident()
+        self.inside = self.corruption = 0.0
+        self.images = 0
+
+    def batches(self, loader, batch_size: int):
+        """`loader`'s batches, the first one (start-up) not counted."""
+        it = iter(loader)
+        first = True
+        while True:
+            t = time.thread_time()
+            c = self.corruption
+            try:
+                b = next(it)
+            except StopIteration:
+                return
+            if first:  # start-up: not counted
+                self.corruption, first = c, False
+            else:
+                self.inside += time.thread_time() - t
+                self.images += batch_size
+            yield b
+
+    @contextlib.contextmanager
+    def counting_corruption(self):
+        from pipeline.data import augment, dali_backend, torch_backend
+
+        real = augment.corrupt_samples
+
+        def timed(*a, **kw):
+            if threading.get_ident() != self.owner:
+                return real(*a, **kw)
+            t = time.thread_time()
+            try:
+                return real(*a, **kw)
+            finally:
+                self.corruption += time.thread_time() - t
+
+        mods = (dali_backend, torch_backend)
+        for m in mods:
+            m.corrupt_samples = timed
+        try:
+            yield self
+        finally:
+            for m in mods:
+                m.corrupt_samples = real
+
+    def per_256(self) -> tuple[float, float]:
+        """(ms outside the corruption, ms of the corruption) per 256 images."""
+        k = 256 * 1000 / max(1, self.images)
+        return (self.inside - self.corruption) * k, self.corruption * k
+
+
+def bench_loader(cfg, backend: str, batch: int, device: str, epochs: int = 1) -> tuple[float, float, tuple]:
+    """(images/s, CPU ms per image, ThreadClock.per_256())."""
     from pipeline.data import build_train_loader
 
     loader = build_train_loader(cfg, rank=0, world_size=1, micro_batch=batch, device=device, backend=backend)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    clock = ThreadClock()
 
     def batches():
         for _ in range(epochs):
-            yield from loader
+            yield from clock.batches(loader, batch)
         sync()
 
-    return _time(batches(), batch)
+    with clock.counting_corruption():
+        rate, cpu = _time(batches(), batch)
+    return rate, cpu, clock.per_256()
 
 
 def corruption_threads(workers: int) -> int:
@@ -261,10 +325,17 @@ def cli(argv: list[str]) -> int:
     p.add_argument(
         "--hw-decoder-load", default=None, help="comma list: data.dali_hw_decoder_load values to try (dali on cuda)"
     )
+    p.add_argument(
+        "--fancy-upsampling",
+        default="on,off",
+        help="comma list of on,off: data.dali_fancy_upsampling in the --hw-decoder-load sweep (default both)",
+    )
     p.add_argument("--repeat", type=int, default=1, help="interleaved rounds (default 1)")
     p.add_argument("--epochs", type=int, default=1, help="epochs per loader (dali, torch, nvjpeg; default 1)")
     p.add_argument("--downscale", default="bicubic,bilinear", help="comma list: filters for shrinking crops")
     args = p.parse_args(argv)
+    if not set(args.fancy_upsampling.split(",")) <= {"on", "off"}:
+        p.error(f"--fancy-upsampling: a comma list of on,off, not {args.fancy_upsampling!r}")
 
     tmp = None
     url = args.split
@@ -279,7 +350,7 @@ def cli(argv: list[str]) -> int:
     devices = args.device.split(",")
     if "cuda" in devices and not torch.cuda.is_available():
         raise SystemExit("mfm bench data: --device cuda but torch sees no CUDA device")
-    runs = {}  # (device, downscale, backend) -> [(img/s, CPU ms/img)] per round
+    runs = {}  # (device, downscale, backend) -> [(img/s, CPU ms/img, thread ms per 256 or None)] per round
     for rnd in range(args.repeat):
         for device in devices:
             for down in args.downscale.split(","):
@@ -295,15 +366,23 @@ def cli(argv: list[str]) -> int:
                 # the backends of a round run back to back, so that a change in the machine's load
                 # between rounds moves them together
                 for name in names:
-                    loads = [None]
+                    variants = [(name, [])]  # (label, config overrides)
                     if name == "dali" and not dali_available():
                         continue
                     if name == "nvjpeg" and device != "cuda":
                         continue
                     if name == "dali" and device == "cuda" and args.hw_decoder_load:
-                        loads = args.hw_decoder_load.split(",")
-                    for load in loads:
-                        label = name if load is None else f"{name}@{load}"
+                        fancy = {"on": "true", "off": "false"}
+                        variants = [
+                            (
+                                f"{name}@{load}/{'fancy' if f == 'on' else 'plain'}",
+                                [f"data.dali_hw_decoder_load={load}", f"data.dali_fancy_upsampling={fancy[f]}"],
+                            )
+                            for load in args.hw_decoder_load.split(",")
+                            for f in args.fancy_upsampling.split(",")
+                        ]
+                    for label, extra in variants:
+                        thread = None
                         if name in ("pil", "pil-plain"):
                             rate, cpu = bench_pil_baseline(
                                 cfg, url, args.batch, args.workers, device, tuned=name == "pil"
@@ -311,16 +390,13 @@ def cli(argv: list[str]) -> int:
                         elif name == "nvjpeg":
                             rate, cpu = bench_nvjpeg(cfg, url, args.batch, args.workers, device, args.epochs)
                         else:
-                            c = (
-                                cfg
-                                if load is None
-                                else load_config(None, [*overrides, f"data.dali_hw_decoder_load={load}"])
-                            )
-                            rate, cpu = bench_loader(c, name, args.batch, device, args.epochs)
-                        runs.setdefault((device, down, label), []).append((rate, cpu))
+                            c = load_config(None, [*overrides, *extra]) if extra else cfg
+                            rate, cpu, thread = bench_loader(c, name, args.batch, device, args.epochs)
+                        runs.setdefault((device, down, label), []).append((rate, cpu, thread))
                         print(
                             f"  round {rnd + 1}: {label} ({device}, {down} downscale): {rate:.1f} img/s, "
-                            f"{cpu:.1f} CPU ms/img, {rate * cpu / 1000:.1f} cores",
+                            f"{cpu:.1f} CPU ms/img, {rate * cpu / 1000:.1f} cores"
+                            + ("" if thread is None else f", training thread {thread[0]:.2f} + {thread[1]:.2f} ms/256"),
                             flush=True,
                         )
     if "dali" in names and not dali_available():
@@ -338,19 +414,25 @@ def cli(argv: list[str]) -> int:
         f"pil: the DALI path's corruption (corrupt_samples) on {corruption_threads(args.workers)} torch thread(s) "
         f"on a CPU; pil-plain: corrupt() on torch's default {torch.get_num_threads()} threads"
     )
+    print(
+        "thread ms/256: the training thread's own CPU time (time.thread_time) inside next(loader) per 256 images, "
+        "outside the corruption; corr ms/256: the corruption's maths on that thread (kernel launches on cuda)"
+    )
     med = statistics.median
     print(
-        f"{'loader':<10} {'device':<6} {'downscale':<9} {'img/s':>8} {'vs base':>7} {'CPU ms/img':>11} {'cores':>6} "
-        f"{'idle img/s':>11} {'vs base':>7}"
+        f"{'loader':<16} {'device':<6} {'downscale':<9} {'img/s':>8} {'vs base':>7} {'CPU ms/img':>11} {'cores':>6} "
+        f"{'idle img/s':>11} {'vs base':>7} {'thread ms/256':>13} {'corr ms/256':>11}"
     )
     for (dev, down, name), rs in runs.items():
         base = runs.get((dev, down, "torch" if dev == "cuda" else "pil"))
-        rate, cpu = med(r for r, _ in rs), med(c for _, c in rs)
-        ratio = f"{med(r / b for (r, _), (b, _) in zip(rs, base)):.2f}x" if base else "-"
-        cratio = f"{med(b / c for (_, c), (_, b) in zip(rs, base)):.2f}x" if base else "-"
+        rate, cpu = med(r[0] for r in rs), med(r[1] for r in rs)
+        ratio = f"{med(r[0] / b[0] for r, b in zip(rs, base)):.2f}x" if base else "-"
+        cratio = f"{med(b[1] / r[1] for r, b in zip(rs, base)):.2f}x" if base else "-"
+        threads = [r[2] for r in rs if r[2] is not None]
+        thread = f"{med(t[0] for t in threads):>13.2f} {med(t[1] for t in threads):>11.2f}" if threads else ""
         print(
-            f"{name:<10} {dev:<6} {down:<9} {rate:>8.1f} {ratio:>7} {cpu:>11.1f} {rate * cpu / 1000:>6.1f} "
-            f"{1000 * os.cpu_count() / cpu:>11.1f} {cratio:>7}"
+            f"{name:<16} {dev:<6} {down:<9} {rate:>8.1f} {ratio:>7} {cpu:>11.1f} {rate * cpu / 1000:>6.1f} "
+            f"{1000 * os.cpu_count() / cpu:>11.1f} {cratio:>7} {thread}"
         )
     if tmp is not None:
         tmp.cleanup()

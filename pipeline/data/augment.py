@@ -177,23 +177,33 @@ def eval_view(data: bytes, size: int) -> torch.Tensor:
     return to_float(im)
 
 
-def corrupt_samples(images: torch.Tensor, cfg: CorruptionConfig, seeds: list[int]):
+def sample_draws(cfg: CorruptionConfig, seeds) -> torch.Tensor | None:
+    """Each sample's one draw in [0, 1) from its own seed, for the kinds that take one (mfm: low-
+    or high-pass; deblur: the kernel size), else None. A torch.Generator per sample (~7 us each):
+    the DALI backend draws them off the training thread and hands them to corrupt_samples."""
+    if cfg.kind not in ("mfm", "deblur"):
+        return None
+    return torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def corrupt_samples(images: torch.Tensor, cfg: CorruptionConfig, seeds: list[int], draws: torch.Tensor | None = None):
     """corrupt() with each sample's draws from its own seed, so that a sample's corruption
     does not depend on the batch it lands in. Returns (encoder_input, target, keep or None).
+    `draws`: sample_draws(cfg, seeds), when already drawn.
 
     The draws are taken per sample and the batch corrupted in one call: the same numbers as a
     call per sample, for a fraction of the CPU time (small per-sample FFTs and convolutions
     cost far more, most of all where torch's intra-op threads wait on a loaded machine)."""
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    if draws is None:
+        draws = sample_draws(cfg, seeds)
     images = images.float()
     keep = None
     if cfg.kind == "mfm":  # one draw: low- or high-pass, as corruptions.frequency_mask makes it
-        draws = torch.cat([torch.rand(1, generator=g) for g in gens])
         corrupted, keep = mask_frequencies(images, cfg.radius, draws >= cfg.low_pass_prob, radius2=cfg.radius2)
     elif cfg.kind == "deblur":  # one draw: the kernel size, as corruptions.deblur makes it
-        draws = torch.cat([torch.rand(1, generator=g) for g in gens])
         corrupted = blur(images, blur_kernel_sizes(draws, cfg), cfg.blur_sigma)
     elif cfg.kind == "denoise":  # the noise, as corruptions.denoise draws it for one image
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         noise = torch.cat([torch.randn((1, *images.shape[1:]), generator=g) for g in gens])
         corrupted = images + cfg.noise_std * noise.to(images.device)
     else:  # sr draws nothing
@@ -210,6 +220,7 @@ __all__ = [
     "resize_view",
     "train_view",
     "eval_view",
+    "sample_draws",
     "corrupt_samples",
     "normalize",
 ]
