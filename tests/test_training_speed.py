@@ -409,3 +409,13 @@ def test_device_clipping_gives_deepspeeds_weights(ranks, stage):
         assert float(ours.grad_norm) > 0.05  # the clip bites
     for (name, a), b in zip(ours.engine.module.named_parameters(), theirs.module.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bf16_runs_on_a_cpu_and_fp16_is_refused_there():
+    from pipeline.config import ConfigError
+    from pipeline.training.trainer import resolve_precision
+
+    assert resolve_precision("bf16", cuda=False) == "bf16"
+    assert resolve_precision("auto", cuda=False) == "fp32"
+    with pytest.raises(ConfigError, match="train.precision=fp16 needs a GPU"):
+        resolve_precision("fp16", cuda=False)

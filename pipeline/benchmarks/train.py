@@ -172,7 +172,10 @@ def worker(args) -> dict:
     ranks = init_distributed()
     if args.gpu:
         cfg = load_config(args.preset, [f"data.batch_size={args.micro_batches[0] * ranks.world_size}"])
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if ranks.device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:  # --device cpu: a dry run of the matrix
+            precision = "fp32"
     else:
         cfg = load_config(
             "tiny_cpu", [f"data.batch_size={args.micro_batch * ranks.world_size}"] if args.micro_batch else []
@@ -187,7 +190,7 @@ def worker(args) -> dict:
         "model": cfg.model.name,
         "img_size": cfg.model.img_size,
         "precision": precision,
-        "device": torch.cuda.get_device_name() if args.gpu else f"cpu x{os.cpu_count()}",
+        "device": torch.cuda.get_device_name() if ranks.device.type == "cuda" else f"cpu x{os.cpu_count()}",
         "rows": [],
     }
     if args.gpu:
@@ -307,6 +310,9 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--micro-batch", type=int, help="CPU: per rank (default: the preset's batch / ranks)")
     p.add_argument("--compile", choices=("both", "on", "off"), default="both", help="eager, compiled or both")
     p.add_argument("--gpu", action="store_true", help="the GPU matrix (below) on every GPU, bf16")
+    p.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="--gpu: cpu runs the matrix on CPU ranks (dry run)"
+    )
     p.add_argument("--preset", default="vit_b16_mfm", help="--gpu: the model's preset")
     p.add_argument("--stages", type=_ints, default=[0, 1, 2], help="--gpu: ZeRO stages (default 0,1,2)")
     p.add_argument("--micro-batches", type=_ints, default=[64, 128, 256], help="--gpu: per GPU (default 64,128,256)")
@@ -322,13 +328,19 @@ def cli(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from pipeline.training.launcher import spawn_local
 
-    if args.gpu:
+    env = None
+    if args.gpu and args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            print("mfm bench train: --gpu needs CUDA, and none is present", file=sys.stderr)
+            print("mfm bench train: --gpu needs CUDA, and none is present (--device cpu: a dry run)", file=sys.stderr)
             return 2
         nprocs = args.nprocs or torch.cuda.device_count()
+    elif args.gpu:
+        import torch
+
+        nprocs = args.nprocs or 1
+        env = {"CUDA_VISIBLE_DEVICES": ""} if torch.cuda.is_available() else None
     else:
         nprocs = args.nprocs or 2
     with tempfile.TemporaryDirectory() as tmp:
@@ -344,7 +356,7 @@ def cli(argv: list[str]) -> int:
             worker_args.append("--gpu")
         if args.host_reads:
             worker_args.append("--host-reads")
-        code = spawn_local(MODULE, worker_args, nprocs)
+        code = spawn_local(MODULE, worker_args, nprocs, env=env)
         if code:
             print(f"mfm bench train: a rank failed with exit code {code}", file=sys.stderr)
             return code

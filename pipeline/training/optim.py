@@ -125,9 +125,10 @@ def device_clips(zero_stage: int, precision: str) -> bool:
     """Whether the trainer measures and clips the gradient norm itself (DeviceClip) rather than
     DeepSpeed: ZeRO 0-2 in fp32 or bf16. DeepSpeed's own clipping reads the norm on the host
     every step (`is_invalid_grad_norm`, deepspeed/runtime/zero/stage_1_and_2.py:3043 and :3203;
-    fp32 ZeRO-0 through runtime/utils.py's clip_grad_norm_). ZeRO-3 keeps DeepSpeed's, which reads
-    once a step whatever the config (runtime/zero/stage3.py:2888); fp16 too, whose loss scaling
-    has to see every overflow."""
+    fp32 ZeRO-0 through runtime/utils.py's clip_grad_norm_). ZeRO-3 keeps DeepSpeed's: it reads
+    once a step whatever the config (runtime/zero/stage3.py:2888), and on several ranks its
+    parameter-order checks read more (runtime/zero/utils.py:90, :110); fp16 too, whose loss
+    scaling has to see every overflow."""
     return zero_stage <= 2 and precision in ("fp32", "bf16")
 
 
