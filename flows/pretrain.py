@@ -32,7 +32,7 @@ def _speed_markdown(run_dir: str, store) -> str | None:
         return None
     rows = [json.loads(line) for line in storage.read_bytes(url, store).decode().splitlines() if line.strip()]
     const = next((r for r in reversed(rows) if "flops_per_image" in r), None)
-    last = next((r for r in reversed(rows) if r.get("mfu") is not None), None)
+    last = next((r for r in reversed(rows) if r.get("tflops") is not None), None)
     if const is None or last is None:
         return None
 
@@ -43,10 +43,10 @@ def _speed_markdown(run_dir: str, store) -> str | None:
         [
             f"# Training speed at step {last['step']}",
             "",
-            "| images/s (all ranks) | TFLOP/s per device | MFU (measured peak) | MFU (datasheet) | peak memory |",
+            "| images/s (all ranks) | TFLOP/s per device | MFU (datasheet peak) | matmul utilization | peak memory |",
             "|---:|---:|---:|---:|---:|",
-            f"| {last['images_per_s']:.1f} | {last['tflops']:.3g} | {pct(last['mfu'])} | "
-            f"{pct(last.get('mfu_datasheet'))} | {last['peak_memory_gib']:.2f} GiB ({const['memory']}) |",
+            f"| {last['images_per_s']:.1f} | {last['tflops']:.3g} | {pct(last.get('mfu'))} | "
+            f"{pct(last.get('matmul_utilization'))} | {last['peak_memory_gib']:.2f} GiB ({const['memory']}) |",
             "",
             f"- device: {const['device']}",
             f"- FLOPs per image (forward + backward, torch FlopCounterMode): {const['flops_per_image'] / 1e9:.2f} G",

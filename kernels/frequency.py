@@ -105,6 +105,17 @@ def _half_removed(keep: torch.Tensor, width: int) -> torch.Tensor:
     return (1 - 0.5 * (flat[:, at] + flat[:, mirror])).view(n, h, -1)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without a host sync: through pinned memory (torch's caching
+    host allocator keeps the block until the copy is done), where a copy from pageable memory
+    would wait for the device."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _use_triton(t: torch.Tensor) -> bool:
     if not t.is_cuda:
         return False
@@ -130,7 +141,7 @@ def mask_frequencies(
 def _mask_frequencies(images, radius, high_pass, *, radius2=None, backend="torch"):
     n, _, h, w = images.shape
     half, centred = _masks(h, w, float(radius), None if radius2 is None else float(radius2), str(images.device))
-    which = high_pass.to(device=images.device, dtype=torch.long).view(n)
+    which = _to_device(high_pass.reshape(n), images.device).long()
     spec = torch.fft.rfft2(images.float())
     if backend == "triton":
         from kernels import triton_frequency
@@ -177,7 +188,7 @@ class _FrequencyLoss(torch.autograd.Function):
         # The FFT is linear: one transform of the difference instead of two.
         z = torch.fft.rfft2(pred.float() - target.float(), norm="ortho")
         if keep is None:
-            denom = torch.tensor(float(n * c * h * w), device=pred.device)
+            denom = float(n * c * h * w)  # a Python number: no tensor to copy to the device per call
         else:
             keep = keep.float()
             denom = (keep.numel() - keep.sum()) * c
@@ -186,7 +197,7 @@ class _FrequencyLoss(torch.autograd.Function):
 
             z = z.contiguous()
             total = triton_frequency.masked_magnitude_sum(z, keep, w)
-            ctx.save_for_backward(z, keep, denom)
+            ctx.save_for_backward(z, keep)
         else:
             _, _, cols = _half_layout(h, w, str(pred.device))
             d = _magnitude(z)
@@ -202,7 +213,8 @@ class _FrequencyLoss(torch.autograd.Function):
                 total = torch.vdot(d.sum(1).flatten(), (m[:, 0] * cols).flatten())
             else:
                 total = torch.vdot(d.flatten(), (m * cols).flatten())
-            ctx.save_for_backward(z, d, m, denom)
+            ctx.save_for_backward(z, d, m)
+        ctx.denom = denom
         ctx.meta = (backend, pred.dtype, target.dtype, h, w)
         return total / denom
 
@@ -213,11 +225,11 @@ class _FrequencyLoss(torch.autograd.Function):
         if backend == "triton":
             from kernels import triton_frequency
 
-            z, keep, denom = ctx.saved_tensors
-            g = triton_frequency.loss_grad(z, keep, w, grad.float() / denom)
+            z, keep = ctx.saved_tensors
+            g = triton_frequency.loss_grad(z, keep, w, grad.float() / ctx.denom)
         else:
-            z, d, m, denom = ctx.saved_tensors
-            scale = grad.float() / denom
+            z, d, m = ctx.saved_tensors
+            scale = grad.float() / ctx.denom
             factor = torch.div(scale if m is None else m * scale, d)
             g = torch.view_as_complex(torch.view_as_real(z) * factor[..., None])
         ge = torch.fft.irfft2(g, s=(h, w), norm="ortho")

@@ -88,3 +88,33 @@ def test_corruptions_agree_between_gpu_and_cpu():
                 assert b is None
                 continue
             assert b.is_cuda and (a - b.cpu()).abs().max() < 1e-4, kind
+
+
+@pytest.mark.parametrize("kind", ["mfm", "denoise"])
+def test_a_batch_is_corrupted_and_its_loss_taken_without_a_host_sync(kind):
+    """The per-batch path of a GPU loader and the loss: the high-pass draws (made on the host)
+    go to the device through pinned memory, the noise is drawn on the device, the masks and the
+    normalisation constants are made once per device, the loss copies no constant. Any host
+    sync raises under torch's sync debug mode."""
+    from pipeline.config import CorruptionConfig
+    from pipeline.data.augment import corrupt_samples
+
+    cfg = CorruptionConfig(kind=kind)
+    images = torch.rand(8, 3, 64, 64, device="cuda")
+    seeds = list(range(8))
+    corrupt_samples(images, cfg, seeds)  # the per-device caches fill here
+    pred = torch.randn(8, 3, 64, 64, device="cuda", requires_grad=True)
+    F.frequency_loss(pred, images, None).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        enc, target, keep = corrupt_samples(images, cfg, seeds)
+        loss = F.frequency_loss(pred, target, keep)
+        loss.backward()
+        F.frequency_loss(pred, target, None).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert enc.is_cuda and (keep is None) == (kind != "mfm")
+    if kind == "denoise":  # the same noise as a sample drawn alone on the device from its seed
+        alone = corrupt_samples(images[3:4], cfg, seeds[3:4])[0]
+        torch.testing.assert_close(enc[3:4], alone)

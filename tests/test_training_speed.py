@@ -8,6 +8,7 @@ process as a single gloo rank, so that calls can be counted by patching torch.""
 from __future__ import annotations
 
 import json
+import math
 import socket
 import sys
 from collections import Counter
@@ -158,8 +159,9 @@ def test_ordinary_steps_neither_sync_nor_reduce_and_mfu_is_logged(shards, ranks,
     speed = next(r for r in rows if "flops_per_image" in r)
     for r in logged:
         tflops = speed["flops_per_image"] * r["images_per_s"] / 1e12
-        assert r["tflops"] == pytest.approx(tflops) and r["mfu"] == pytest.approx(tflops / speed["peak_tflops"])
-        assert r["mfu_datasheet"] is None and r["peak_memory_gib"] > 0  # CPU: no datasheet figure
+        assert r["tflops"] == pytest.approx(tflops)
+        assert r["matmul_utilization"] == pytest.approx(tflops / speed["peak_tflops"])
+        assert r["mfu"] is None and r["peak_memory_gib"] > 0  # CPU: no datasheet figure
         assert r["grad_norm"] > 0
     assert speed["peak_source"].startswith("measured: fp32 matmul") and speed["peak_tflops"] > 0
     # tiny preset, 2 blocks, 64 tokens of 192: the count is within reach of the transformer's
@@ -190,14 +192,36 @@ def test_vit_b16_flops_per_image_match_the_analytic_count():
     assert per_image == pytest.approx(3 * 17.6e9 * 2, rel=0.02)
 
 
-def test_datasheet_table_matches_device_names():
-    from pipeline.training.flops import datasheet_tflops
+def test_datasheet_table_matches_exact_names_and_memory():
+    """MFU's peak: the exact device name and its memory pick the row (an NVL part is slower than
+    the SXM one of the same chip), and anything unknown gets none rather than a neighbour's."""
+    from pipeline.training.flops import datasheet
 
-    assert datasheet_tflops("NVIDIA H200") == 989
-    assert datasheet_tflops("NVIDIA H100 PCIe") == 756
-    assert datasheet_tflops("NVIDIA A100-SXM4-80GB") == 312
-    assert datasheet_tflops("NVIDIA L40S") == 362 and datasheet_tflops("NVIDIA L4") == 121
-    assert datasheet_tflops("NVIDIA A10") == 125 and datasheet_tflops("Some New GPU") is None
+    def tflops(name, gib):
+        row = datasheet(name, gib)
+        return row and row.bf16_tflops
+
+    assert tflops("NVIDIA H100 80GB HBM3", 79.6) == 989  # H100 SXM, 81559 MiB as torch reports it
+    assert tflops("NVIDIA H200", 140.4) == 989  # H200 SXM, 143771 MiB
+    assert tflops("NVIDIA H200 NVL", 140.4) == 835
+    assert tflops("NVIDIA H100 PCIe", 79.2) == 756 and tflops("NVIDIA H100 NVL", 93.1) == 835
+    assert tflops("NVIDIA A100-SXM4-80GB", 79.2) == 312 and tflops("NVIDIA A100-SXM4-40GB", 39.4) == 312
+    assert tflops("NVIDIA L40S", 45.0) == 362 and tflops("NVIDIA L4", 22.5) == 121
+    # the same name with another memory is another part; prefixes and unknown names are not guessed
+    assert tflops("NVIDIA H200", 94.0) is None and tflops("NVIDIA H100 80GB HBM3", 94.0) is None
+    assert tflops("NVIDIA H100", 79.6) is None and tflops("NVIDIA H200 NVL (new)", 140.4) is None
+    assert tflops("Some New GPU", 80.0) is None
+    assert "1,671 sparse" in datasheet("NVIDIA H200 NVL", 140.4).source
+
+
+def test_mfu_is_against_the_datasheet_and_matmul_utilization_against_the_measured_peak():
+    from pipeline.training.flops import Speed
+
+    speed = Speed(1e9, 500.0, "measured", 989.0, "sheet", "NVIDIA H200", "cuda max allocated")
+    got = speed.figures(100_000.0)  # 100 TFLOP/s
+    assert got == {"tflops": 100.0, "mfu": pytest.approx(100 / 989), "matmul_utilization": 0.2}
+    cpu = Speed(1e9, 0.5, "measured", None, None, "cpu", "process max RSS").figures(100.0)
+    assert cpu["mfu"] is None and cpu["matmul_utilization"] == pytest.approx(0.2)
 
 
 def test_compile_setting_resolves_and_refuses_zero3():
@@ -288,7 +312,110 @@ def test_gpu_bench_matrix_runs_its_rows_and_the_real_data_row(shards, ranks, tmp
     names = [r["name"] for r in result["rows"]]
     assert names[:2] == ["eager zero-0 mb8", "eager zero-2 mb8"]
     for r in result["rows"]:
-        assert r["images_per_s_per_gpu"] > 0 and r["tflops"] > 0 and r["mfu"] > 0 and r["peak_memory_gib"] > 0
+        assert r["images_per_s_per_gpu"] > 0 and r["tflops"] > 0 and r["matmul_utilization"] > 0
+        assert r["peak_memory_gib"] > 0
     real = result["rows"][2]
     assert real["name"].endswith("real data") and 0 <= real["loader_wait_share"] <= 1
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == result["rows"]
+
+
+@pytest.mark.parametrize("preset", ["vit_b16_mfm", "tiny_cpu"])
+def test_the_presets_engines_read_nothing_on_ordinary_steps(shards, ranks, tmp_path, monkeypatch, preset):
+    """The engine each pretraining preset builds (its ZeRO stage, precision and clipping; auto is
+    bf16 on the GPUs it is for) on the tiny model: no tensor value is read into Python on an
+    ordinary step, by the trainer or by DeepSpeed (speed.HostReads, the CPU proxy of a GPU's host
+    syncs), and TensorBoard's file is flushed on log steps only."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from pipeline.config import load_config
+    from pipeline.training import trainer as trainer_mod
+    from pipeline.training.speed import HostReads
+
+    preset_cfg = load_config(preset)
+    precision = "bf16" if preset_cfg.train.precision == "auto" else preset_cfg.train.precision
+    cfg = _cfg(
+        shards,
+        tmp_path / "run",
+        **{
+            "train.zero_stage": preset_cfg.train.zero_stage,
+            "train.precision": precision,
+            "optim.clip_grad": preset_cfg.optim.clip_grad,
+            "train.max_steps": 4,
+            "train.log_every": 2,
+            "train.grad_accum": 2,
+            "data.batch_size": 4,
+            "data.val": None,
+        },
+    )
+    reads, flushes, current = {}, Counter(), [0]
+    real_step, real_flush = trainer_mod.Trainer.train_step, SummaryWriter.flush
+
+    def step(self, batches):
+        current[0] = self.step + 1
+        with HostReads() as counted:
+            out = real_step(self, batches)
+        # not pipeline/data: the loader (in this process at data.workers=0) reads its own
+        # bookkeeping, host tensors its workers make
+        reads[self.step] = {k: n for k, n in counted.sites.items() if "/pipeline/data/" not in k}
+        return out
+
+    def flush(self):
+        flushes[current[0]] += 1
+        return real_flush(self)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", step)
+    monkeypatch.setattr(SummaryWriter, "flush", flush)
+    trainer = _fit(cfg, ranks)
+    monkeypatch.undo()
+    assert reads[1] == reads[3] == {}, reads
+    # the count sees reads where they are: the meter's one read on each log step
+    assert reads[2] and reads[4], reads
+    assert flushes[1] == flushes[3] == 0 and flushes[2] >= 1, flushes
+    assert trainer.clip is not None and trainer.clip.max_norm == preset_cfg.optim.clip_grad
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in _rows(tmp_path / "run") if "loss" in r)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_device_clipping_gives_deepspeeds_weights(ranks, stage):
+    """The trainer's clipping (DeviceClip, no host read) against DeepSpeed's own at a clip that
+    bites (0.05): the same weights after 3 steps, and the grad norm DeepSpeed reports (ZeRO-1/2)."""
+    import deepspeed
+
+    from pipeline.benchmarks.train import ZeroContender, _batches
+    from pipeline.config import load_config
+    from pipeline.models import build_model
+    from pipeline.training.optim import batch_plan, build_optimizer
+    from pipeline.training.trainer import deepspeed_config
+
+    cfg = load_config("tiny_cpu", ["data.batch_size=4", "optim.clip_grad=0.05", 'model.timm_kwargs={"depth": 1}'])
+    plan = batch_plan(cfg, 1)
+    batches = _batches(cfg, 4, 3, ranks.device, seed=0)
+    ours = ZeroContender(cfg, plan, 1e-3, ranks.device, stage, "fp32")
+    assert ours.clip is not None
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, cfg.corruption)
+    staged = cfg.model_copy(update={"train": cfg.train.model_copy(update={"zero_stage": stage})})
+    ds_cfg = deepspeed_config(staged, plan, "fp32")
+    ds_cfg["gradient_clipping"] = 0.05
+    ds_cfg["zero_optimization"].pop("compute_grad_norm", None)
+    theirs, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim, 1e-3), config=ds_cfg)
+    for batch in batches:
+        ours.step(batch)
+        loss, _ = theirs(*batch)
+        theirs.backward(loss)
+        theirs.step()
+        if stage:  # DeepSpeed keeps no norm without ZeRO
+            assert float(ours.grad_norm) == pytest.approx(float(theirs.get_global_grad_norm()), rel=1e-5)
+        assert float(ours.grad_norm) > 0.05  # the clip bites
+    for (name, a), b in zip(ours.engine.module.named_parameters(), theirs.module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bf16_runs_on_a_cpu_and_fp16_is_refused_there():
+    from pipeline.config import ConfigError
+    from pipeline.training.trainer import resolve_precision
+
+    assert resolve_precision("bf16", cuda=False) == "bf16"
+    assert resolve_precision("auto", cuda=False) == "fp32"
+    with pytest.raises(ConfigError, match="train.precision=fp16 needs a GPU"):
+        resolve_precision("fp16", cuda=False)

@@ -13,6 +13,7 @@ BENCHES = {
     "registry": "load_model cold (download, verify) vs warm (local cache), light vs full install size",
     "plan": "one rank's epoch plan at ImageNet scale (world 512): time, memory, manifest load, S3 first batch",
     "checkpoint": "training stall per checkpoint to S3 over a slow link, blocking vs background",
+    "summary": "an infra/gpu-checks.sh summary.json as the README's GPU table",
 }
 
 

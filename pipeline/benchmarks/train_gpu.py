@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.benchmarks.train import ZeroContender, _batches, _flops_per_image, _timed
+from pipeline.benchmarks.train import ZeroContender, _batches, _flops_per_image, _timed, host_reads_per_step
 
 
 def _timed_loader(contender, loader, steps: int, warmup: int, device) -> tuple[float, float]:
@@ -103,6 +103,7 @@ def gpu_matrix(args, cfg, ranks, precision, result) -> None:
                     row["warmup_s"] = time.perf_counter() - t0  # compile time shows here
                     seconds = _timed(contender, batches, args.steps, ranks.device)
                     row["host_syncs_per_step"] = _syncs_per_step(contender, batches, ranks.device)
+                    row["host_reads_per_step"] = host_reads_per_step(contender, batches)[0]
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
                 else:

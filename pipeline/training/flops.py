@@ -2,9 +2,10 @@
 
 FLOPs per image are counted once by torch's FlopCounterMode on a meta-device copy of the real
 model, through the task's real forward, loss and backward (matmuls and convolutions: what MFU
-counts; FFTs and elementwise work are free by that convention), never by a hand formula. The
-peak is measured once by the run itself (a large bf16 matmul on a GPU, fp32 on a CPU) and,
-for GPUs we know, also taken from the datasheet.
+counts; FFTs and elementwise work are free by that convention), never by a hand formula. MFU is
+the standard definition: against the datasheet's dense bf16 peak of the exact device (GPUs in
+DATASHEETS); beside it, matmul utilization: against the rate a large matmul reaches in this very
+process (bf16 on a GPU, fp32 on a CPU), the figure a CPU run has.
 """
 
 from __future__ import annotations
@@ -19,27 +20,51 @@ import numpy as np
 import torch
 from torch import nn
 
-# Dense (no sparsity) bf16 tensor-core TFLOP/s from NVIDIA's datasheets. Matched as substrings
-# of torch.cuda.get_device_name(), first match wins: longer names before their prefixes.
-DATASHEET_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("B200", 2250.0),
-    ("GH200", 989.0),
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),
-    ("H800", 989.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("L40", 181.0),
-    ("L4", 121.0),
-    ("A10", 125.0),
+
+@dataclass(frozen=True)
+class Datasheet:
+    name: str  # exactly as torch.cuda.get_device_name() reports it
+    memory_gb: float | None  # the datasheet's memory (GB), where one name covers several parts
+    bf16_tflops: float  # dense (no sparsity) bf16 tensor-core peak
+    source: str
+
+
+# NVIDIA's datasheets give bf16 "with sparsity"; the dense figure is half of it. Keyed on the
+# exact name and the memory: an H100 NVL or H200 NVL (lower clocks and power) is no H100/H200 SXM,
+# and an unknown part gets no figure rather than a guess.
+_H100 = "NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100)"
+_H200 = "NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200)"
+_A100 = "NVIDIA A100 datasheet (nvidia.com/en-us/data-center/a100)"
+DATASHEETS: tuple[Datasheet, ...] = (
+    Datasheet("NVIDIA H100 80GB HBM3", 80, 989.0, f"H100 SXM: 1,979 sparse; {_H100}"),
+    Datasheet("NVIDIA H100 PCIe", 80, 756.0, f"H100 PCIe: 1,513 sparse; {_H100}"),
+    Datasheet("NVIDIA H100 NVL", 94, 835.0, f"H100 NVL: 1,671 sparse; {_H100}"),
+    Datasheet("NVIDIA H200", 141, 989.0, f"H200 SXM: 1,979 sparse; {_H200}"),
+    Datasheet("NVIDIA H200 NVL", 141, 835.0, f"H200 NVL: 1,671 sparse; {_H200}"),
+    Datasheet("NVIDIA A100-SXM4-80GB", 80, 312.0, f"A100 SXM: 624 sparse; {_A100}"),
+    Datasheet("NVIDIA A100-SXM4-40GB", 40, 312.0, f"A100 SXM: 624 sparse; {_A100}"),
+    Datasheet("NVIDIA A100 80GB PCIe", 80, 312.0, f"A100 PCIe: 624 sparse; {_A100}"),
+    Datasheet("NVIDIA A100-PCIE-40GB", 40, 312.0, f"A100 PCIe: 624 sparse; {_A100}"),
+    Datasheet("NVIDIA L40S", 48, 362.0, "L40S: 733 sparse; NVIDIA L40S datasheet"),
+    Datasheet("NVIDIA L4", 24, 121.0, "L4: 242 sparse; NVIDIA L4 datasheet"),
+    Datasheet("NVIDIA A10", 24, 125.0, "A10: 250 sparse; NVIDIA A10 datasheet"),
 )
 
 
-def datasheet_tflops(device_name: str) -> float | None:
-    return next((tflops for key, tflops in DATASHEET_BF16_TFLOPS if key in device_name), None)
+def datasheet(device_name: str, memory_gib: float | None) -> Datasheet | None:
+    """The row for this exact name whose memory is the device's: total_memory in GiB within 10% of
+    the datasheet's GB (an 80 GB H100 reports 79.6 GiB, a 141 GB H200 140.4, a 48 GB L40S 45.0)."""
+    for row in DATASHEETS:
+        if row.name != device_name.strip():
+            continue
+        if row.memory_gb is None or memory_gib is None or abs(memory_gib / row.memory_gb - 1) <= 0.10:
+            return row
+    return None
+
+
+def cuda_datasheet(device: torch.device) -> Datasheet | None:
+    props = torch.cuda.get_device_properties(device)
+    return datasheet(props.name, props.total_memory / 2**30)
 
 
 def device_name(device: torch.device) -> str:
@@ -138,33 +163,38 @@ class Speed:
     """The per-run constants behind TFLOP/s and MFU."""
 
     flops_per_image: float  # forward + backward of model and loss
-    peak_tflops: float
+    peak_tflops: float  # measured: the matmul rate this process reached
     peak_source: str
-    datasheet_tflops: float | None
+    datasheet_tflops: float | None  # the device's dense bf16 datasheet peak (None: CPU, unknown GPU)
+    datasheet_source: str | None
     device: str
     memory: str  # what peak_memory_gib means on this device
 
     @classmethod
     def of(cls, flops_per_image: float, peak: Peak, device: torch.device) -> Speed:
-        name = device_name(device)
+        sheet = cuda_datasheet(device) if device.type == "cuda" else None
         return cls(
             flops_per_image,
             peak.tflops,
             peak.source,
-            datasheet_tflops(name) if device.type == "cuda" else None,
-            name,
+            sheet.bf16_tflops if sheet else None,
+            sheet.source if sheet else None,
+            device_name(device),
             "cuda max allocated" if device.type == "cuda" else "process max RSS",
         )
 
     def figures(self, images_per_s_per_device: float | None) -> dict:
-        """tflops (achieved, per device), mfu (vs the measured peak), mfu_datasheet."""
+        """tflops (achieved, per device); mfu, the standard definition: model FLOPs against the
+        datasheet's dense bf16 peak (None without one); matmul_utilization: against the bf16
+        matmul rate this process measured, which tells how much of what the chip reaches today
+        the model uses."""
         if not images_per_s_per_device:
-            return {"tflops": None, "mfu": None, "mfu_datasheet": None}
+            return {"tflops": None, "mfu": None, "matmul_utilization": None}
         tflops = self.flops_per_image * images_per_s_per_device / 1e12
         return {
             "tflops": tflops,
-            "mfu": tflops / self.peak_tflops,
-            "mfu_datasheet": tflops / self.datasheet_tflops if self.datasheet_tflops else None,
+            "mfu": tflops / self.datasheet_tflops if self.datasheet_tflops else None,
+            "matmul_utilization": tflops / self.peak_tflops,
         }
 
     def row(self) -> dict:

@@ -119,3 +119,49 @@ def build_scheduler(
     # without the groups' lr_scale (layer decay); setting step 0 now applies it.
     scheduler.step_update(0)
     return scheduler
+
+
+def device_clips(zero_stage: int, precision: str) -> bool:
+    """Whether the trainer measures and clips the gradient norm itself (DeviceClip) rather than
+    DeepSpeed: ZeRO 0-2 in fp32 or bf16. DeepSpeed's own clipping reads the norm on the host
+    every step (`is_invalid_grad_norm`, deepspeed/runtime/zero/stage_1_and_2.py:3043 and :3203;
+    fp32 ZeRO-0 through runtime/utils.py's clip_grad_norm_). ZeRO-3 keeps DeepSpeed's: it reads
+    once a step whatever the config (runtime/zero/stage3.py:2888), and on several ranks its
+    parameter-order checks read more (runtime/zero/utils.py:90, :110); fp16 too, whose loss
+    scaling has to see every overflow."""
+    return zero_stage <= 2 and precision in ("fp32", "bf16")
+
+
+class DeviceClip:
+    """optim.clip_grad as torch's clip_grad_norm_ does it (foreach, non-finite norms passed
+    through, never raised), on the device: no host read. `norm()` at the accumulation boundary,
+    between the last backward and engine.step(), takes the global norm of the gradients the
+    optimizer is about to use; a step pre-hook on the wrapped torch optimizer then scales them.
+
+    ZeRO-0: the module's gradients, already all-reduced. ZeRO-1/2: DeepSpeed's own device-side
+    norm of its gradient partitions (`scaled_global_norm`, all-reduced over ranks, no read),
+    which steps one parameter group at a time: the hook scales each group as it comes. A
+    non-finite norm makes the step non-finite; the trainer stops at the next log step."""
+
+    def __init__(self, engine, optimizer: torch.optim.Optimizer, max_norm: float | None, zero_stage: int):
+        self.engine, self.max_norm, self.zero_stage = engine, max_norm, zero_stage
+        self.total: torch.Tensor | None = None
+        if max_norm:
+            optimizer.register_step_pre_hook(self._clip)
+
+    def norm(self) -> torch.Tensor:
+        if self.zero_stage == 0:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            total = torch.nn.utils.get_total_norm(grads, foreach=True)
+        else:
+            zero = self.engine.optimizer
+            total = zero.scaled_global_norm() / zero.loss_scale
+            # DeepSpeed reports a non-finite group norm as -1
+            total = torch.where(total < 0, torch.full_like(total, float("nan")), total)
+        self.total = total.float()
+        return self.total
+
+    def _clip(self, optimizer, args, kwargs) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self.total is not None and params:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, self.total.to(params[0].device), foreach=True)

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from pipeline.config import Config, ConfigError
 
@@ -84,7 +88,7 @@ def compile_errors(compiled: bool):
 class Reading:
     loss: float  # mean over steps and ranks since the last read
     grad_norm: float | None  # mean over those steps
-    first_non_finite: int | None  # the first step whose loss was not finite, on any rank
+    first_non_finite: int | None  # the first step whose loss or grad norm was not finite, on any rank
 
 
 class StepMeter:
@@ -103,15 +107,17 @@ class StepMeter:
     def add(self, loss: torch.Tensor, grad_norm, step: int) -> None:
         loss = loss.detach().to(torch.float64).reshape(())
         one = torch.ones((), dtype=torch.float64, device=self.device)
+        finite = torch.isfinite(loss)
         if isinstance(grad_norm, torch.Tensor):
             norm = grad_norm.detach().to(device=self.device, dtype=torch.float64).reshape(())
             self.sums.add_(torch.stack([loss, one, norm, one]))
+            finite = finite & torch.isfinite(norm)  # a step the trainer's clipping did not skip
         else:
             self.sums[:2].add_(torch.stack([loss, one]))
             if grad_norm is not None:
                 self.host_grad[0] += float(grad_norm)
                 self.host_grad[1] += 1
-        bad = (self.first_bad == 0) & ~torch.isfinite(loss)
+        bad = (self.first_bad == 0) & ~finite
         self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
 
     def read(self) -> Reading:
@@ -120,7 +126,7 @@ class StepMeter:
         dist.all_reduce(totals)  # gloo has no AVG: sum, then divide
         loss_sum, steps, norm_sum, norm_n = totals.tolist()
         first_bad = None
-        if not math.isfinite(loss_sum):
+        if not (math.isfinite(loss_sum) and math.isfinite(norm_sum)):
             # Every rank sees the same non-finite total, so every rank joins this collective.
             bad = torch.where(self.first_bad > 0, self.first_bad, torch.full_like(self.first_bad, float("inf")))
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
@@ -129,3 +135,62 @@ class StepMeter:
         grad = norm_sum / norm_n if norm_n else (host_sum / host_n if host_n else None)
         self.reset()
         return Reading(loss_sum / steps if steps else float("nan"), grad, first_bad)
+
+
+# Tensor methods that hand a tensor's value to Python: on a GPU each waits for the device.
+_READS = frozenset({"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"})
+_TORCH = str(Path(torch.__file__).parent)
+# torch's optimizers read their CPU step counter (`_get_value` in torch/optim/optimizer.py):
+# a Python int on the host, no device sync; a CUDA run keeps it on the host too.
+_NOT_A_SYNC = (str(Path(torch.__file__).parent / "optim"),)
+
+
+def _is_cpu(device) -> bool:
+    return isinstance(device, (str, torch.device)) and torch.device(device).type == "cpu"
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the reads of tensor values into Python made while it is active (item, bool(),
+    float(), int(), tolist, numpy, .cpu(), .to("cpu") off a device), by the first caller outside
+    torch ("file:line"): on a GPU each is a host sync. The CPU proxy of torch's sync debug mode,
+    which only CUDA has; it counts the trainer's and DeepSpeed's reads alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _READS or (name == "to" and _to_cpu(args, kwargs)):
+            site = _caller()
+            if site is not None:
+                self.sites[site] += 1
+        return func(*args, **kwargs)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sites.values())
+
+
+def _to_cpu(args, kwargs) -> bool:
+    """A copy from another device to the host. On a CPU run every tensor is on the host, where
+    DeepSpeed's `.to(accelerator device)` is `.to("cpu")` too: only `.cpu()` counts there."""
+    source = args[0] if args else None
+    target = kwargs.get("device", args[1] if len(args) > 1 else None)
+    on_device = isinstance(source, torch.Tensor) and source.device.type != "cpu"
+    return on_device and target is not None and _is_cpu(target)
+
+
+def _caller() -> str | None:
+    """The first frame outside torch and this module, as "path:line"; None for a read that is
+    no sync (torch's optimizers' host step counter)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if path.startswith(_NOT_A_SYNC):
+            return None
+        if not path.startswith(_TORCH) and path != __file__:
+            return f"{path}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None

@@ -35,7 +35,16 @@ import torch.distributed as dist
 from pipeline.config import Config, ConfigError, build_config, dump_config
 from pipeline.training import checkpoint as ckpt
 from pipeline.training import flops, speed
-from pipeline.training.optim import BatchPlan, batch_plan, build_optimizer, build_scheduler, scaled_lrs, step_budget
+from pipeline.training.optim import (
+    BatchPlan,
+    DeviceClip,
+    batch_plan,
+    build_optimizer,
+    build_scheduler,
+    device_clips,
+    scaled_lrs,
+    step_budget,
+)
 from pipeline.training.profiling import StepProfiler
 from pipeline.training.saver import Saver
 
@@ -49,36 +58,68 @@ class NonFiniteLoss(RuntimeError):
     def __init__(self, step: int, loss: float, last_good: str | None, seen: int | None = None):
         self.step, self.loss, self.last_good = step, loss, last_good
         late = f" (read at step {seen}: the loss is read on log steps)" if seen and seen != step else ""
+        what = f"non-finite loss {loss}" if not math.isfinite(loss) else "non-finite loss or gradient norm"
         super().__init__(
-            f"non-finite loss {loss} at step {step}{late}; stopped without saving. "
-            f"Last good checkpoint: {last_good or 'none'}"
+            f"{what} at step {step}{late}; stopped without saving. Last good checkpoint: {last_good or 'none'}"
         )
 
 
 def resolve_precision(precision: str, cuda: bool) -> str:
     if precision == "auto":
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-    if precision in ("bf16", "fp16") and not cuda:
-        raise ConfigError(f"train.precision={precision} needs a GPU; use fp32 or auto on CPU")
+    # DeepSpeed's CPU accelerator has bf16 (slow, but it runs the GPU's configuration), not fp16
+    if precision == "fp16" and not cuda:
+        raise ConfigError("train.precision=fp16 needs a GPU; use fp32, bf16 or auto on CPU")
     return precision
 
 
 def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str) -> dict:
-    zero: dict = {"stage": cfg.train.zero_stage}
-    if cfg.train.zero_stage == 3:
+    """The engine's config. Ordinary steps read nothing on the host (see device_clips): the
+    trainer clips (DeviceClip), ZeRO-1/2 skip their own norm (compute_grad_norm) and bf16 its
+    overflow check, which reads a flag every step (stage_1_and_2.py:3248); a non-finite step is
+    caught by the trainer's meter at the next log step instead of being skipped. bf16 without
+    ZeRO runs under DeepSpeed's torch autocast: its bf16 weights would go to FP16_UnfusedOptimizer,
+    which reads an overflow flag per parameter every step (runtime/utils.py:293)."""
+    stage = cfg.train.zero_stage
+    own_clip = device_clips(stage, precision)
+    zero: dict = {"stage": stage}
+    if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False  # export gathers fp32 itself
+    if own_clip and stage in (1, 2):
+        zero["compute_grad_norm"] = False
     return {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
-        "gradient_clipping": cfg.optim.clip_grad or 0.0,
+        "gradient_clipping": 0.0 if own_clip else cfg.optim.clip_grad or 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16" and stage > 0, "check_grad_overflow": False},
+        "torch_autocast": {"enabled": precision == "bf16" and stage == 0, "dtype": "bfloat16"},
         # loss_scale 0: dynamic loss scaling, the only safe fp16 choice for a new model
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def initialize(model, optimizer, cfg: Config, plan: BatchPlan, precision: str) -> tuple[object, DeviceClip | None]:
+    """The DeepSpeed engine, and the trainer's clipping where it clips (device_clips)."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, plan, precision))
+    if not device_clips(cfg.train.zero_stage, precision):
+        return engine, None
+    return engine, DeviceClip(engine, optimizer, cfg.optim.clip_grad, cfg.train.zero_stage)
+
+
+def optimizer_step(engine, clip: DeviceClip | None, boundary: bool):
+    """engine.step() after a micro batch's backward; at the accumulation boundary, the grad norm
+    of the step (a device tensor, or whatever the engine gives: a float, None)."""
+    norm = clip.norm() if boundary and clip is not None else None
+    engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+    if boundary and clip is None:
+        norm = engine.get_global_grad_norm()
+    return norm
 
 
 def import_function(spec: str, key: str):
@@ -249,6 +290,7 @@ class Trainer:
     speed: flops.Speed | None = None
     profiler: StepProfiler | None = None
     saver: Saver | None = None  # checkpoints; the upload of the latest may still be in flight
+    clip: DeviceClip | None = None  # the trainer's gradient clipping (None: DeepSpeed's)
 
     @property
     def is_main(self) -> bool:
@@ -307,9 +349,9 @@ class Trainer:
         over ranks and the steps since the last log step, else None; the last batch and
         prediction, for pictures). Ordinary steps neither sync with the device nor talk to
         the other ranks beyond DeepSpeed's own gradient reduction."""
-        engine, losses, waited = self.engine, [], 0.0
+        engine, losses, waited, norm = self.engine, [], 0.0, None
         start = time.perf_counter()
-        for _ in range(self.plan.grad_accum):
+        for i in range(self.plan.grad_accum):
             t = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - t
@@ -318,10 +360,10 @@ class Trainer:
             with speed.compile_errors(self.compiled):
                 loss, pred = self.task.forward(engine, batch)
                 engine.backward(loss)
-            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            norm = optimizer_step(engine, self.clip, boundary=i == self.plan.grad_accum - 1)
             losses.append(loss.detach())
         self.step += 1
-        self.meter.add(torch.stack(losses).float().mean(), engine.get_global_grad_norm(), self.step)
+        self.meter.add(torch.stack(losses).float().mean(), norm, self.step)
         self.scheduler.step_update(self.step)
         self.profiler.after_step(self.step)
         self.stats.steps += 1
@@ -347,11 +389,12 @@ class Trainer:
         self.log_row({"step": self.step, **self.speed.row(), "time": time.time()})
         self.writer.add_text("perf/speed", json.dumps(self.speed.row()), self.step)
         log.info(
-            "%.1f GFLOP per image (forward + backward); peak %.1f TFLOP/s (%s), datasheet %s",
+            "%.1f GFLOP per image (forward + backward); MFU against the datasheet's %s TFLOP/s, "
+            "matmul utilization against the measured %.1f TFLOP/s (%s)",
             self.speed.flops_per_image / 1e9,
+            self.speed.datasheet_tflops or "(unknown device: no MFU)",
             self.speed.peak_tflops,
             self.speed.peak_source,
-            self.speed.datasheet_tflops or "unknown",
         )
 
     @torch.no_grad()
@@ -398,7 +441,7 @@ class Trainer:
             ("data_wait", "perf/data_wait_share"),
             ("tflops", "perf/tflops_per_device"),
             ("mfu", "perf/mfu"),
-            ("mfu_datasheet", "perf/mfu_datasheet"),
+            ("matmul_utilization", "perf/matmul_utilization"),
             ("peak_memory_gib", "perf/peak_memory_gib"),
         ):
             if row.get(key) is not None:
@@ -415,8 +458,8 @@ class Trainer:
         )
 
     def perf_figures(self, images_per_s: float | None) -> dict:
-        """Achieved TFLOP/s per device, MFU against the measured and the datasheet peak, and
-        peak memory (see pipeline.training.flops)."""
+        """Achieved TFLOP/s per device, MFU (datasheet peak), matmul utilization (measured peak)
+        and peak memory (see pipeline.training.flops)."""
         if self.speed is None:
             return {}
         per_device = images_per_s / self.ranks.world_size if images_per_s else None
@@ -455,7 +498,8 @@ class Trainer:
                     self.writer.add_scalar("val/loss", val_loss, 0)
             while self.step < self.total_steps:
                 loss, (batch, pred) = self.train_step(batches)
-                if loss is not None and not math.isfinite(loss):
+                # a non-finite grad norm too: DeviceClip passes it on to the weights
+                if loss is not None and (not math.isfinite(loss) or self.reading.first_non_finite is not None):
                     self.wait_checkpoints()  # the last good one
                     bad = self.reading.first_non_finite or self.step
                     raise NonFiniteLoss(bad, loss, self.last_checkpoint, seen=self.step)
@@ -469,7 +513,8 @@ class Trainer:
                         self.log_step(loss, val_loss)
                     if self.task.pictures and self.step % cfg.picture_every == 0:
                         self.picture(batch, pred)
-                    self.writer.flush()
+                    if loss is not None:  # a log step: TensorBoard's file is written then, not every step
+                        self.writer.flush()
                 if checkpoint:
                     self.save()
             self.wait_checkpoints()
@@ -488,7 +533,6 @@ def _truncate_metrics(path, step: int) -> None:
 
 
 def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
-    import deepspeed
     from torch.utils.tensorboard import SummaryWriter
 
     plan = batch_plan(cfg, ranks.world_size)
@@ -525,7 +569,7 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
     lrs = scaled_lrs(cfg.optim, plan.global_batch)
     optimizer = task.build_optimizer(model, cfg, lrs.lr)
     scheduler = build_scheduler(optimizer, cfg.optim, lrs, steps_per_epoch, budget)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, plan, precision))
+    engine, clip = initialize(model, optimizer, cfg, plan, precision)
     bound_group_timeouts(cfg.train.dist_timeout_s)
 
     trainer = Trainer(
@@ -545,6 +589,7 @@ def build_trainer(cfg: Config, ranks: Ranks, task: Task = PRETRAIN) -> Trainer:
         flop_model=flop_model,
         peak=flops.measure_peak(ranks.device) if ranks.rank == 0 else None,
         saver=Saver(folder, rank=ranks.rank, local_rank=ranks.local_rank, keep_last=cfg.train.keep_last),
+        clip=clip,
     )
     if resume_step is not None:
         if ranks.rank == 0:
