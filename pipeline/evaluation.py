@@ -504,14 +504,22 @@ def run(
 
     from pipeline import storage
     from pipeline.config import load_config
-    from pipeline.registry import CONFIG, Registry, code_version, default_registry, load_export, model_from_folder
+    from pipeline.registry import (
+        CONFIG,
+        Registry,
+        code_version,
+        default_registry,
+        load_export,
+        model_from_folder,
+        pull_version,
+    )
 
     device = device or _default_device()
     store = load_config(preset, list(overrides)).storage  # endpoint/region for every URL below
     if "@" in model:
         reg = Registry(registry or default_registry(), store)
         with tempfile.TemporaryDirectory(prefix="mfm-eval-") as tmp:
-            ref, folder = reg.pull(model, tmp)  # every file verified against the manifest
+            ref, folder = pull_version(reg, model, tmp)  # every file verified against the manifest
             net, config = model_from_folder(folder), json.loads((Path(folder) / CONFIG).read_text())
         source, out = str(ref), out or "metrics.json"
     else:

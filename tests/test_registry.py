@@ -22,6 +22,7 @@ from pipeline.registry import (
     gate_decision,
     load_model,
     parse_ref,
+    pull_version,
 )
 
 
@@ -91,7 +92,7 @@ def test_register_pull_load_roundtrip(store_url, tiny_export, tmp_path):
     assert "# tiny v1" in card and "| top1 | 0.25 |" in card and "runs/r1" in card
     assert "runs/r1/report.html" in card and "mfm report tiny@v1" in card  # where pipeline.report writes
 
-    ref2, dest = reg.pull("tiny@v1", tmp_path / "pulled")
+    ref2, dest = pull_version(reg, "tiny@v1", tmp_path / "pulled")
     assert ref2 == ref and sorted(p.name for p in dest.iterdir()) == sorted([*m["files"], "manifest.json"])
 
     model = load_model("tiny@latest", registry=reg_url)
@@ -117,7 +118,7 @@ def test_tampered_weights_are_refused(store_url, tmp_path):
     data[-1] ^= 0x01
     storage.write_bytes(url, bytes(data))
     with pytest.raises(IntegrityError, match=r"model\.safetensors: checksum mismatch"):
-        reg.pull("m@v1", tmp_path / "a")
+        pull_version(reg, "m@v1", tmp_path / "a")
     assert not (tmp_path / "a").exists()  # nothing of a refused version is left behind
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder either
     with pytest.raises(IntegrityError, match=r"model\.safetensors"):
@@ -130,7 +131,7 @@ def test_missing_file_is_refused(store_url, tmp_path):
     fs, path = storage.filesystem(storage.join(reg.url, "m", "v1", "config.json"))
     fs.rm(path)
     with pytest.raises(IntegrityError, match=r"config\.json: file is missing"):
-        reg.pull("m@latest", tmp_path / "a")
+        pull_version(reg, "m@latest", tmp_path / "a")
     assert mfm(["pull", "m@latest", "--registry", reg.url, "--dest", str(tmp_path / "b")]) == 1
 
 

@@ -12,7 +12,16 @@ from safetensors.torch import save
 
 from pipeline import storage
 from pipeline.cli import main as mfm
-from pipeline.registry import IntegrityError, Ref, Registry, RegistryError, check_name, parse_ref
+from pipeline.registry import (
+    IntegrityError,
+    Ref,
+    Registry,
+    RegistryError,
+    check_name,
+    collect_abandoned_claims,
+    parse_ref,
+    pull_version,
+)
 
 
 def small_export(url: str, seed: int, metrics: dict | None = None) -> str:
@@ -93,7 +102,7 @@ def test_names_with_a_trailing_newline_are_refused(reg):
 def test_pull_refuses_a_manifest_without_weights_or_config(reg, missing, tmp_path, capsys):
     _rewrite_manifest(reg, 1, lambda m: dict(m, files={k: v for k, v in m["files"].items() if k != missing}))
     with pytest.raises(RegistryError, match=f"does not list {missing}"):
-        reg.pull("m@v1", tmp_path / "d")
+        pull_version(reg, "m@v1", tmp_path / "d")
     assert mfm(["pull", "m@v1", "--registry", reg.url, "--dest", str(tmp_path / "d")]) == 1
     assert "verified" not in capsys.readouterr().out
     assert not (tmp_path / "d").exists()
@@ -110,11 +119,11 @@ def test_a_refused_pull_leaves_the_destination_as_it_was(reg, tmp_path):
     data[-1] ^= 0x01
     storage.write_bytes(url, bytes(data))
     with pytest.raises(IntegrityError, match=r"model\.safetensors: checksum mismatch"):
-        reg.pull("m@v1", dest)
+        pull_version(reg, "m@v1", dest)
     assert [p.name for p in dest.iterdir()] == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     storage.write_bytes(url, bytes(data[:-1]) + bytes([data[-1] ^ 0x01]))  # repaired: the pull completes
-    reg.pull("m@v1", dest)
+    pull_version(reg, "m@v1", dest)
     assert sorted(p.name for p in dest.iterdir()) == sorted(
         ["keep.txt", "model.safetensors", "config.json", "README.md", "metrics.json", "manifest.json"]
     )
@@ -131,7 +140,7 @@ def test_gc_removes_only_old_abandoned_claims(reg, capsys):
     storage.write_bytes(storage.join(reg.version_url("m", 2), "config.json"), b"{}")
     claim(3, json.dumps({"owner": "alive", "created": ago(1)}).encode())
     claim(4, b"not json")
-    assert reg.gc(86400, dry_run=True) == [reg.version_url("m", 2)]
+    assert collect_abandoned_claims(reg, 86400, dry_run=True) == [reg.version_url("m", 2)]
     assert storage.exists(storage.join(reg.version_url("m", 2), ".claim"))
     assert mfm(["registry", "gc", "--older-than", "1d", "--registry", reg.url]) == 0
     assert capsys.readouterr().out.split() == ["removed", reg.version_url("m", 2)]
@@ -141,8 +150,8 @@ def test_gc_removes_only_old_abandoned_claims(reg, capsys):
     assert storage.exists(storage.join(reg.version_url("m", 4), ".claim"))
     assert reg.versions("m") == [1] and reg.manifest("m@v1")["version"] == 1  # complete: untouched
     assert storage.exists(storage.join(reg.version_url("m", 1), ".claim"))
-    assert reg.gc(86400) == []
-    assert reg.gc(1800) == [reg.version_url("m", 3)]
+    assert collect_abandoned_claims(reg, 86400) == []
+    assert collect_abandoned_claims(reg, 1800) == [reg.version_url("m", 3)]
     with pytest.raises(SystemExit):  # argparse's usage error
         mfm(["registry", "gc", "--older-than", "soon", "--registry", reg.url])
 
