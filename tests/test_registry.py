@@ -207,3 +207,33 @@ def test_store_without_conditional_writes_is_refused(tmp_path, capsys):
         Registry("memory://reg").register("m", export)
     assert mfm(["registry", "register", "m", "--export", export, "--registry", "memory://reg2"]) == 1
     assert "no create-if-absent write" in capsys.readouterr().err
+
+
+def old_layout_config(config: dict) -> dict:
+    """The config.json exports had before timm's save_for_hf layout (no global_pool, classifier,
+    first_conv, crop settings), as registries hold them."""
+    return {
+        "architecture": config["architecture"],
+        "num_classes": 0,
+        "num_features": config["num_features"],
+        "model_args": config["model_args"],
+        "pretrained_cfg": {
+            "input_size": config["pretrained_cfg"]["input_size"],
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "num_classes": 0,
+        },
+    }
+
+
+def test_exports_written_before_the_timm_layout_still_load_and_pull(store_url, tiny_export, tmp_path, capsys):
+    encoder, state, config = tiny_export
+    export = write_export(storage.join(store_url, "old", "export"), state, old_layout_config(config))  # no metadata
+    reg_url = storage.join(store_url, "registry")
+    Registry(reg_url).register("old", export)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model("old@v1", registry=reg_url)(x), encoder(x))
+        assert load_model("old@v1", registry=reg_url, num_classes=3)(x).shape == (2, 3)
+    assert mfm(["pull", "old@v1", "--registry", reg_url, "--dest", str(tmp_path / "pulled")]) == 0
+    assert json.loads((tmp_path / "pulled" / "config.json").read_text()) == old_layout_config(config)
