@@ -24,6 +24,7 @@ models), `comparison` (a version beside production), `commands` (the CLI).
 from pipeline.registry.cache import cached_version, fetch_verified
 from pipeline.registry.card import code_version, model_card
 from pipeline.registry.commands import cli, pull_cli
+from pipeline.registry.comparison import Comparison, compare_with_production
 from pipeline.registry.gate import flatten_metrics, gate_decision
 from pipeline.registry.gc import collect_abandoned_claims
 from pipeline.registry.loading import (
@@ -79,6 +80,8 @@ __all__ = [
     "cached_version",
     "cli",
     "code_version",
+    "Comparison",
+    "compare_with_production",
     "collect_abandoned_claims",
     "default_registry",
     "fetch_verified",
