@@ -100,7 +100,10 @@ def model_from_export(config: dict, state: dict, *, num_classes: int | None = No
             if any(t.is_meta for t in tensors) or result.missing_keys:
                 model = None  # a non-persistent buffer or a missing weight: it needs the real init
     if model is None:
-        model = create()
+        try:
+            model = create()
+        except (TypeError, ValueError, RuntimeError, AssertionError, AttributeError) as e:
+            raise RegistryError(f"{what}: timm cannot build {config['architecture']} {model_args}: {e}") from None
         result = model.load_state_dict(state, strict=False)
     head = model.pretrained_cfg.get("classifier") or "head"
     heads = (head,) if isinstance(head, str) else tuple(head)
