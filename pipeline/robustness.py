@@ -128,8 +128,8 @@ def restrict(logits: torch.Tensor, subset: Sequence[int]) -> torch.Tensor:
 
 
 def list_folder(url: str, storage_cfg=None) -> tuple[list[tuple[str, str]], list[str]]:
-    """([(file URL, class folder)], skipped) of `<url>/<class>/<image>`: regular files only (no
-    links), one level of class folders; anything else is skipped and named."""
+    """([(file URL, class folder)], skipped) of `<url>/<class>/<image>`: regular files inside the
+    folder only, one level of class folders; anything else is skipped and named."""
     from pipeline import storage
 
     fs, root = storage.filesystem(url, storage_cfg)
@@ -138,7 +138,7 @@ def list_folder(url: str, storage_cfg=None) -> tuple[list[tuple[str, str]], list
         found = fs.find(root, maxdepth=2, detail=True)
     except FileNotFoundError:
         raise ValueError(f"OOD folder {url} does not exist") from None
-    local = storage.is_local(url)
+    inside = os.path.realpath(root) + os.sep if storage.is_local(url) else None
     samples, skipped = [], []
     for path, info in sorted(found.items()):
         rel = path[len(root) :].lstrip("/")
@@ -146,7 +146,8 @@ def list_folder(url: str, storage_cfg=None) -> tuple[list[tuple[str, str]], list
         if len(parts) != 2 or not parts[1].lower().endswith(IMAGE_EXTS) or parts[0].startswith("."):
             skipped.append(rel)
             continue
-        if info.get("type") != "file" or (local and os.path.islink(path)):
+        # a link (to a file, or a class folder linked elsewhere) is never followed out of the set
+        if info.get("type") != "file" or (inside and not os.path.realpath(path).startswith(inside)):
             skipped.append(rel)
             continue
         samples.append((storage.join(url, parts[0], parts[1]), parts[0]))

@@ -388,6 +388,8 @@ def test_ood_subset_mapping_hand_computed(tmp_path):
     (folder / "n00000002" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # skipped and counted
     (folder / "n00000004" / "link.png").symlink_to(folder / "n00000002" / "0.png")  # never read
     (folder / "notes.txt").write_text("not an image")
+    outside = write_ood_folder(tmp_path / "outside", {"n00000004": [255]})
+    (folder / "n00000005").symlink_to(outside / "n00000004")  # a class folder linked out of the set
 
     def classify(x):
         bright = (x.mean((1, 2, 3)) > 0).float()
@@ -399,7 +401,7 @@ def test_ood_subset_mapping_hand_computed(tmp_path):
     common = dict(size=32, mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=2)
     r = evaluate_ood(classify, "imagenet-r", str(folder), model_classes, **common)
     assert (r["top1"], r["num_samples"], r["num_classes"]) == (1.0, 5, 2)
-    assert r["skipped"] == 3 and any("broken.jpg" in s for s in r["skipped_examples"])
+    assert r["skipped"] == 4 and any("broken.jpg" in s for s in r["skipped_examples"])
     sketch = evaluate_ood(classify, "imagenet-sketch", str(folder), model_classes, **common)
     assert sketch["top1"] == 0.0 and sketch["logits"] == "all classes"
     with pytest.raises(ValueError, match="not among the model's 6 classes"):
