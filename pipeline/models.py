@@ -132,6 +132,13 @@ def export_weights(state: dict[str, torch.Tensor]) -> bytes:
     return save({k: v.contiguous() for k, v in state.items()}, metadata=SAFETENSORS_METADATA)
 
 
+def export_tag(model_args: dict, img_size: int) -> str:
+    """The pretrained tag, in timm's style (`r160` for 160 px): the entrypoint's name keeps timm's
+    default patch size and resolution, the tag says what these weights were trained at."""
+    patch = model_args.get("patch_size")
+    return "mfm" + (f"_p{patch}" if patch else "") + f"_r{img_size}"
+
+
 def timm_config(
     net: nn.Module, architecture: str, model_args: dict, img_size: int, label_names: list[str] | None = None, **extra
 ) -> dict:
@@ -151,7 +158,7 @@ def timm_config(
         config["label_names"] = list(label_names)
     config["model_args"] = dict(model_args)
     config["pretrained_cfg"] = {
-        "tag": "mfm",
+        "tag": export_tag(model_args, img_size),
         "custom_load": False,
         "input_size": [3, img_size, img_size],
         "fixed_input_size": bool(source.get("fixed_input_size", False)),
