@@ -314,12 +314,12 @@ def _comparison_html(c) -> str:
         f"{'' if r.better is None else (' (better)' if r.better else ' (worse)')}</td></tr>"
         for r in c.rows
     )
-    gate = {True: "would move", False: "would refuse", None: "nothing to decide"}[c.gate_allowed]
+    gate = {True: "would move it here", False: "would refuse", None: "nothing to decide"}[c.gate_allowed]
     return (
         f"<h3 id='comparison'>compared with {html.escape(c.alias)}</h3><p>{html.escape(c.summary)}</p>"
         f"<table><tr><th>metric</th><th>{html.escape(c.ref)}</th><th>{html.escape(c.production or 'none')}</th>"
         f"<th>difference</th></tr>{rows}</table>"
-        f"<p>promotion gate: {gate} {html.escape(c.alias)}: {html.escape(c.gate_reason)}</p>"
+        f"<p>promotion gate ({html.escape(c.alias)}): {gate}: {html.escape(c.gate_reason)}</p>"
     )
 
 

@@ -122,4 +122,5 @@ def test_report_compares_a_version_with_production(tmp_path):
     assert row("ImageNet-C mCE") == ["ImageNet-C mCE", "0.8", "0.9", "-0.1 (better)"]
     assert row("imagenet-r top-1") == ["imagenet-r top-1", "0.25", "0.2", "+0.05 (better)"]
     assert row("imagenet-sketch top-1") == ["imagenet-sketch top-1", "0.1", "n/a", "n/a"]
-    assert "beside m@v1 (production)" in page and "promotion gate: would move production: top1 0.6 beats 0.5" in page
+    assert "beside m@v1 (production)" in page
+    assert "promotion gate (production): would move it here: top1 0.6 beats 0.5" in page
