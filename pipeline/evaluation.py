@@ -525,6 +525,7 @@ def run(
     )
     from pipeline.robustness import evaluate_ood, parse_ood
 
+    ood_sets = parse_ood(ood)  # a wrong --ood is refused before any model is loaded
     device = device or _default_device()
     store = load_config(preset, list(overrides)).storage  # endpoint/region for every URL below
     if "@" in model:
@@ -555,8 +556,6 @@ def run(
         return _limited(
             lambda: build_eval_loader(cfg, url, rank=0, world_size=1, batch_size=batch_size, device=device), max_batches
         )
-
-    ood_sets = parse_ood(ood)
 
     def score_ood(classify: Classifier) -> dict:
         has_head = int(config.get("num_classes") or 0) > 0

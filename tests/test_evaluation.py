@@ -420,3 +420,27 @@ def test_ood_spec_parsing():
     for bad in (["imagenet-r"], ["Imagenet-R=/x"], ["imagenet-r="], ["a=/x", "a=/y"], ["../x=/y"]):
         with pytest.raises(ValueError):
             parse_ood(bad)
+
+
+def test_ood_spec_parser_property():
+    """Any flow parameter or --ood values: a ValueError naming the item, or names that are plain
+    lower-case set names mapped to the URLs given."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from pipeline.robustness import SET_NAME_RE, parse_ood
+
+    item = st.text(max_size=12) | st.builds(
+        lambda n, u: f"{n}={u}", st.from_regex(SET_NAME_RE, fullmatch=True), st.text(max_size=8)
+    )
+
+    @settings(max_examples=60, deadline=None)
+    @given(spec=st.lists(item, max_size=4) | st.dictionaries(st.text(max_size=8), st.text(max_size=8) | st.integers()))
+    def check(spec):
+        try:
+            out = parse_ood(spec)
+        except ValueError:
+            return
+        assert all(SET_NAME_RE.fullmatch(n) and isinstance(u, str) and u.strip() == u and u for n, u in out.items())
+
+    check()
