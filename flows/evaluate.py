@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from pipeline.evaluation import metrics_table, run
+from pipeline.evaluation import metrics_table, run, summary
 
 
 @flow(name="mfm-evaluate", log_prints=True)
@@ -25,8 +25,11 @@ def evaluate_flow(
     knn_k: int = 20,
     probe_epochs: int = 20,
     seed: int = 0,
+    ood: dict[str, str] | None = None,
 ) -> dict:
-    """`mfm evaluate` as a flow; publishes the metrics table and returns the headline numbers."""
+    """`mfm evaluate` as a flow; publishes the metrics table and returns the headline numbers.
+    `ood`: {"imagenet-r": URL, ...}, out-of-distribution folders scored beside the clean data and
+    recorded in metrics.json (which registering the export copies into the registry entry)."""
     metrics, url = run(
         model,
         data,
@@ -43,6 +46,7 @@ def evaluate_flow(
         knn_k=knn_k,
         probe_epochs=probe_epochs,
         seed=seed,
+        ood=ood,
     )
     create_table_artifact(
         key="mfm-evaluate-metrics",
@@ -51,12 +55,7 @@ def evaluate_flow(
     )
     print(f"metrics of {metrics['model']}: top1={metrics['top1']:.4f} top5={metrics['top5']:.4f} -> {url}")
     # The full report lives in metrics.json; the flow result stays small.
-    return {
-        "metrics_url": url,
-        "top1": metrics["top1"],
-        "top5": metrics["top5"],
-        **({"corrupted_mean_top1": metrics["robustness"]["mean_top1"]} if "robustness" in metrics else {}),
-    }
+    return {"metrics_url": url, **summary(metrics)}
 
 
 if __name__ == "__main__":

@@ -206,9 +206,12 @@ def evaluate_robustness(
 
 
 def summarize_robustness(results: dict[tuple[str, int], dict], clean: dict | None = None) -> dict:
-    """Per corruption and severity, per corruption (mean over severities), per family, and the
-    means: `mean_top1` over every (corruption, severity) cell (mCE-style mean accuracy; its
-    complement is `mean_error`) and `mean_over_corruptions` (mean of the per-corruption means)."""
+    """Per corruption and severity, per corruption (mean over severities), per family, the
+    means: `mean_top1` over every (corruption, severity) cell (a mean accuracy, not mCE; its
+    complement is `mean_error`) and `mean_over_corruptions` (mean of the per-corruption means),
+    and ImageNet-C's CE / mCE / relative mCE (pipeline.robustness) where the grid allows them."""
+    from pipeline.robustness import corruption_errors
+
     table: dict[str, dict[str, dict]] = {}
     for (c, s), r in sorted(results.items()):
         table.setdefault(c, {})[str(s)] = {k: v for k, v in r.items() if k.startswith("top")}
@@ -231,6 +234,7 @@ def summarize_robustness(results: dict[tuple[str, int], dict], clean: dict | Non
     }
     if clean is not None:
         out["drop_top1"] = clean["top1"] - mean_top1
+    out.update(corruption_errors(results, clean["top1"] if clean is not None else None))
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -381,6 +385,8 @@ class EvalOptions:
     knn_temperature: float = 0.07
     probe_epochs: int = 20
     seed: int = 0
+    # scores the classifier (the head, or the probe on the frozen features) on out-of-distribution sets
+    ood: Callable[[Classifier], dict] | None = None
 
 
 def evaluate_model(
@@ -443,6 +449,8 @@ def evaluate_model(
         )
     clean = result.pop("clean")
     metrics.update(top1=clean["top1"], top5=clean["top5"], num_samples=clean["num_samples"], **result)
+    if options.ood is not None:
+        metrics["ood"] = options.ood(classify)
     return metrics
 
 
@@ -497,21 +505,33 @@ def run(
     knn_k: int = 20,
     probe_epochs: int = 20,
     seed: int = 0,
+    ood: Sequence[str] | dict[str, str] | None = None,
 ) -> tuple[dict, str]:
-    """What `mfm evaluate` and the `mfm-evaluate` flow do: (metrics, URL written)."""
+    """What `mfm evaluate` and the `mfm-evaluate` flow do: (metrics, URL written). `ood` names
+    out-of-distribution folders, `NAME=URL` items or {name: url} (pipeline.robustness)."""
     import tempfile
     from pathlib import Path
 
     from pipeline import storage
     from pipeline.config import load_config
-    from pipeline.registry import CONFIG, Registry, code_version, default_registry, load_export, model_from_folder
+    from pipeline.registry import (
+        CONFIG,
+        Registry,
+        code_version,
+        default_registry,
+        load_export,
+        model_from_folder,
+        pull_version,
+    )
+    from pipeline.robustness import evaluate_ood, parse_ood
 
+    ood_sets = parse_ood(ood)  # a wrong --ood is refused before any model is loaded
     device = device or _default_device()
     store = load_config(preset, list(overrides)).storage  # endpoint/region for every URL below
     if "@" in model:
         reg = Registry(registry or default_registry(), store)
         with tempfile.TemporaryDirectory(prefix="mfm-eval-") as tmp:
-            ref, folder = reg.pull(model, tmp)  # every file verified against the manifest
+            ref, folder = pull_version(reg, model, tmp)  # every file verified against the manifest
             net, config = model_from_folder(folder), json.loads((Path(folder) / CONFIG).read_text())
         source, out = str(ref), out or "metrics.json"
     else:
@@ -537,12 +557,34 @@ def run(
             lambda: build_eval_loader(cfg, url, rank=0, world_size=1, batch_size=batch_size, device=device), max_batches
         )
 
+    def score_ood(classify: Classifier) -> dict:
+        has_head = int(config.get("num_classes") or 0) > 0
+        labels = config.get("label_names") if has_head else None
+        classes = labels if isinstance(labels, list) else split_classes(train_data if not has_head else data, store)
+        return {
+            name: evaluate_ood(
+                classify,
+                name,
+                url,
+                classes,
+                size=cfg.model.img_size,
+                mean=mean,
+                std=std,
+                batch_size=batch_size,
+                device=device,
+                storage_cfg=store,
+                max_batches=max_batches,
+            )
+            for name, url in ood_sets.items()
+        }
+
     options = EvalOptions(
         corruptions=parse_corruptions(corruptions),
         severities=parse_severities(severities),
         knn_k=knn_k,
         probe_epochs=probe_epochs,
         seed=seed,
+        ood=score_ood if ood_sets else None,
     )
     metrics = evaluate_model(
         net, loader(data), loader(train_data) if train_data else None, options, mean=mean, std=std, device=device
@@ -552,12 +594,46 @@ def run(
         "model": source,
         "data": data,
         "train_data": train_data,
+        "ood_sets": ood_sets,
         **metrics,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "code": code_version(),
     }
     storage.write_bytes(out, (json.dumps(metrics, indent=2) + "\n").encode(), store)
     return metrics, out
+
+
+def split_classes(url: str, storage_cfg=None) -> list[str]:
+    """The class names (wnids) of a sharded split by label index, from its manifest."""
+    from pipeline import storage
+
+    manifest_url = storage.join(url, "manifest.json")
+    try:
+        classes = json.loads(storage.read_bytes(manifest_url, storage_cfg)).get("classes")
+        table = {int(c["index"]): str(c.get("wnid") or c["name"]) for c in classes}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{manifest_url}: no class table to map OOD classes onto ({type(e).__name__}: {e})") from None
+    if sorted(table) != list(range(len(table))):
+        raise ValueError(f"{manifest_url}: class indices are not 0..{len(table) - 1}")
+    return [table[i] for i in range(len(table))]
+
+
+def summary(metrics: dict) -> dict:
+    """The headline figures `mfm evaluate` prints (and the flow returns)."""
+    out = {k: metrics[k] for k in ("top1", "top5") if k in metrics}
+    rob = metrics.get("robustness") or {}
+    if rob:
+        out["corrupted_mean_top1"] = rob["mean_top1"]
+        if "mCE" in rob:
+            out.update(mCE=rob["mCE"], relative_mCE=rob.get("relative_mCE"))
+        else:
+            out["mCE"] = rob.get("mCE_note")
+    for key in ("knn", "linear_probe"):
+        if key in metrics:
+            out[f"{key}_top1"] = metrics[key]["top1"]
+    for name, r in (metrics.get("ood") or {}).items():
+        out[f"{name}_top1"] = r["top1"]
+    return out
 
 
 def cli(argv: list[str]) -> int:
@@ -577,6 +653,14 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--knn-k", type=int, default=20)
     p.add_argument("--probe-epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--ood",
+        action="append",
+        default=[],
+        metavar="NAME=FOLDER",
+        help="an out-of-distribution set as <class wnid>/<image> folders: imagenet-a and imagenet-r are scored "
+        "on their 200 classes' logits, other names (imagenet-sketch) on all; repeatable",
+    )
     args = p.parse_args(argv)
     from pipeline.registry import RegistryError
 
@@ -597,15 +681,10 @@ def cli(argv: list[str]) -> int:
             knn_k=args.knn_k,
             probe_epochs=args.probe_epochs,
             seed=args.seed,
+            ood=args.ood,
         )
     except (RegistryError, ValueError, RuntimeError) as e:
         print(f"mfm evaluate: {e}", file=sys.stderr)
         return 1
-    summary = {k: metrics[k] for k in ("top1", "top5") if k in metrics}
-    if "robustness" in metrics:
-        summary["corrupted_mean_top1"] = metrics["robustness"]["mean_top1"]
-    for key in ("knn", "linear_probe"):
-        if key in metrics:
-            summary[f"{key}_top1"] = metrics[key]["top1"]
-    print(json.dumps(summary), f"-> {out}")
+    print(json.dumps(summary(metrics)), f"-> {out}")
     return 0

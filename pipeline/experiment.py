@@ -204,15 +204,14 @@ def pretrain(s: Settings, data: dict, pretext: str, seed: int) -> dict:
 def random_init_export(cfg, run_dir: str) -> str:
     """The export a pretraining run would start from: the same model and (paper) init, seeded."""
     import torch
-    from safetensors.torch import save_file
 
-    from pipeline.models import build_model, export_encoder
+    from pipeline.models import build_model, export_encoder, export_weights
 
     torch.manual_seed(cfg.train.seed)
     state, config = export_encoder(build_model(cfg.model, cfg.corruption), cfg.model)
     export = Path(run_dir) / "export"
     export.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(export / "model.safetensors"))
+    (export / "model.safetensors").write_bytes(export_weights(state))
     (export / "config.json").write_text(json.dumps(config, indent=1))
     return str(export)
 

@@ -68,6 +68,12 @@ def resolve_init(cfg: Config) -> tuple[str, dict]:
     """(pinned init, its timm config.json): a ref's alias becomes the version it points at now,
     so that every rank (and a later resume) loads the same weights."""
     from pipeline.registry import CONFIG, WEIGHTS, RegistryError
+    from pipeline.registry.architecture import check_buildable, check_model_config
+
+    def checked(url: str) -> dict:  # the init's config.json reaches timm.create_model: untrusted
+        config = check_model_config(json.loads(storage.read_bytes(url, cfg.storage)), url)
+        check_buildable(config, url)
+        return config
 
     init = cfg.finetune.init
     if not init:
@@ -77,15 +83,15 @@ def resolve_init(cfg: Config) -> tuple[str, dict]:
             reg = _registry(cfg)
             ref = reg.resolve(init)
             url = storage.join(reg.version_url(ref.name, ref.version), CONFIG)
-            return str(ref), json.loads(storage.read_bytes(url, cfg.storage))
+            return str(ref), checked(url)
         for fname in (WEIGHTS, CONFIG):
             if not storage.exists(storage.join(init, fname), cfg.storage):
                 raise ConfigError(
                     f"finetune.init={init!r}: no {fname} there (expected an export folder "
                     "with model.safetensors + config.json, or a registry ref NAME@ALIAS)"
                 )
-        return init, json.loads(storage.read_bytes(storage.join(init, CONFIG), cfg.storage))
-    except RegistryError as e:
+        return init, checked(storage.join(init, CONFIG))
+    except (RegistryError, ValueError) as e:
         raise ConfigError(f"finetune.init={init!r}: {e}") from None
 
 
@@ -321,29 +327,14 @@ def _val_batch(cfg: Config, ranks, size: int):
 # ---------------------------------------------------------------------------- the end of a run
 
 
-def export_config(cfg: Config, num_features: int, label_names: list[str] | None) -> dict:
-    """timm config.json of the fine-tuned classifier (head included)."""
-    n = cfg.finetune.num_classes
-    size = cfg.model.img_size
-    config = {
-        "architecture": cfg.model.name,
-        "num_classes": n,
-        "num_features": num_features,
-        "model_args": classifier_args(cfg),
-        "pretrained_cfg": {
-            "input_size": [3, size, size],
-            "mean": list(MEAN),
-            "std": list(STD),
-            "num_classes": n,
-            "interpolation": "bicubic",
-            "crop_pct": 224 / 256,
-            "crop_mode": "center",
-        },
-        "finetuned_from": cfg.finetune.init,
-    }
-    if label_names and len(label_names) == n:
-        config["label_names"] = label_names
-    return config
+def export_config(cfg: Config, net: nn.Module, label_names: list[str] | None) -> dict:
+    """timm config.json of the fine-tuned classifier (head included; see pipeline.models.timm_config)."""
+    from pipeline.models import timm_config
+
+    labels = label_names if label_names and len(label_names) == cfg.finetune.num_classes else None
+    return timm_config(
+        net, cfg.model.name, classifier_args(cfg), cfg.model.img_size, labels, finetuned_from=cfg.finetune.init
+    )
 
 
 @torch.no_grad()
@@ -380,8 +371,7 @@ def evaluate(trainer) -> dict:
 
 def _finish(trainer) -> dict:
     """Collective: export the classifier, evaluate it, write metrics.json (rank 0)."""
-    from safetensors.torch import save as safetensors_bytes
-
+    from pipeline.models import export_weights
     from pipeline.registry import code_version
     from pipeline.training import checkpoint as ckpt
 
@@ -393,8 +383,8 @@ def _finish(trainer) -> dict:
     if trainer.is_main:
         tensors = {k: v.contiguous() for k, v in state.items()}
         labels = [c.get("wnid") or c.get("name") or str(c.get("index")) for c in train_classes(cfg)]
-        config = export_config(cfg, trainer.engine.module.num_features, labels)
-        storage.write_bytes(storage.join(export, "model.safetensors"), safetensors_bytes(tensors), cfg.storage)
+        config = export_config(cfg, trainer.engine.module, labels)
+        storage.write_bytes(storage.join(export, "model.safetensors"), export_weights(tensors), cfg.storage)
         storage.write_bytes(storage.join(export, "config.json"), json.dumps(config, indent=1).encode(), cfg.storage)
         metrics = {
             "format_version": METRICS_FORMAT_VERSION,

@@ -14,6 +14,7 @@ from torch import nn
 
 from kernels.frequency import frequency_loss
 from pipeline.config import CorruptionConfig, ModelConfig
+from pipeline.corruptions import IMAGENET_MEAN, IMAGENET_STD
 
 
 def create_encoder(cfg: ModelConfig, **overrides) -> nn.Module:
@@ -118,22 +119,70 @@ def build_model(model_cfg: ModelConfig, corruption_cfg: CorruptionConfig | None 
     return model
 
 
+# safetensors' metadata as torch and transformers write it: loaders that check it (transformers)
+# refuse a file without it
+SAFETENSORS_METADATA = {"format": "pt"}
+EVAL_PREPROCESSING = {"interpolation": "bicubic", "crop_pct": 224 / 256, "crop_mode": "center"}  # pipeline.data's view
+
+
+def export_weights(state: dict[str, torch.Tensor]) -> bytes:
+    """model.safetensors bytes of a state dict, with the metadata timm and transformers expect."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in state.items()}, metadata=SAFETENSORS_METADATA)
+
+
+def export_tag(model_args: dict, img_size: int) -> str:
+    """The pretrained tag, in timm's style (`r160` for 160 px): the entrypoint's name keeps timm's
+    default patch size and resolution, the tag says what these weights were trained at."""
+    patch = model_args.get("patch_size")
+    return "mfm" + (f"_p{patch}" if patch else "") + f"_r{img_size}"
+
+
+def timm_config(
+    net: nn.Module, architecture: str, model_args: dict, img_size: int, label_names: list[str] | None = None, **extra
+) -> dict:
+    """config.json in the layout timm's `save_for_hf` writes, so that
+    `timm.create_model("local-dir:DIR", pretrained=True[, num_classes=N])` rebuilds `net`.
+
+    Written here rather than by timm's save_config_for_hf, whose output changes with timm's version
+    and carries the source checkpoint's tag and licence, which these weights do not have."""
+    source = getattr(net, "pretrained_cfg", None) or {}
+    pool = getattr(net, "global_pool", None)
+    pool = getattr(pool, "pool_type", pool)
+    num_classes = int(getattr(net, "num_classes", 0) or 0)
+    config = {"architecture": architecture, "num_classes": num_classes, "num_features": int(net.num_features)}
+    if isinstance(pool, str) and pool:
+        config["global_pool"] = pool
+    if label_names:
+        config["label_names"] = list(label_names)
+    config["model_args"] = dict(model_args)
+    config["pretrained_cfg"] = {
+        "tag": export_tag(model_args, img_size),
+        "custom_load": False,
+        "input_size": [3, img_size, img_size],
+        "fixed_input_size": bool(source.get("fixed_input_size", False)),
+        **EVAL_PREPROCESSING,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "num_classes": num_classes,
+        "first_conv": source.get("first_conv"),
+        "classifier": source.get("classifier") or "head",
+    }
+    return {**config, **extra}
+
+
 def export_encoder(model: MFMModel, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, timm config.json) of the encoder: contiguous fp32 CPU tensors, loadable with
-    `timm.create_model("local-dir:DIR", pretrained=True)` or strictly (head aside) into
-    `timm.create_model(name, **model_args)`."""
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
-    model_args = {k: v for k, v in encoder_args(model_cfg).items() if k not in ("num_classes", "drop_path_rate")}
-    config = {
-        "architecture": model_cfg.name,
-        "num_classes": 0,
-        "num_features": model.encoder.num_features,
-        "model_args": model_args,
-        "pretrained_cfg": {
-            "input_size": [3, model_cfg.img_size, model_cfg.img_size],
-            "mean": [0.485, 0.456, 0.406],
-            "std": [0.229, 0.224, 0.225],
-            "num_classes": 0,
-        },
+    `timm.create_model("local-dir:DIR", pretrained=True)` (see `timm_config`). The pooling is
+    timm's default for the architecture (a CNN encoder is trained unpooled; pooling holds no weights)."""
+    state = {
+        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()  # BN counters stay int
+        for k, v in model.encoder.state_dict().items()
     }
-    return state, config
+    model_args = {k: v for k, v in encoder_args(model_cfg).items() if k not in ("num_classes", "drop_path_rate")}
+    encoder = model.encoder
+    if not model.vit:
+        with torch.device("meta"):  # the pooled model, for its pooling and first conv: no memory, no init
+            encoder = timm.create_model(model_cfg.name, pretrained=False, **encoder_args(model_cfg))
+    return state, timm_config(encoder, model_cfg.name, model_args, model_cfg.img_size)

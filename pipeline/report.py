@@ -150,13 +150,14 @@ def collect(target: str, *, registry: str | None = None, cfg: StorageConfig | No
     """Read everything the page shows: a registry ref's model and runs, or a run folder's."""
     model, title = None, target
     if is_ref(target):
-        from pipeline.registry import Registry, default_registry
+        from pipeline.registry import Registry, compare_with_production, default_registry
 
         reg = Registry(registry or default_registry(), cfg)
         ref = reg.resolve(target)
         model = reg.manifest(ref)
         model["ref"], model["registry"] = str(ref), reg.url
         model["evaluation"] = _json(storage.join(reg.version_url(ref.name, ref.version), "metrics.json"), cfg)
+        model["comparison"] = compare_with_production(reg, ref)  # beside production, with the gate's decision
         title = f"{ref} ({target})" if str(ref) != target else str(ref)
         run_dir = (model.get("lineage") or {}).get("run_url")
     else:
@@ -291,12 +292,35 @@ def _model_section(model: dict) -> str:
         ("code", f"{code.get('package')} {code.get('version')}, commit {code.get('git_commit')}"),
     ]
     parts = ["<section id='model'><h2>registered model and lineage</h2>", _table(facts, ("", ""))]
+    if model.get("comparison"):
+        parts.append(_comparison_html(model["comparison"]))
     if model.get("evaluation"):
         parts.append("<h3>evaluation (registered with the model)</h3>" + _table(_accuracy_pairs(model["evaluation"])))
     elif model.get("metrics"):
         parts.append("<h3>metrics</h3>" + _table(sorted(model["metrics"].items())))
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _comparison_html(c) -> str:
+    """A `pipeline.registry.comparison.Comparison`: this version's figures, production's, the difference."""
+
+    def cell(v):
+        return "n/a" if v is None else _fmt(v)
+
+    rows = "".join(
+        f"<tr><td>{html.escape(r.label)}</td><td>{cell(r.value)}</td><td>{cell(r.production)}</td>"
+        f"<td>{'n/a' if r.difference is None else f'{r.difference:+.4g}'}"
+        f"{'' if r.better is None else (' (better)' if r.better else ' (worse)')}</td></tr>"
+        for r in c.rows
+    )
+    gate = {True: "would move it here", False: "would refuse", None: "nothing to decide"}[c.gate_allowed]
+    return (
+        f"<h3 id='comparison'>compared with {html.escape(c.alias)}</h3><p>{html.escape(c.summary)}</p>"
+        f"<table><tr><th>metric</th><th>{html.escape(c.ref)}</th><th>{html.escape(c.production or 'none')}</th>"
+        f"<th>difference</th></tr>{rows}</table>"
+        f"<p>promotion gate ({html.escape(c.alias)}): {gate}: {html.escape(c.gate_reason)}</p>"
+    )
 
 
 STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}

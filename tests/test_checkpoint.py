@@ -161,7 +161,7 @@ def test_nothing_consumers_load_is_a_pickle(tmp_path, no_pickles):
     from pipeline.config import load_config
     from pipeline.finetune import read_init_state
     from pipeline.models import build_model, export_encoder
-    from pipeline.registry import Registry, load_export
+    from pipeline.registry import Registry, load_export, load_model
     from pipeline.training.optim import build_optimizer, build_scheduler, scaled_lrs
 
     cfg = load_config("tiny_cpu", [])
@@ -189,7 +189,7 @@ def test_nothing_consumers_load_is_a_pickle(tmp_path, no_pickles):
     encoder, _ = load_export(str(export))
     reg = Registry(str(tmp_path / "registry"))
     reg.register("tiny", str(export))
-    assert reg.load_model("tiny@latest") is not None
+    assert load_model("tiny@latest", reg) is not None
     for init in (str(export), "tiny@latest"):
         c = load_config("tiny_cpu", [f"finetune.init={init}", f"finetune.registry={tmp_path / 'registry'}"])
         state = read_init_state(c)

@@ -274,8 +274,13 @@ def test_mfm_evaluate_on_shards(tiny_encoder, tmp_path, capsys):
         "data.workers=0",
     ]
 
-    assert mfm(["evaluate", "--model", export, *common]) == 0
+    ood = write_ood_folder(tmp_path / "imagenet-r", {"n00000001": [30, 90], "n00000003": [150, 240]})
+    assert mfm(["evaluate", "--model", export, *common, "--ood", f"imagenet-r={ood}"]) == 0
     metrics = json.loads((tmp_path / "run" / "export" / "metrics.json").read_text())
+    assert metrics["ood_sets"] == {"imagenet-r": str(ood)}
+    r = metrics["ood"]["imagenet-r"]
+    assert (r["num_samples"], r["num_classes"], r["url"]) == (4, 2, str(ood)) and 0 <= r["top1"] <= 1
+    assert metrics["robustness"]["mCE_note"].startswith("not mCE")  # one corruption at two severities
     assert metrics["format_version"] == 1 and metrics["model"] == export and metrics["num_samples"] == 10
     assert metrics["classifier"] == "linear_probe" and metrics["knn"]["num_samples"] == 10
     assert set(metrics["robustness"]["corruptions"]["gaussian_noise"]) == {"1", "5"}
@@ -284,6 +289,7 @@ def test_mfm_evaluate_on_shards(tiny_encoder, tmp_path, capsys):
     reg = Registry(str(tmp_path / "registry"))
     reg.register("tiny", export)  # picks up the metrics.json beside the export
     assert reg.metrics("tiny@latest")["top1"] == metrics["top1"]
+    assert reg.metrics("tiny@latest")["ood.imagenet-r.top1"] == r["top1"]  # the registry entry records the set
     out = str(tmp_path / "by-ref.json")
     assert (
         mfm(
@@ -323,3 +329,118 @@ def test_encoder_without_corruptions_reads_the_val_data_once(tiny_encoder):
     metrics = evaluate_model(model, val, lambda: [(train_x, train_y)], EvalOptions(probe_epochs=5))
     assert len(reads) == 1 and metrics["num_samples"] == 8
     assert (metrics["top1"], metrics["top5"]) == (metrics["linear_probe"]["top1"], metrics["linear_probe"]["top5"])
+
+
+# ---------------------------------------------------------------------------- mCE and OOD sets
+
+
+def test_mce_hand_computed():
+    from pipeline.robustness import ALEXNET_CLEAN_ERR, ALEXNET_ERR, MCE_NOTE
+
+    # every corruption at half AlexNet's error at each severity: every CE is 0.5, so is mCE
+    half = {(c, s): {"top1": 1 - ALEXNET_ERR[c] / 2, "top5": 1.0} for c in ALEXNET_ERR for s in range(1, 6)}
+    out = summarize_robustness(half, {"top1": 0.9})
+    assert out["corruption_errors"] == pytest.approx(dict.fromkeys(ALEXNET_ERR, 0.5))
+    assert out["mCE"] == pytest.approx(0.5) and "mCE_note" not in out
+    # errors rising a quarter as fast as AlexNet's above the clean error: relative mCE 0.25
+    quarter = {
+        (c, s): {"top1": 1 - (0.1 + (ALEXNET_ERR[c] - ALEXNET_CLEAN_ERR) / 4), "top5": 1.0}
+        for c in ALEXNET_ERR
+        for s in range(1, 6)
+    }
+    assert summarize_robustness(quarter, {"top1": 0.9})["relative_mCE"] == pytest.approx(0.25)
+    # one corruption by hand: errors 0.1..0.5 sum to 1.5; AlexNet's 5 x 0.886428 = 4.43214
+    ramp = {("gaussian_noise", s): {"top1": 1 - s / 10, "top5": 1.0} for s in range(1, 6)}
+    partial = summarize_robustness({**ramp, ("fog", 1): {"top1": 0.5, "top5": 1.0}}, {"top1": 0.8})
+    assert partial["corruption_errors"] == {"gaussian_noise": pytest.approx(1.5 / 4.43214)}
+    assert partial["relative_corruption_errors"]["gaussian_noise"] == pytest.approx(
+        (1.5 - 5 * 0.2) / (5 * (0.886428 - ALEXNET_CLEAN_ERR))
+    )
+    # a mean-accuracy-only run says it is not mCE
+    assert "mCE" not in partial and partial["mCE_note"] == MCE_NOTE and "not mCE" in MCE_NOTE
+
+
+def write_ood_folder(root, classes: dict[str, list[int]]):
+    """<root>/<wnid>/<i>.png, flat grey images of the given levels."""
+    from PIL import Image
+
+    for wnid, levels in classes.items():
+        (root / wnid).mkdir(parents=True, exist_ok=True)
+        for i, level in enumerate(levels):
+            Image.new("RGB", (40, 40), (level,) * 3).save(root / wnid / f"{i}.png")
+    return root
+
+
+def test_ood_subset_mapping_hand_computed(tmp_path):
+    """An ImageNet-R style folder holds 2 of the model's 6 classes. The model always ranks class 0
+    first (not in the set), then class 2 over class 4 for dark images and 4 over 2 for bright ones:
+    restricted to the set's classes (as the authors score ImageNet-A/-R) every image is right;
+    over all classes (ImageNet-Sketch) none is."""
+    from pipeline.robustness import class_subset, evaluate_ood, restrict
+
+    model_classes = [f"n{i:08d}" for i in range(6)]
+    assert class_subset(["n00000004", "n00000002"], model_classes, "imagenet-r") == [2, 4]
+    assert restrict(torch.arange(6.0).view(1, 6), [2, 4]).tolist() == [[2.0, 4.0]]
+    with pytest.raises(ValueError, match="n00000009"):
+        class_subset(["n00000009"], model_classes, "imagenet-a")
+
+    folder = write_ood_folder(tmp_path / "r", {"n00000002": [20, 30, 40], "n00000004": [200, 220]})
+    (folder / "n00000002" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # skipped and counted
+    (folder / "n00000004" / "link.png").symlink_to(folder / "n00000002" / "0.png")  # never read
+    (folder / "notes.txt").write_text("not an image")
+    outside = write_ood_folder(tmp_path / "outside", {"n00000004": [255]})
+    (folder / "n00000005").symlink_to(outside / "n00000004")  # a class folder linked out of the set
+
+    def classify(x):
+        bright = (x.mean((1, 2, 3)) > 0).float()
+        logits = torch.zeros(len(x), 6)
+        logits[:, 0] = 10.0
+        logits[:, 2], logits[:, 4] = 1 - bright, bright
+        return logits
+
+    common = dict(size=32, mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=2)
+    r = evaluate_ood(classify, "imagenet-r", str(folder), model_classes, **common)
+    assert (r["top1"], r["num_samples"], r["num_classes"]) == (1.0, 5, 2)
+    assert r["skipped"] == 4 and any("broken.jpg" in s for s in r["skipped_examples"])
+    sketch = evaluate_ood(classify, "imagenet-sketch", str(folder), model_classes, **common)
+    assert sketch["top1"] == 0.0 and sketch["logits"] == "all classes"
+    with pytest.raises(ValueError, match="not among the model's 6 classes"):
+        evaluate_ood(
+            classify, "imagenet-a", str(write_ood_folder(tmp_path / "a", {"n00000042": [9]})), model_classes, **common
+        )
+
+
+def test_ood_spec_parsing():
+    from pipeline.robustness import parse_ood
+
+    assert parse_ood(["imagenet-r=/data/r", "imagenet-sketch=s3://b/sketch"]) == {
+        "imagenet-r": "/data/r",
+        "imagenet-sketch": "s3://b/sketch",
+    }
+    for bad in (["imagenet-r"], ["Imagenet-R=/x"], ["imagenet-r="], ["a=/x", "a=/y"], ["../x=/y"]):
+        with pytest.raises(ValueError):
+            parse_ood(bad)
+
+
+def test_ood_spec_parser_property():
+    """Any flow parameter or --ood values: a ValueError naming the item, or names that are plain
+    lower-case set names mapped to the URLs given."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from pipeline.robustness import SET_NAME_RE, parse_ood
+
+    item = st.text(max_size=12) | st.builds(
+        lambda n, u: f"{n}={u}", st.from_regex(SET_NAME_RE, fullmatch=True), st.text(max_size=8)
+    )
+
+    @settings(max_examples=60, deadline=None)
+    @given(spec=st.lists(item, max_size=4) | st.dictionaries(st.text(max_size=8), st.text(max_size=8) | st.integers()))
+    def check(spec):
+        try:
+            out = parse_ood(spec)
+        except ValueError:
+            return
+        assert all(SET_NAME_RE.fullmatch(n) and isinstance(u, str) and u.strip() == u and u for n, u in out.items())
+
+    check()

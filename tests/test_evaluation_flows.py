@@ -77,6 +77,7 @@ def one_thread():
 
 def test_evaluate_flow_writes_metrics_and_artifact(prefect_server, tmp_path, one_thread):
     from test_data_shards import write_split
+    from test_evaluation import write_ood_folder
 
     from flows.evaluate import evaluate_flow
     from pipeline.config import ModelConfig
@@ -87,6 +88,7 @@ def test_evaluate_flow_writes_metrics_and_artifact(prefect_server, tmp_path, one
     export = write_export(str(tmp_path / "run" / "export"), state, config)
     write_split(str(tmp_path / "train"), [10])
     write_split(str(tmp_path / "val"), [6], split="val")
+    ood = write_ood_folder(tmp_path / "sketch", {"n00000002": [40], "n00000005": [200]})
 
     result = evaluate_flow(
         export,
@@ -98,9 +100,13 @@ def test_evaluate_flow_writes_metrics_and_artifact(prefect_server, tmp_path, one
         batch_size=8,
         probe_epochs=2,
         overrides=["data.workers=0"],
+        ood={"imagenet-sketch": str(ood)},
     )
     assert result["metrics_url"] == storage.join(export, "metrics.json")
     metrics = json.loads(storage.read_bytes(result["metrics_url"]))
+    assert metrics["ood_sets"] == {"imagenet-sketch": str(ood)}
+    assert result["imagenet-sketch_top1"] == metrics["ood"]["imagenet-sketch"]["top1"]
+    assert metrics["ood"]["imagenet-sketch"]["num_samples"] == 2 and "not mCE" in result["mCE"]
     assert result["top1"] == metrics["top1"] and result["corrupted_mean_top1"] == metrics["robustness"]["mean_top1"]
     rows = {r["metric"]: r["value"] for r in artifact_rows("mfm-evaluate-metrics")}
     assert rows["top1"] == round(metrics["top1"], 6) and "contrast@2" in rows and "knn.top1" in rows

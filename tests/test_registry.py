@@ -22,6 +22,7 @@ from pipeline.registry import (
     gate_decision,
     load_model,
     parse_ref,
+    pull_version,
 )
 
 
@@ -91,7 +92,7 @@ def test_register_pull_load_roundtrip(store_url, tiny_export, tmp_path):
     assert "# tiny v1" in card and "| top1 | 0.25 |" in card and "runs/r1" in card
     assert "runs/r1/report.html" in card and "mfm report tiny@v1" in card  # where pipeline.report writes
 
-    ref2, dest = reg.pull("tiny@v1", tmp_path / "pulled")
+    ref2, dest = pull_version(reg, "tiny@v1", tmp_path / "pulled")
     assert ref2 == ref and sorted(p.name for p in dest.iterdir()) == sorted([*m["files"], "manifest.json"])
 
     model = load_model("tiny@latest", registry=reg_url)
@@ -117,7 +118,7 @@ def test_tampered_weights_are_refused(store_url, tmp_path):
     data[-1] ^= 0x01
     storage.write_bytes(url, bytes(data))
     with pytest.raises(IntegrityError, match=r"model\.safetensors: checksum mismatch"):
-        reg.pull("m@v1", tmp_path / "a")
+        pull_version(reg, "m@v1", tmp_path / "a")
     assert not (tmp_path / "a").exists()  # nothing of a refused version is left behind
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder either
     with pytest.raises(IntegrityError, match=r"model\.safetensors"):
@@ -130,7 +131,7 @@ def test_missing_file_is_refused(store_url, tmp_path):
     fs, path = storage.filesystem(storage.join(reg.url, "m", "v1", "config.json"))
     fs.rm(path)
     with pytest.raises(IntegrityError, match=r"config\.json: file is missing"):
-        reg.pull("m@latest", tmp_path / "a")
+        pull_version(reg, "m@latest", tmp_path / "a")
     assert mfm(["pull", "m@latest", "--registry", reg.url, "--dest", str(tmp_path / "b")]) == 1
 
 
@@ -206,3 +207,33 @@ def test_store_without_conditional_writes_is_refused(tmp_path, capsys):
         Registry("memory://reg").register("m", export)
     assert mfm(["registry", "register", "m", "--export", export, "--registry", "memory://reg2"]) == 1
     assert "no create-if-absent write" in capsys.readouterr().err
+
+
+def old_layout_config(config: dict) -> dict:
+    """The config.json exports had before timm's save_for_hf layout (no global_pool, classifier,
+    first_conv, crop settings), as registries hold them."""
+    return {
+        "architecture": config["architecture"],
+        "num_classes": 0,
+        "num_features": config["num_features"],
+        "model_args": config["model_args"],
+        "pretrained_cfg": {
+            "input_size": config["pretrained_cfg"]["input_size"],
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "num_classes": 0,
+        },
+    }
+
+
+def test_exports_written_before_the_timm_layout_still_load_and_pull(store_url, tiny_export, tmp_path, capsys):
+    encoder, state, config = tiny_export
+    export = write_export(storage.join(store_url, "old", "export"), state, old_layout_config(config))  # no metadata
+    reg_url = storage.join(store_url, "registry")
+    Registry(reg_url).register("old", export)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model("old@v1", registry=reg_url)(x), encoder(x))
+        assert load_model("old@v1", registry=reg_url, num_classes=3)(x).shape == (2, 3)
+    assert mfm(["pull", "old@v1", "--registry", reg_url, "--dest", str(tmp_path / "pulled")]) == 0
+    assert json.loads((tmp_path / "pulled" / "config.json").read_text()) == old_layout_config(config)

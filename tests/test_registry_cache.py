@@ -17,7 +17,7 @@ from safetensors.torch import save
 
 from pipeline import storage
 from pipeline.cli import main as mfm
-from pipeline.registry import IntegrityError, Ref, Registry, RegistryError, cache, load_model
+from pipeline.registry import IntegrityError, Ref, Registry, RegistryError, cache, load_model, pull_version
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"architecture": "vit_tiny_patch16_224", "num_classes": 0, "model_args": {"img_size": 32, "patch_size": 8}}
@@ -84,7 +84,7 @@ def test_miss_then_hit_reads_no_weights_and_aliases_resolve_each_time(two_versio
     assert same_weights(load_model("m@production", registry=reg.url), states[2])
     assert sorted(e.version for e in _entries(cache_dir)) == [1, 2]
     # `mfm pull` goes through the same cache.
-    _, dest = reg.pull("m@v1", cache_dir.parent / "pulled")
+    _, dest = pull_version(reg, "m@v1", cache_dir.parent / "pulled")
     assert (dest / "model.safetensors").read_bytes() == (entry.path / "model.safetensors").read_bytes()
 
 

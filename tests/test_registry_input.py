@@ -8,11 +8,22 @@ import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save
 
 from pipeline import storage
 from pipeline.cli import main as mfm
-from pipeline.registry import IntegrityError, Ref, Registry, RegistryError, check_name, parse_ref
+from pipeline.registry import (
+    IntegrityError,
+    Ref,
+    Registry,
+    RegistryError,
+    check_name,
+    collect_abandoned_claims,
+    parse_ref,
+    pull_version,
+)
 
 
 def small_export(url: str, seed: int, metrics: dict | None = None) -> str:
@@ -93,7 +104,7 @@ def test_names_with_a_trailing_newline_are_refused(reg):
 def test_pull_refuses_a_manifest_without_weights_or_config(reg, missing, tmp_path, capsys):
     _rewrite_manifest(reg, 1, lambda m: dict(m, files={k: v for k, v in m["files"].items() if k != missing}))
     with pytest.raises(RegistryError, match=f"does not list {missing}"):
-        reg.pull("m@v1", tmp_path / "d")
+        pull_version(reg, "m@v1", tmp_path / "d")
     assert mfm(["pull", "m@v1", "--registry", reg.url, "--dest", str(tmp_path / "d")]) == 1
     assert "verified" not in capsys.readouterr().out
     assert not (tmp_path / "d").exists()
@@ -110,11 +121,11 @@ def test_a_refused_pull_leaves_the_destination_as_it_was(reg, tmp_path):
     data[-1] ^= 0x01
     storage.write_bytes(url, bytes(data))
     with pytest.raises(IntegrityError, match=r"model\.safetensors: checksum mismatch"):
-        reg.pull("m@v1", dest)
+        pull_version(reg, "m@v1", dest)
     assert [p.name for p in dest.iterdir()] == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     storage.write_bytes(url, bytes(data[:-1]) + bytes([data[-1] ^ 0x01]))  # repaired: the pull completes
-    reg.pull("m@v1", dest)
+    pull_version(reg, "m@v1", dest)
     assert sorted(p.name for p in dest.iterdir()) == sorted(
         ["keep.txt", "model.safetensors", "config.json", "README.md", "metrics.json", "manifest.json"]
     )
@@ -131,7 +142,7 @@ def test_gc_removes_only_old_abandoned_claims(reg, capsys):
     storage.write_bytes(storage.join(reg.version_url("m", 2), "config.json"), b"{}")
     claim(3, json.dumps({"owner": "alive", "created": ago(1)}).encode())
     claim(4, b"not json")
-    assert reg.gc(86400, dry_run=True) == [reg.version_url("m", 2)]
+    assert collect_abandoned_claims(reg, 86400, dry_run=True) == [reg.version_url("m", 2)]
     assert storage.exists(storage.join(reg.version_url("m", 2), ".claim"))
     assert mfm(["registry", "gc", "--older-than", "1d", "--registry", reg.url]) == 0
     assert capsys.readouterr().out.split() == ["removed", reg.version_url("m", 2)]
@@ -141,8 +152,8 @@ def test_gc_removes_only_old_abandoned_claims(reg, capsys):
     assert storage.exists(storage.join(reg.version_url("m", 4), ".claim"))
     assert reg.versions("m") == [1] and reg.manifest("m@v1")["version"] == 1  # complete: untouched
     assert storage.exists(storage.join(reg.version_url("m", 1), ".claim"))
-    assert reg.gc(86400) == []
-    assert reg.gc(1800) == [reg.version_url("m", 3)]
+    assert collect_abandoned_claims(reg, 86400) == []
+    assert collect_abandoned_claims(reg, 1800) == [reg.version_url("m", 3)]
     with pytest.raises(SystemExit):  # argparse's usage error
         mfm(["registry", "gc", "--older-than", "soon", "--registry", reg.url])
 
@@ -167,3 +178,101 @@ def test_a_data_manifest_of_the_wrong_shape_is_named(reg, store_url):
     with pytest.raises(RegistryError, match="a JSON object expected") as e:
         reg.register("m", export, data_manifest_url=storage.join(store_url, "shards", "train"))
     assert url in str(e.value) and reg.versions("m") == [1]
+
+
+# ---------------------------------------------------------------------------- config.json reaches timm (issue 26/10)
+
+
+def hostile_export(url: str, config: dict) -> str:
+    storage.write_bytes(storage.join(url, "model.safetensors"), save({"w": torch.zeros(2)}))
+    storage.write_bytes(storage.join(url, "config.json"), json.dumps(config).encode())
+    return url
+
+
+@pytest.mark.parametrize("arch", ["hf-hub:timm/vit_tiny_patch16_224.augreg_in21k", "local-dir:/etc", "Vit_Tiny"])
+def test_register_and_load_refuse_a_sourced_architecture(tmp_path, arch):
+    from pipeline.registry import load_export
+
+    export = hostile_export(str(tmp_path / "e"), {"architecture": arch, "num_classes": 0})
+    with pytest.raises(RegistryError, match="'architecture' must be a plain timm model name"):
+        Registry(str(tmp_path / "reg")).register("m", export)
+    with pytest.raises(RegistryError, match="config.json: 'architecture'"):
+        load_export(export)
+
+
+@pytest.mark.parametrize(
+    "model_args, message",
+    [
+        ({"checkpoint_path": "/etc/passwd"}, "checkpoint_path"),
+        ({"pretrained_cfg_overlay": {"file": "/etc/passwd"}}, "pretrained_cfg_overlay"),
+        ({"pretrained": True}, "pretrained"),
+        ({"definitely_not_an_argument": 1}, "not arguments of vit_tiny_patch16_224's constructor"),
+    ],
+)
+def test_load_refuses_model_args_timm_would_load_from(tmp_path, model_args, message):
+    from pipeline.registry import load_export
+
+    config = {"architecture": "vit_tiny_patch16_224", "num_classes": 0, "model_args": model_args}
+    with pytest.raises(RegistryError, match=message):
+        load_export(hostile_export(str(tmp_path / "e"), config))
+
+
+def test_only_descriptive_pretrained_cfg_fields_reach_timm():
+    from pipeline.registry.architecture import pretrained_cfg_overlay
+
+    config = {"pretrained_cfg": {"file": "/etc/passwd", "url": "http://x", "hf_hub_id": "a/b", "crop_pct": 0.875}}
+    assert pretrained_cfg_overlay(config) == {"crop_pct": 0.875}
+
+
+def test_model_card_quotes_what_it_is_given():
+    from pipeline.registry import model_card
+
+    card = model_card("m", 1, {"architecture": "x` <img src=y onerror=alert(1)> `"}, {"run_url": "a``b\nc"}, {})
+    assert "Architecture: `` x` <img src=y onerror=alert(1)> ` `` (timm)" in card
+    assert "- pretraining run: ```a``b c```" in card
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+ARCH = st.sampled_from(["vit_tiny_patch16_224", "resnet18", "hf-hub:a/b", "local-dir:/", "x" * 200, ""]) | st.text()
+ARG = st.sampled_from(["img_size", "patch_size", "depth", "checkpoint_path", "pretrained_cfg", "__init__"]) | st.text()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    config=st.fixed_dictionaries(
+        {},
+        optional={
+            "architecture": ARCH | JSON,
+            "num_classes": st.integers(-2, 2000) | JSON,
+            "model_args": st.dictionaries(ARG, JSON, max_size=4) | JSON,
+            "pretrained_cfg": st.dictionaries(st.sampled_from(["input_size", "file", "mean"]), JSON) | JSON,
+        },
+    )
+    | JSON
+)
+@example({"architecture": "vit_tiny_patch16_224", "model_args": {"depth": "deep", "img_size": 32}})
+@example({"architecture": "resnet18", "num_classes": 3, "model_args": {"in_chans": [1, 2]}})
+@example({"architecture": "vit_tiny_patch16_224", "model_args": {"patch_size": 8, "img_size": 32}})
+def test_config_json_parser_property(config):
+    """Any JSON: a RegistryError naming the file, or a config whose architecture is a registered
+    timm model and whose model_args its constructor takes, none of them one that loads a file."""
+    from pipeline.registry.architecture import FORBIDDEN_ARGS, check_buildable, check_model_config
+
+    try:
+        checked = check_model_config(config, "e/config.json")
+        args = check_buildable(checked, "e/config.json")
+    except RegistryError as e:
+        assert "e/config.json" in str(e)
+        return
+    import timm
+
+    from pipeline.registry import model_from_export
+
+    assert timm.is_model(checked["architecture"]) and ":" not in checked["architecture"]
+    assert not set(args) & FORBIDDEN_ARGS
+    with pytest.raises(RegistryError):  # building it: a clear error (these weights fit nothing), never another
+        model_from_export(checked, {"w": torch.zeros(1)}, what="e/config.json")

@@ -14,16 +14,19 @@ A version exists only once its manifest exists. Version numbers are claimed with
 create-if-absent write, so racing registrations get distinct numbers; aliases are moved with a
 compare-and-swap, so no racing move is lost (`latest` only ever moves to a larger version).
 
-Modules: `refs` (names, refs, errors, JSON shapes: pure), `gate` (promotion gate: pure), `card`
-(model card), `store` (`Registry`: reads, conditional writes), `lineage` (what a version records),
+Modules, each importing only those before it: `refs` (names, refs, errors, JSON shapes: pure),
+`gate` (promotion gate: pure), `architecture` (what a config.json may ask timm to build), `card`
+(model card), `lineage` (what a version records), `store` (`Registry`: reads, conditional writes),
 `gc` (abandoned claims), `cache` (verified downloads, the local cache), `loading` (pulls, timm
-models), `commands` (the CLI).
+models), `comparison` (a version beside production), `commands` (the CLI).
 """
 
 from pipeline.registry.cache import cached_version, fetch_verified
 from pipeline.registry.card import code_version, model_card
 from pipeline.registry.commands import cli, pull_cli
+from pipeline.registry.comparison import Comparison, compare_with_production
 from pipeline.registry.gate import flatten_metrics, gate_decision
+from pipeline.registry.gc import collect_abandoned_claims
 from pipeline.registry.loading import (
     is_registry_ref,
     load_export,
@@ -31,6 +34,7 @@ from pipeline.registry.loading import (
     model_from_export,
     model_from_folder,
     pull,
+    pull_version,
     read_init_weights,
 )
 from pipeline.registry.refs import (
@@ -76,6 +80,9 @@ __all__ = [
     "cached_version",
     "cli",
     "code_version",
+    "Comparison",
+    "compare_with_production",
+    "collect_abandoned_claims",
     "default_registry",
     "fetch_verified",
     "flatten_metrics",
@@ -88,5 +95,6 @@ __all__ = [
     "parse_ref",
     "pull",
     "pull_cli",
+    "pull_version",
     "sha256_bytes",
 ]

@@ -3,42 +3,48 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 
 def model_card(name: str, version: int, config: dict, lineage: dict, metrics: dict[str, float]) -> str:
     """The README.md stored with a version."""
     lines = [
-        f"# {name} v{version}",
+        f"# {name} v{version}",  # a checked registry name: nothing to escape
         "",
-        f"Architecture: `{config.get('architecture')}` (timm), "
-        f"model args `{json.dumps(config.get('model_args', {}))}`,",
+        f"Architecture: {code(config.get('architecture'))} (timm), "
+        f"model args {code(json.dumps(config.get('model_args', {})))},",
         f"num_classes {config.get('num_classes')}, num_features {config.get('num_features')}.",
         "",
         "## Lineage",
         "",
-        f"- pretraining run: `{lineage.get('run_url')}`",
-        f"- export: `{lineage.get('export_url')}`",
+        f"- pretraining run: {code(lineage.get('run_url'))}",
+        f"- export: {code(lineage.get('export_url'))}",
     ]
     if lineage.get("run_url"):  # pipeline.report's default place for a run's page
         lines.append(
-            f"- report: `{lineage['run_url'].rstrip('/')}/report.html` "
+            f"- report: {code(lineage['run_url'].rstrip('/') + '/report.html')} "
             f"(curves, reconstructions, evaluation; `mfm report {name}@v{version}` writes it)"
         )
     data = lineage.get("data_manifest")
-    lines.append(
-        f"- data manifest: `{data['url']}` (sha256 `{data['sha256']}`)" if data else "- data manifest: not recorded"
-    )
+    if data:
+        lines.append(f"- data manifest: {code(data['url'])} (sha256 {code(data['sha256'])})")
+    else:
+        lines.append("- data manifest: not recorded")
     if lineage.get("parent"):
-        lines.append(f"- parent model: `{lineage['parent']}`")
+        lines.append(f"- parent model: {code(lineage['parent'])}")
     if lineage.get("warm_start"):
-        lines.append(f"- pretraining warm-started from: `{lineage['warm_start']}` (pretrain.init)")
+        lines.append(f"- pretraining warm-started from: {code(lineage['warm_start'])} (pretrain.init)")
     if data and data.get("revision"):
         lines.append(f"- data revision: {data['revision']}")
-    code = lineage.get("code", {})
-    lines.append(f"- code: {code.get('package')} {code.get('version')}, git commit `{code.get('git_commit')}`")
+    source = lineage.get("code") or {}
+    lines.append(
+        f"- code: {source.get('package')} {source.get('version')}, git commit {code(source.get('git_commit'))}"
+    )
     if lineage.get("run_config") is not None:
-        lines += ["", "## Recipe", "", "```json", json.dumps(lineage["run_config"], indent=2, sort_keys=True), "```"]
+        recipe = json.dumps(lineage["run_config"], indent=2, sort_keys=True)
+        fence = "`" * max(3, max((len(r) for r in re.findall(r"`+", recipe)), default=0) + 1)
+        lines += ["", "## Recipe", "", f"{fence}json", recipe, fence]
     lines += ["", "## Metrics", ""]
     if metrics:
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items())]
@@ -57,6 +63,14 @@ def model_card(name: str, version: int, config: dict, lineage: dict, metrics: di
         "",
     ]
     return "\n".join(lines)
+
+
+def code(value) -> str:
+    """`value` as one Markdown code span on one line, whatever backticks, markup or newlines it holds."""
+    text = " ".join(str(value).split())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def code_version() -> dict:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from pipeline import storage
 from pipeline.registry import cache
+from pipeline.registry.gc import collect_abandoned_claims
 from pipeline.registry.loading import pull
 from pipeline.registry.refs import DEFAULT_REGISTRY, Ref, RegistryError, parse_ref
 from pipeline.registry.store import Registry, default_registry
@@ -102,7 +103,7 @@ def cli(argv: list[str]) -> int:
         if args.action == "list":
             return _list(reg, args.name)
         if args.action == "gc":
-            for url in reg.gc(args.older_than, args.name, dry_run=args.dry_run):
+            for url in collect_abandoned_claims(reg, args.older_than, args.name, dry_run=args.dry_run):
                 print(f"{'would remove' if args.dry_run else 'removed'} {url}")
             return 0
         if args.action == "show":

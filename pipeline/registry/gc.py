@@ -7,13 +7,10 @@ import datetime as dt
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pipeline import storage
 from pipeline.registry.refs import CLAIM, MANIFEST, NAME_RE, RegistryError, check_name
-
-if TYPE_CHECKING:
-    from pipeline.registry.store import Registry
+from pipeline.registry.store import Registry
 
 log = logging.getLogger(__name__)
 

@@ -3,27 +3,27 @@ warm start and code version."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pipeline import storage
 from pipeline.config import StorageConfig
 from pipeline.registry.card import code_version
 from pipeline.registry.refs import MANIFEST, RegistryError, parse_json, sha256_bytes
 
-if TYPE_CHECKING:
-    from pipeline.registry.store import Registry
-
 
 def version_lineage(
-    reg: Registry, export_url: str, data_manifest_url: str | None, run_config_url: str | None, parent: str | None
+    export_url: str,
+    data_manifest_url: str | None,
+    run_config_url: str | None,
+    parent: str | None,
+    storage_cfg: StorageConfig | None = None,
 ) -> dict:
-    """The manifest's `lineage`: read from the export's run folder and the URLs given."""
+    """The manifest's `lineage`: read from the export's run folder and the URLs given; `parent`
+    is a pinned ref (name@vN)."""
     run_url = export_url.rstrip("/").rsplit("/", 1)[0] if export_url.rstrip("/").endswith("/export") else None
     data = None
     if data_manifest_url:
         url = data_manifest_url if data_manifest_url.endswith(".json") else storage.join(data_manifest_url, MANIFEST)
         try:
-            raw = storage.read_bytes(url, reg.storage)
+            raw = storage.read_bytes(url, storage_cfg)
         except FileNotFoundError:
             raise RegistryError(f"data manifest {url} does not exist") from None
         info = parse_json(raw, url)
@@ -38,20 +38,18 @@ def version_lineage(
             "revision": info.get("revision"),  # a growing split's revision (docs/architecture.md)
         }
     if run_config_url is None and run_url:
-        run_config_url = existing(storage.join(run_url, "config.yaml"), reg.storage) or existing(
-            storage.join(run_url, "config.json"), reg.storage
+        run_config_url = existing(storage.join(run_url, "config.yaml"), storage_cfg) or existing(
+            storage.join(run_url, "config.json"), storage_cfg
         )
     run_config = None
     if run_config_url:
         import yaml
 
-        raw = storage.read_bytes(run_config_url, reg.storage)
+        raw = storage.read_bytes(run_config_url, storage_cfg)
         try:
             run_config = yaml.safe_load(raw)  # JSON is YAML too
         except yaml.YAMLError as e:
             raise RegistryError(f"run config {run_config_url}: not valid YAML/JSON: {e}") from None
-    if parent:
-        parent = str(reg.resolve(parent))  # pin an alias to the version it means now
     return {
         "export_url": export_url,
         "run_url": run_url,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import StorageConfig
+from pipeline.registry.architecture import check_buildable, check_model_config, pretrained_cfg_overlay
 from pipeline.registry.cache import open_version
 from pipeline.registry.refs import (
     CONFIG,
@@ -57,27 +58,31 @@ def load_version(reg: Registry, ref: str | Ref, *, num_classes: int | None = Non
         return model_from_folder(folder, num_classes=num_classes)
     with open_version(reg, ref) as (_, entry):
         config, state = read_folder(entry)  # safetensors maps the file: nothing may replace it meanwhile
-    return model_from_export(config, state, num_classes=num_classes)
+    return model_from_export(config, state, num_classes=num_classes, what=f"{ref} {CONFIG}")
 
 
-def model_from_export(config: dict, state: dict, *, num_classes: int | None = None):
+def model_from_export(config: dict, state: dict, *, num_classes: int | None = None, what: str = CONFIG):
     """timm.create_model from a timm config.json dict, then the state dict loaded strictly.
 
-    With `num_classes` different from the export's (fine-tuning a pretrained encoder), only the
-    new classifier's weights may be missing."""
+    The config is untrusted (see `architecture`): only a registered model name and its
+    constructor's arguments reach timm. With `num_classes` different from the export's
+    (fine-tuning a pretrained encoder), only the new classifier's weights may be missing."""
     import timm
     import torch
 
+    config = check_model_config(config, what)
+    model_args = check_buildable(config, what)
     exported = int(config.get("num_classes") or 0)
     classes = exported if num_classes is None else num_classes
+    model_args.pop("num_classes", None)  # the exports of timm's save_for_hf also list it here
 
     def create():
         return timm.create_model(
             config["architecture"],
             pretrained=False,
             num_classes=classes,
-            pretrained_cfg_overlay=dict(config.get("pretrained_cfg") or {}, num_classes=classes),
-            **(config.get("model_args") or {}),
+            pretrained_cfg_overlay=dict(pretrained_cfg_overlay(config), num_classes=classes),
+            **model_args,
         )
 
     model = None
@@ -95,7 +100,10 @@ def model_from_export(config: dict, state: dict, *, num_classes: int | None = No
             if any(t.is_meta for t in tensors) or result.missing_keys:
                 model = None  # a non-persistent buffer or a missing weight: it needs the real init
     if model is None:
-        model = create()
+        try:
+            model = create()
+        except (TypeError, ValueError, RuntimeError, AssertionError, AttributeError) as e:
+            raise RegistryError(f"{what}: timm cannot build {config['architecture']} {model_args}: {e}") from None
         result = model.load_state_dict(state, strict=False)
     head = model.pretrained_cfg.get("classifier") or "head"
     heads = (head,) if isinstance(head, str) else tuple(head)
@@ -118,16 +126,14 @@ def read_folder(folder: str | os.PathLike) -> tuple[dict, dict]:
     for fname in (WEIGHTS, CONFIG):
         if not (folder / fname).exists():
             raise IntegrityError(f"{folder / fname}: file is missing")
-    config = parse_json((folder / CONFIG).read_bytes(), str(folder / CONFIG))
-    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
-        raise RegistryError(f"{folder / CONFIG}: not a timm config (no 'architecture')")
+    config = check_model_config(parse_json((folder / CONFIG).read_bytes(), str(folder / CONFIG)), str(folder / CONFIG))
     return config, load_file(str(folder / WEIGHTS))
 
 
 def model_from_folder(folder: str | os.PathLike, *, num_classes: int | None = None):
     """Load a local folder holding model.safetensors + config.json (a pull or an export)."""
     config, state = read_folder(folder)
-    return model_from_export(config, state, num_classes=num_classes)
+    return model_from_export(config, state, num_classes=num_classes, what=str(Path(folder) / CONFIG))
 
 
 def load_export(export_url: str, *, num_classes: int | None = None, storage_cfg: StorageConfig | None = None):
@@ -142,8 +148,9 @@ def load_export(export_url: str, *, num_classes: int | None = None, storage_cfg:
         except FileNotFoundError:
             raise RegistryError(f"export {export_url} has no {fname} ({url})") from None
     check_safetensors(data[WEIGHTS], storage.join(export_url, WEIGHTS))
-    config = parse_json(data[CONFIG], storage.join(export_url, CONFIG))
-    return model_from_export(config, load_safetensors(data[WEIGHTS]), num_classes=num_classes), config
+    what = storage.join(export_url, CONFIG)
+    config = parse_json(data[CONFIG], what)
+    return model_from_export(config, load_safetensors(data[WEIGHTS]), num_classes=num_classes, what=what), config
 
 
 def is_registry_ref(init: str) -> bool:
@@ -161,7 +168,7 @@ def read_init_weights(init: str, reg: Registry, storage_cfg: StorageConfig | Non
 
     if is_registry_ref(init):
         with tempfile.TemporaryDirectory(prefix="mfm-init-") as tmp:
-            _, folder = reg.pull(init, tmp)
+            _, folder = pull_version(reg, init, tmp)
             return load_file(str(Path(folder) / WEIGHTS))
     url = storage.join(init, WEIGHTS)
     data = storage.read_bytes(url, storage_cfg)
@@ -169,16 +176,30 @@ def read_init_weights(init: str, reg: Registry, storage_cfg: StorageConfig | Non
     return load_safetensors(data)
 
 
+def _registry(registry: str | Registry | None, storage_cfg: StorageConfig | None) -> Registry:
+    return registry if isinstance(registry, Registry) else Registry(registry or default_registry(), storage_cfg)
+
+
 def load_model(
-    ref: str, registry: str | None = None, *, num_classes: int | None = None, storage_cfg: StorageConfig | None = None
+    ref: str | Ref,
+    registry: str | Registry | None = None,
+    *,
+    num_classes: int | None = None,
+    storage_cfg: StorageConfig | None = None,
+    dest: str | None = None,
 ):
-    """`load_model("name@production")`: a timm model (eval mode) with verified weights.
+    """`load_model("name@production")`: a timm model (eval mode) with verified weights; with `dest`
+    the verified files are also kept there.
 
     Raises IntegrityError naming the file if any file is missing or its checksum is wrong."""
-    return Registry(registry or default_registry(), storage_cfg).load_model(ref, num_classes=num_classes)
+    return load_version(_registry(registry, storage_cfg), ref, num_classes=num_classes, dest=dest)
 
 
 def pull(
-    ref: str, dest: str | os.PathLike, registry: str | None = None, storage_cfg: StorageConfig | None = None
+    ref: str | Ref,
+    dest: str | os.PathLike,
+    registry: str | Registry | None = None,
+    storage_cfg: StorageConfig | None = None,
 ) -> tuple[Ref, Path]:
-    return Registry(registry or default_registry(), storage_cfg).pull(ref, dest)
+    """Download a version into local folder `dest`, every file verified (see `pull_version`)."""
+    return pull_version(_registry(registry, storage_cfg), ref, dest)

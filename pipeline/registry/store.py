@@ -2,6 +2,8 @@
 
 Version numbers are claimed with a create-if-absent write and aliases move by compare-and-swap
 (`pipeline.storage`'s conditional writes); a version exists only once its manifest exists.
+The bottom of the registry's stack: it builds on the pure modules (refs, gate, card, lineage,
+architecture) only; gc, cache, loading and commands build on it, never the other way round.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import StorageConfig
+from pipeline.registry.architecture import check_model_config
 from pipeline.registry.card import model_card
 from pipeline.registry.gate import flatten_metrics, gate_decision
 from pipeline.registry.lineage import existing, version_lineage
@@ -190,9 +192,8 @@ class Registry:
             except FileNotFoundError:
                 raise RegistryError(f"export {export_url} has no {fname} ({url})") from None
         check_safetensors(files[WEIGHTS], storage.join(export_url, WEIGHTS))
-        config = parse_json(files[CONFIG], storage.join(export_url, CONFIG))
-        if not isinstance(config, dict) or "architecture" not in config:
-            raise RegistryError(f"{storage.join(export_url, CONFIG)}: not a timm config (no 'architecture')")
+        config_url = storage.join(export_url, CONFIG)
+        config = check_model_config(parse_json(files[CONFIG], config_url), config_url)
 
         if metrics is None:
             metrics_url = metrics_url or existing(storage.join(export_url, METRICS), self.storage)
@@ -208,7 +209,8 @@ class Registry:
             log.info("%s: %s holds the same files; not registering them again", export_url, same)
             self._point_aliases(name, same.version, aliases)
             return same
-        lineage = version_lineage(self, export_url, data_manifest_url, run_config_url, parent)
+        parent = str(self.resolve(parent)) if parent else None  # pin an alias to the version it means now
+        lineage = version_lineage(export_url, data_manifest_url, run_config_url, parent, self.storage)
 
         owner = uuid.uuid4().hex
         version = self._claim(name, owner)
@@ -252,12 +254,6 @@ class Registry:
             if {f: files[f]["sha256"] for f in files if f != CARD} == digests:
                 return Ref(name, version=version)
         return None
-
-    def gc(self, older_than_s: float, name: str | None = None, *, dry_run: bool = False) -> list[str]:
-        """Remove abandoned claims older than `older_than_s` (see `pipeline.registry.gc`)."""
-        from pipeline.registry.gc import collect_abandoned_claims
-
-        return collect_abandoned_claims(self, older_than_s, name, dry_run=dry_run)
 
     def _move_alias(self, name: str, alias: str, decide: Callable[[int | None], int | None]) -> int | None:
         """Compare-and-swap loop: decide(current) -> new version (None: leave it); returns the
@@ -325,17 +321,3 @@ class Registry:
 
         self._move_alias(target.name, alias, decide)
         return reasons[-1]
-
-    # -- pulling
-
-    def pull(self, ref: str | Ref, dest: str | os.PathLike) -> tuple[Ref, Path]:
-        """Download a version into local folder `dest`, every file verified (see `loading.pull_version`)."""
-        from pipeline.registry.loading import pull_version
-
-        return pull_version(self, ref, dest)
-
-    def load_model(self, ref: str | Ref, *, num_classes: int | None = None, dest: str | None = None):
-        """A timm model with the version's verified weights (see `pipeline.registry.load_model`)."""
-        from pipeline.registry.loading import load_version
-
-        return load_version(self, ref, num_classes=num_classes, dest=dest)

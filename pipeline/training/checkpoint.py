@@ -400,9 +400,7 @@ def gather_fp32_state(engine) -> dict[str, torch.Tensor]:
 def export(engine, cfg: Config, folder: RunFolder, *, rank: int) -> str | None:
     """Collective: write `<run_dir>/export/{model.safetensors, config.json}`; rank 0 returns
     the export URL."""
-    from safetensors.torch import save as safetensors_bytes
-
-    from pipeline.models import build_model, export_encoder
+    from pipeline.models import build_model, export_encoder, export_weights
 
     state = gather_fp32_state(engine)
     url = None
@@ -411,7 +409,7 @@ def export(engine, cfg: Config, folder: RunFolder, *, rank: int) -> str | None:
         model.load_state_dict(state, strict=True)
         tensors, timm_config = export_encoder(model, cfg.model)
         url = storage.join(folder.url, "export")
-        storage.write_bytes(storage.join(url, "model.safetensors"), safetensors_bytes(tensors), folder.storage)
+        storage.write_bytes(storage.join(url, "model.safetensors"), export_weights(tensors), folder.storage)
         storage.write_bytes(
             storage.join(url, "config.json"), json.dumps(timm_config, indent=1).encode(), folder.storage
         )
