@@ -8,7 +8,9 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Protocol
 
 from pipeline import storage as st
 from pipeline.config import StorageConfig
@@ -18,7 +20,7 @@ from pipeline.sharding import revisions as rv
 from pipeline.sharding.plan import plan_shards
 from pipeline.sharding.sources import SourceError, available_splits, list_split
 from pipeline.sharding.validate import VALIDATIONS
-from pipeline.sharding.writer import WORK_DIR, WriteOptions, write_shard
+from pipeline.sharding.writer import WORK_DIR, ShardResult, WriteOptions, write_shard
 
 HEARTBEAT_S = 10.0  # at most this often, a writer refreshes its revision claim
 
@@ -53,6 +55,7 @@ def shard_dataset(
     storage: StorageConfig | None = None,
     progress: bool | None = None,
     rebuild: bool = False,
+    runner: ShardRunner | None = None,
 ) -> dict[str, dict]:
     """Shard `source` into `<dest>/<split>/`; returns split -> manifest.
 
@@ -62,6 +65,7 @@ def shard_dataset(
     gone since are reported and their samples kept. rebuild: reshard every file into a new
     revision that replaces the shard list (earlier shard files stay for readers still on them).
     progress: None shows a bar only on a terminal.
+    runner: where the shards are written (e.g. cluster.DaskShards); default a local pool of `workers`.
     """
     if validation not in VALIDATIONS:
         raise ValueError(f"validation={validation!r}: expected one of {', '.join(VALIDATIONS)}")
@@ -87,7 +91,7 @@ def shard_dataset(
             ]
     return {
         split: _shard_split(
-            source, st.join(dest, split), split, options, max(1, workers), storage, progress, rebuild, tables
+            source, st.join(dest, split), split, options, max(1, workers), storage, progress, rebuild, tables, runner
         )
         for split in splits
     }
@@ -125,7 +129,9 @@ def _check_class_table(split: str, classes: list[dict], tables: dict[str, list[d
             )
 
 
-def _shard_split(source, split_url, split, options, workers, cfg, progress, rebuild=False, tables=None) -> dict:
+def _shard_split(
+    source, split_url, split, options, workers, cfg, progress, rebuild=False, tables=None, runner=None
+) -> dict:
     log = run_logger()
     listing = list_split(source, split)
     tables = {} if tables is None else tables
@@ -186,18 +192,19 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress, rebu
         options.get("max_pixels", MAX_PIXELS),
     )
     log.info(
-        "%s: %d images from %s (%s) -> %d shards from #%d, %d workers (revision %d)",
+        "%s: %d images from %s (%s) -> %d shards from #%d, on %s (revision %d)",
         split_url,
         len(entries),
         source,
         listing.kind,
         len(plans),
         start,
-        workers,
+        runner or f"{workers} local workers",
         revision,
     )
     try:
-        results = _run(plans, split_url, class_of, opts, workers, cfg, log, progress, heartbeat=claim)
+        results = _run(plans, split_url, class_of, opts, workers, cfg, log, progress, heartbeat=claim, runner=runner)
+        _remove_stale_temporaries(split_url, cfg)  # of writers killed mid-shard, whose shards were rewritten
         _remove_extra_shards(split_url, split, start + len(plans), cfg, first=start)
         claim.still_ours(cfg)
     except rv.ClaimRefused as e:
@@ -292,7 +299,15 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _run(plans, split_url, class_of, opts, workers, cfg, log, progress, heartbeat=None):
+class ShardRunner(Protocol):
+    """Runs write_shard for every plan elsewhere; yields (position in plans, result) as each commits."""
+
+    def __call__(
+        self, plans: list, split_url: str, class_of: dict[str, int], opts: WriteOptions, cfg: StorageConfig | None
+    ) -> Iterator[tuple[int, ShardResult]]: ...
+
+
+def _run(plans, split_url, class_of, opts, workers, cfg, log, progress, heartbeat=None, runner=None):
     from tqdm import tqdm
 
     results = [None] * len(plans)
@@ -326,7 +341,10 @@ def _run(plans, split_url, class_of, opts, workers, cfg, log, progress, heartbea
             )
 
     try:
-        if workers == 1 or len(plans) <= 1:
+        if runner is not None:
+            for i, r in runner(plans, split_url, class_of, opts, cfg):
+                done(i, r)
+        elif workers == 1 or len(plans) <= 1:
             for i, p in enumerate(plans):
                 done(i, write_shard(p, split_url, class_of, opts, cfg))
         else:

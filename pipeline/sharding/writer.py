@@ -118,9 +118,15 @@ def write_samples(
 
 
 def write_shard(
-    plan: ShardPlan, split_url: str, class_of: dict[str, int], opts: WriteOptions, cfg: StorageConfig | None = None
+    plan: ShardPlan,
+    split_url: str,
+    class_of: dict[str, int],
+    opts: WriteOptions,
+    cfg: StorageConfig | None = None,
+    tmp_dir: str | None = None,
 ) -> ShardResult:
-    """Commit one shard (or reuse it when already committed); runs in a worker process."""
+    """Commit one shard (or reuse it when already committed); runs in a worker process.
+    tmp_dir: where a shard for object storage is built (default: the system's)."""
     done = committed(plan, split_url, cfg)
     if done is not None:
         return done
@@ -131,7 +137,7 @@ def write_shard(
     else:
         # Build locally, then upload with retries: an interrupted upload is redone from the
         # finished file instead of re-reading and re-encoding every image.
-        with tempfile.TemporaryDirectory(prefix="mfm-shard-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="mfm-shard-", dir=tmp_dir) as tmp:
             local = os.path.join(tmp, plan.name)
             with open(local, "wb") as f:
                 tw, rejected, reencoded = write_samples(plan, f, class_of, opts)

@@ -1,0 +1,223 @@
+"""Sharding on a Dask cluster (a distributed.LocalCluster of 2 worker processes on 127.0.0.1)
+into the S3 endpoint: the same shards, manifest and revisions as the local process pool, a
+worker killed while it writes, and task arguments that carry no credential."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import distributed
+import pytest
+
+from pipeline import sample_data, storage
+from pipeline.config import StorageConfig
+from pipeline.sharding import manifest as mf
+from pipeline.sharding import read_manifest, shard_dataset, verify_split
+from pipeline.sharding.cluster import DaskShards, check_address, task_key
+
+SHARD_MB = 0.03
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint):
+    """Started after the S3 endpoint: the worker processes inherit its AWS_* environment, as
+    workers on a real cluster get their own credentials from theirs."""
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    return sample_data.build(str(tmp_path_factory.mktemp("sample")), per_class=4, size=32)
+
+
+def _objects(url: str) -> dict[str, bytes]:
+    """Every object under a prefix (relative name -> bytes)."""
+    fs, path = storage.filesystem(url)
+    # a revision claim names its writer (a random id) and its last heartbeat
+    return {p[len(path) + 1 :]: fs.cat_file(p) for p in fs.find(path) if not p.endswith(".claim")}
+
+
+def _same_but_location(a: dict, b: dict) -> None:
+    assert mf.dumps(a) == mf.dumps(b)
+
+
+def _prefix(name: str) -> str:
+    return f"s3://mfm-test/{name}-{time.time_ns()}"
+
+
+def test_cluster_shards_are_the_local_pools(cluster, sample, tmp_path):
+    """Byte-identical shards, indices, manifest, revision file lists and rejected list, through a
+    first run, a grown source and a rebuild, on S3."""
+    import shutil
+
+    src = str(tmp_path / "src")
+    shutil.copytree(sample["folder"], src)
+    (tmp_path / "src" / "train" / sample_data_class(src) / "broken.JPEG").write_bytes(b"not a jpeg")
+    local, remote = _prefix("pool"), _prefix("dask")
+    runner = DaskShards(cluster.scheduler_address)
+
+    def both(workers=1, **kw):
+        a = shard_dataset(src, local, shard_size_mb=SHARD_MB, workers=workers, **kw)
+        b = shard_dataset(src, remote, shard_size_mb=SHARD_MB, runner=runner, **kw)
+        assert a.keys() == b.keys() == {"train", "val"}
+        for split in a:
+            _same_but_location(a[split], b[split])
+        assert _objects(local) == _objects(remote)
+        return b
+
+    first = both(workers=2)
+    assert first["train"]["num_samples"] == 40 and len(first["train"]["shards"]) > 2
+    assert [r["file"] for r in first["train"]["rejected"]] == [f"{sample_data_class(src)}/broken.JPEG"]
+
+    train = tmp_path / "src" / "train"
+    for i, name in enumerate(sorted(os.listdir(train))[:2]):
+        pic = sorted(p for p in (train / name).iterdir() if p.name != "broken.JPEG")[0].read_bytes()
+        (train / name / f"grown{i}.JPEG").write_bytes(pic)
+    grown = both()
+    assert grown["train"]["revision"] == 2 and grown["train"]["num_samples"] == 42
+
+    rebuilt = both(rebuild=True)
+    assert rebuilt["train"]["revision"] == 3 and rebuilt["train"]["revisions"][-1]["rebuild"]
+    assert verify_split(storage.join(remote, "train")) == []
+
+
+def sample_data_class(src: str) -> str:
+    return sorted(os.listdir(os.path.join(src, "train")))[0]
+
+
+def test_dask_address_checked():
+    assert check_address("tcp://scheduler:8786") == "tcp://scheduler:8786"
+    assert check_address("tls://10.0.0.7:8786")
+    for bad in ["scheduler:8786", "tcp://scheduler", "tcp://a b:1", "tcp://x:99999", "tcp://x:1; rm -rf /", ""]:
+        with pytest.raises(ValueError, match="expected tcp://HOST:PORT"):
+            DaskShards(bad)
+
+
+def test_unreachable_scheduler_is_a_clear_error(sample, tmp_path, monkeypatch):
+    from pipeline.sharding import ShardingError
+    from pipeline.sharding import cluster as cl
+
+    monkeypatch.setattr(cl, "CONNECT_TIMEOUT_S", 1)
+    with pytest.raises(ShardingError, match=r"Dask cluster at tcp://127\.0\.0\.1:9: could not connect"):
+        shard_dataset(sample["folder"], str(tmp_path / "out"), splits="val", runner=DaskShards("tcp://127.0.0.1:9"))
+    # nothing committed, and the rerun on the local pool is the ordinary one
+    assert not (tmp_path / "out" / "val" / "manifest.json").exists()
+    assert shard_dataset(sample["folder"], str(tmp_path / "out"), splits="val")["val"]["num_samples"] == 10
+
+
+def test_task_arguments_carry_no_credential(cluster, sample, monkeypatch):
+    """What is sent to the scheduler (the pickled call and its key, which the dashboard shows)
+    holds the endpoint, never a key: StorageConfig cannot even hold one."""
+    import cloudpickle
+    from pydantic import ValidationError
+
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYSECRET"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # the driver's own; moto takes any
+    with pytest.raises(ValidationError, match="key"):
+        StorageConfig(key="AKIA", secret=secret)
+    sent = []
+    submit = distributed.Client.submit
+
+    def recording(self, fn, *args, **kwargs):
+        sent.append((fn, args, kwargs))
+        return submit(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.Client, "submit", recording)
+    cfg = StorageConfig(endpoint_url=os.environ["AWS_ENDPOINT_URL"], region="us-east-1")
+    shard_dataset(
+        sample["folder"],
+        _prefix("secret"),
+        splits="val",
+        shard_size_mb=SHARD_MB,
+        storage=cfg,
+        runner=DaskShards(cluster.scheduler_address),
+    )
+    assert len(sent) > 1
+    for fn, args, kwargs in sent:
+        assert kwargs["key"].startswith("write-shard-val-")
+        blob = cloudpickle.dumps((fn, args, kwargs))
+        assert secret.encode() not in blob and secret not in repr((args, kwargs))
+        assert args[-1] == cfg  # the endpoint travels; credentials come from the worker
+
+
+def _executing(dask_worker) -> list[str]:
+    return [str(k) for k, ts in dask_worker.state.tasks.items() if ts.state == "executing"]
+
+
+def test_worker_killed_while_writing(s3_endpoint, sample, tmp_path):
+    """SIGKILL the worker process running a shard task: the task reruns on a worker, the split
+    commits once with every sample exactly once, byte-identical to the local pool's, and no
+    partial object is left in the store."""
+    big = sample_data.build(str(tmp_path / "big"), per_class=6, size=384)["folder"]
+    # decode + max_side: every image is resized and re-encoded, so a shard takes a while
+    kw = {"splits": "train", "shard_size_mb": 0.15, "validation": "decode", "max_side": 48}
+    local = _prefix("kill-pool")
+    expected = shard_dataset(big, local, workers=2, **kw)["train"]
+    assert len(expected["shards"]) >= 4
+    remote = _prefix("kill-dask")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as c,
+        distributed.Client(c, set_as_default=False) as client,
+    ):
+        out: dict = {}
+
+        def drive():
+            try:
+                out["manifest"] = shard_dataset(big, remote, runner=DaskShards(c.scheduler_address), **kw)["train"]
+            except BaseException as e:  # reported by the assertion below
+                out["error"] = e
+
+        driver = threading.Thread(target=drive)
+        driver.start()
+        killed = None
+        deadline = time.time() + 120
+        while killed is None and time.time() < deadline and driver.is_alive():
+            for addr, keys in client.run(_executing).items():
+                if keys:
+                    shard = "-".join(keys[0].split("-")[2:4])  # write-shard-train-000003-<digest>
+                    pid = client.run(os.getpid, workers=[addr])[addr]
+                    committed = storage.exists(storage.join(remote, "train", "_work", f"{shard}.json"))
+                    os.kill(pid, signal.SIGKILL)
+                    killed = (keys[0], pid, committed)
+                    break
+            else:
+                time.sleep(0.02)
+        driver.join(180)
+        assert killed is not None, "no worker was seen writing"
+        key, pid, was_committed = killed
+        assert not was_committed  # it died before its shard's commit record: the shard had to be redone
+        story = client.run_on_scheduler(lambda dask_scheduler, k=key: [list(t) for t in dask_scheduler.story(k)])
+    assert "error" not in out, out.get("error")
+    # sent to a worker twice: the killed one, then another
+    assert sum(1 for t in story if t[0] == key and t[2] == "processing") >= 2, story
+    got = out["manifest"]
+    _same_but_location(got, expected)
+    assert _objects(remote) == _objects(local)  # nothing partial, nothing extra
+    keys = [k for s in got["shards"] for k in _keys(remote, s["name"])]
+    assert len(keys) == len(set(keys)) == got["num_samples"] == expected["num_samples"]
+    assert read_manifest(storage.join(remote, "train"))["revision"] == 1
+
+
+def _keys(url: str, shard: str) -> list[str]:
+    import io
+    import tarfile
+
+    data = storage.read_bytes(storage.join(url, "train", shard))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        return [m.name.rsplit(".", 1)[0] for m in tf if m.name.endswith(".json")]
+
+
+def test_task_key_names_the_shard_and_its_destination():
+    from pipeline.sharding.plan import ShardPlan
+
+    p = ShardPlan("train", 7, (), "d" * 64)
+    assert task_key("s3://b/a/train", p).startswith("write-shard-train-000007-")
+    assert task_key("s3://b/a/train", p) != task_key("s3://b/b/train", p)
