@@ -23,7 +23,9 @@ from pipeline.sharding.writer import ShardResult, WriteOptions
 def _shard_run_name() -> str:
     from prefect.runtime import task_run
 
-    return f"write-shard-{task_run.parameters['plan'].name}"
+    from pipeline.sharding.cluster import task_name
+
+    return task_name(task_run.parameters["plan"])
 
 
 # No cache: the shard's sidecar is its commit record, checked by write_shard itself.

@@ -11,6 +11,8 @@ import time
 
 import distributed
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import sample_data, storage
 from pipeline.config import StorageConfig
@@ -221,3 +223,18 @@ def test_task_key_names_the_shard_and_its_destination():
     p = ShardPlan("train", 7, (), "d" * 64)
     assert task_key("s3://b/a/train", p).startswith("write-shard-train-000007-")
     assert task_key("s3://b/a/train", p) != task_key("s3://b/b/train", p)
+
+
+@given(st.text(max_size=60) | st.from_regex(r"(tcp|tls|ws)://[a-z0-9.:\[\]-]{0,20}:[0-9]{0,6}", fullmatch=True))
+@settings(max_examples=60, deadline=None)
+def test_address_parser_answers_or_refuses(address):
+    """A flow parameter, so untrusted: a valid address comes back unchanged, anything else is a
+    ValueError naming it; never another exception."""
+    try:
+        assert check_address(address) == address
+    except ValueError as e:
+        assert repr(address) in str(e)
+        return
+    scheme, rest = address.split("://", 1)
+    host, port = rest.rsplit(":", 1)
+    assert scheme in ("tcp", "tls") and host and 0 < int(port) < 65536 and not any(c.isspace() for c in address)

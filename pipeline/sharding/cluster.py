@@ -65,11 +65,15 @@ def _worker() -> tuple[int, str | None]:
     return w.state.nthreads, w.local_directory
 
 
+def task_name(plan: ShardPlan) -> str:
+    return f"write-shard-{plan.split}-{plan.index:06d}"
+
+
 def task_key(split_url: str, plan: ShardPlan) -> str:
     """The task's name on the dashboard: the shard, and a digest of where and what it writes, so
     two destinations on one cluster never share a task and a resubmission finds its own."""
     digest = hashlib.sha256(f"{split_url}\t{plan.digest}".encode()).hexdigest()
-    return f"write-shard-{plan.name.removesuffix('.tar')}-{digest[:12]}"
+    return f"{task_name(plan)}-{digest[:12]}"
 
 
 @dataclass(frozen=True)
