@@ -139,6 +139,7 @@ def test_dask_cluster_manifest_is_valid_for_the_kubernetes_api():
     assert "AWS_SECRET" not in DASK_MANIFEST.read_text().replace("AWS_*", "")
     policy = resources[("NetworkPolicy", "mfm-dask")]["spec"]
     assert policy["podSelector"]["matchLabels"] == {"app": "mfm-dask"}
+    assert policy["ingress"] == [{"from": [{"podSelector": {}}]}]  # this namespace only
 
 
 def _free_port() -> int:
