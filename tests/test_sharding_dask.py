@@ -152,13 +152,96 @@ def _executing(dask_worker) -> list[str]:
     return [str(k) for k, ts in dask_worker.state.tasks.items() if ts.state == "executing"]
 
 
-def test_worker_killed_while_writing(s3_endpoint, sample, tmp_path):
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """Large images: with SLOW options every image is resized and re-encoded, so a shard takes a while."""
+    return sample_data.build(str(tmp_path_factory.mktemp("big")), per_class=6, size=384)["folder"]
+
+
+SLOW = {"splits": "train", "shard_size_mb": 0.15, "validation": "decode", "max_side": 48}
+
+
+def _local_cluster() -> distributed.LocalCluster:
+    return distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    )
+
+
+def _in_thread(fn) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run():
+        try:
+            out["result"] = fn()
+        except BaseException as e:  # the test's assertions report it
+            out["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def _wait_for(what, timeout=120.0):
+    deadline = time.time() + timeout
+    while not what():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_lost_scheduler_fails_the_run_and_the_rerun_resumes(big, tmp_path, monkeypatch):
+    """The whole cluster goes away once some shards are committed: the run fails with a clear
+    error and commits nothing; a rerun on another cluster reuses the committed shards (their
+    files untouched) and ends with the local pool's bytes."""
+    from pipeline.sharding import ShardingError
+    from pipeline.sharding import cluster as cl
+
+    monkeypatch.setattr(cl, "CONNECT_TIMEOUT_S", 3)  # how long the client tries to reconnect
+    expected = shard_dataset(big, str(tmp_path / "pool"), workers=1, **SLOW)["train"]
+    dest = tmp_path / "dask"
+    work = dest / "train" / "_work"
+    c = _local_cluster()
+    driver, out = _in_thread(lambda: shard_dataset(big, str(dest), runner=DaskShards(c.scheduler_address), **SLOW))
+    _wait_for(lambda: work.exists() and any(p.suffix == ".json" for p in work.iterdir()))
+    c.close()
+    driver.join(120)
+    assert isinstance(out.get("error"), ShardingError), out
+    assert "lost the cluster" in str(out["error"]) and "rerun to resume" in str(out["error"])
+    assert not (dest / "train" / "manifest.json").exists()
+    done = {p.name: p.stat().st_mtime_ns for p in work.iterdir() if p.suffix == ".json"}
+    shards = {n: (dest / "train" / n.replace(".json", ".tar")).stat().st_mtime_ns for n in done}
+    assert 0 < len(done) < len(expected["shards"])
+    with _local_cluster() as again:
+        got = shard_dataset(big, str(dest), runner=DaskShards(again.scheduler_address), **SLOW)["train"]
+    _same_but_location(got, expected)
+    assert {n: (dest / "train" / n.replace(".json", ".tar")).stat().st_mtime_ns for n in done} == shards
+    assert verify_split(str(dest / "train")) == []
+
+
+def test_two_clusters_cannot_add_one_revision(cluster, big, tmp_path):
+    """A second driver (here another seed, so another plan) adding the same revision while the
+    first writes on the cluster is refused by the revision claim; the first commits alone."""
+    from pipeline.sharding import ShardingError
+
+    dest = tmp_path / "out"
+    with _local_cluster() as other:
+        first, out = _in_thread(
+            lambda: shard_dataset(big, str(dest), runner=DaskShards(cluster.scheduler_address), **SLOW)
+        )
+        _wait_for(lambda: (dest / "train" / "revisions" / "000001.claim").exists())
+        with pytest.raises(ShardingError, match="another writer is adding revision 1"):
+            shard_dataset(big, str(dest), runner=DaskShards(other.scheduler_address), **{**SLOW, "seed": 1})
+        # (not "other options": the second found no manifest, so the first had not committed yet)
+    first.join(180)
+    assert "error" not in out, out
+    assert read_manifest(str(dest / "train"))["options"]["seed"] == 0
+    assert verify_split(str(dest / "train")) == []
+
+
+def test_worker_killed_while_writing(s3_endpoint, big, tmp_path):
     """SIGKILL the worker process running a shard task: the task reruns on a worker, the split
     commits once with every sample exactly once, byte-identical to the local pool's, and no
     partial object is left in the store."""
-    big = sample_data.build(str(tmp_path / "big"), per_class=6, size=384)["folder"]
-    # decode + max_side: every image is resized and re-encoded, so a shard takes a while
-    kw = {"splits": "train", "shard_size_mb": 0.15, "validation": "decode", "max_side": 48}
+    kw = SLOW
     local = _prefix("kill-pool")
     expected = shard_dataset(big, local, workers=2, **kw)["train"]
     assert len(expected["shards"]) >= 4

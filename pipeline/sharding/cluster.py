@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, replace
 
 from pipeline.config import StorageConfig
@@ -119,4 +120,11 @@ class DaskShards:
                 for i, p in enumerate(plans)
             }
             for fut in as_completed(futures, loop=client.loop):
-                yield futures[fut], fut.result()
+                try:
+                    result = fut.result()
+                except CancelledError as e:  # the client lost the scheduler and gave up reconnecting
+                    raise ShardingError(
+                        f"{self}: lost the cluster ({type(e).__name__}); rerun to resume: the shards "
+                        "committed so far are reused"
+                    ) from None
+                yield futures[fut], result
