@@ -304,11 +304,11 @@ def _abs(url: str) -> str:
     return url if "://" in url else str(Path(url).resolve())
 
 
-def _fingerprints(source: str, splits: list[str]) -> dict[str, str]:
-    from pipeline.sharding.sources import list_split
+def _fingerprints(source: str, splits: list[str], cfg) -> dict[str, str]:
+    from pipeline.sharding.remote import source_listing
 
     # Part of every cache key: new or changed source files mean new shards, a new run, a new model.
-    return {s: list_split(source, s).fingerprint for s in splits}
+    return {s: source_listing(source, s, cfg).fingerprint for s in splits}
 
 
 def _pin_warm_start(warm_start: str | None, name: str, registry: str, preset: str, overrides: dict, log) -> str | None:
@@ -375,7 +375,7 @@ def retrain_flow(
     splits = splits or ["train", "val"]
     overrides = dict(overrides or {})
     shard_options = dict(shard_options or {})
-    fingerprints = _fingerprints(_abs(source), splits)
+    fingerprints = _fingerprints(_abs(source), splits, _storage({"preset": preset, "overrides": overrides}))
     # One shard folder per sharding options, stable as the source grows: each run adds a revision
     # holding only the new files, and shards a running job reads are never rewritten.
     shards = storage.join(store, "shards", _digest({"options": shard_options}))

@@ -54,13 +54,21 @@ def _prefix(name: str) -> str:
 
 
 def test_cluster_shards_are_the_local_pools(cluster, sample, tmp_path):
-    """Byte-identical shards, indices, manifest, revision file lists and rejected list, through a
-    first run, a grown source and a rebuild, on S3."""
+    """Source and destination on S3: byte-identical shards, indices, manifest, revision file
+    lists and rejected list from the cluster and from the local pool, through a first run, a
+    grown source and a rebuild; and the same shards as from the tree on a local disk."""
     import shutil
 
-    src = str(tmp_path / "src")
-    shutil.copytree(sample["folder"], src)
-    (tmp_path / "src" / "train" / sample_data_class(src) / "broken.JPEG").write_bytes(b"not a jpeg")
+    tree = tmp_path / "src"
+    shutil.copytree(sample["folder"], tree)
+    (tree / "train" / sample_data_class(str(tree)) / "broken.JPEG").write_bytes(b"not a jpeg")
+    src = _prefix("source")
+    fs, src_path = storage.filesystem(src)
+
+    def upload():
+        fs.put(str(tree) + "/", src_path, recursive=True)
+
+    upload()
     local, remote = _prefix("pool"), _prefix("dask")
     runner = DaskShards(cluster.scheduler_address)
 
@@ -75,12 +83,15 @@ def test_cluster_shards_are_the_local_pools(cluster, sample, tmp_path):
 
     first = both(workers=2)
     assert first["train"]["num_samples"] == 40 and len(first["train"]["shards"]) > 2
-    assert [r["file"] for r in first["train"]["rejected"]] == [f"{sample_data_class(src)}/broken.JPEG"]
+    assert [r["file"] for r in first["train"]["rejected"]] == [f"{sample_data_class(str(tree))}/broken.JPEG"]
+    on_disk = shard_dataset(str(tree), str(tmp_path / "from-disk"), shard_size_mb=SHARD_MB)
+    assert on_disk["train"]["shards"] == first["train"]["shards"] and on_disk["val"]["shards"] == first["val"]["shards"]
 
-    train = tmp_path / "src" / "train"
+    train = tree / "train"
     for i, name in enumerate(sorted(os.listdir(train))[:2]):
         pic = sorted(p for p in (train / name).iterdir() if p.name != "broken.JPEG")[0].read_bytes()
         (train / name / f"grown{i}.JPEG").write_bytes(pic)
+    upload()
     grown = both()
     assert grown["train"]["revision"] == 2 and grown["train"]["num_samples"] == 42
 

@@ -18,7 +18,8 @@ from pipeline.jpeg import MAX_PIXELS
 from pipeline.sharding import manifest as mf
 from pipeline.sharding import revisions as rv
 from pipeline.sharding.plan import plan_shards
-from pipeline.sharding.sources import SourceError, available_splits, list_split
+from pipeline.sharding.remote import source_listing, source_splits
+from pipeline.sharding.sources import SourceError
 from pipeline.sharding.validate import VALIDATIONS
 from pipeline.sharding.writer import WORK_DIR, ShardResult, WriteOptions, write_shard
 
@@ -76,14 +77,15 @@ def shard_dataset(
     _refuse_dest_inside_source(source, dest)
     if isinstance(splits, str):
         splits = [s for s in splits.split(",") if s]
-    splits = splits or [s for s in available_splits(source) if s in ("train", "val")] or available_splits(source)
+    found = source_splits(source, storage)
+    splits = splits or [s for s in found if s in ("train", "val")] or found
     if not splits:
         raise SourceError(f"{source}: no splits found")
     options = {"seed": seed, "shard_size_mb": shard_size_mb, "max_side": max_side, "validation": validation}
     if max_pixels != MAX_PIXELS:  # recorded only when set: splits sharded before the option stay current
         options["max_pixels"] = max_pixels
     tables: dict[str, list[dict]] = {}  # split -> class table, of this run's and dest's other splits
-    for other in available_splits(source):
+    for other in found:
         if other not in splits and st.exists(st.join(dest, other, mf.MANIFEST), storage):
             other_url = st.join(dest, other)
             tables[other] = mf.check_written(mf.read_manifest(other_url, storage), st.join(other_url, mf.MANIFEST))[
@@ -99,11 +101,13 @@ def shard_dataset(
 
 def _refuse_dest_inside_source(source: str, dest: str) -> None:
     """The shards of a dest inside the source would be listed as a split (or class) of it."""
-    if not st.is_local(dest):
+    if st.is_local(dest) != st.is_local(source):
         return
-    src = os.path.realpath(source)
-    out = os.path.realpath(dest.removeprefix("file://"))
-    if out == src or out.startswith(src.rstrip(os.sep) + os.sep):
+    if st.is_local(dest):
+        src, out, sep = os.path.realpath(source), os.path.realpath(dest.removeprefix("file://")), os.sep
+    else:
+        src, out, sep = source.rstrip("/"), dest.rstrip("/"), "/"
+    if out == src or out.startswith(src.rstrip(sep) + sep):
         raise ShardingError(
             f"--dest {dest} is inside the source {source}: its shards would be read as part of the source "
             "by the next split or run; choose a --dest outside the source"
@@ -133,7 +137,7 @@ def _shard_split(
     source, split_url, split, options, workers, cfg, progress, rebuild=False, tables=None, runner=None
 ) -> dict:
     log = run_logger()
-    listing = list_split(source, split)
+    listing = source_listing(source, split, cfg)
     tables = {} if tables is None else tables
     src = {"kind": listing.kind, "path": source, "fingerprint": listing.fingerprint}
     manifest_url = st.join(split_url, mf.MANIFEST)
