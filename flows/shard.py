@@ -8,6 +8,7 @@ the manifest commit stay in the flow run.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 
 from prefect import flow, task
@@ -15,7 +16,7 @@ from prefect.cache_policies import NONE
 
 from pipeline.config import StorageConfig
 from pipeline.jpeg import MAX_PIXELS
-from pipeline.sharding import shard_dataset
+from pipeline.sharding import ShardingError, shard_dataset
 from pipeline.sharding.plan import ShardPlan
 from pipeline.sharding.writer import ShardResult, WriteOptions
 
@@ -75,7 +76,14 @@ class PrefectDaskShards:
             position = {f.wrapped_future.key: i for i, f in enumerate(futures)}
             for done in as_completed([f.wrapped_future for f in futures], loop=runner.client.loop):
                 i = position[done.key]
-                yield i, futures[i].result()
+                try:
+                    result = futures[i].result()
+                except CancelledError as e:  # the client lost the scheduler and gave up reconnecting
+                    raise ShardingError(
+                        f"{self}: lost the cluster ({type(e).__name__}); rerun the flow to resume: the "
+                        "shards committed so far are reused"
+                    ) from None
+                yield i, result
 
 
 def dask_runner(address: str | None) -> PrefectDaskShards | None:
