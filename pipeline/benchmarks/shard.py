@@ -262,15 +262,21 @@ def _dask_bench(args, source: str, tmp: str) -> int:
     )
     print()
     header = f"{'workers':>7} {'pool img/s':>10} {'dask img/s':>10} {'dask/pool':>9} {'median':>7}  "
-    print(header + f"{'tasks per worker':<18} {'sent B/task':>11} {'returned B/task':>15} {'shard MB/task':>13}")
+    print(
+        header + f"{'overhead ms/task':>16}  {'tasks per worker':<18} {'sent B/task':>11} {'returned B/task':>15} "
+        f"{'shard MB/task':>13}"
+    )
     ok = True
     for w, pool, dask, per_worker, measured, shards in rows:
         ratio = min(pool) / min(dask)
         med = statistics.median(p / d for p, d in zip(pool, dask))
         ok &= ratio >= 0.9
         spread = "/".join(str(c) for c in sorted(per_worker.values(), reverse=True))
+        # the cluster's extra wall time per task (negative: the pool's process start costs more)
+        per_task = (min(dask) - min(pool)) / len(shards) * 1e3
         print(
-            f"{w:>7} {n / min(pool):>10.0f} {n / min(dask):>10.0f} {ratio:>8.2f}x {med:>6.2f}x  {spread:<18} "
+            f"{w:>7} {n / min(pool):>10.0f} {n / min(dask):>10.0f} {ratio:>8.2f}x {med:>6.2f}x  {per_task:>16.1f}  "
+            f"{spread:<18} "
             f"{statistics.mean(measured.sent):>11.0f} {statistics.mean(measured.returned):>15.0f} "
             f"{sum(s['bytes'] for s in shards) / len(shards) / 1e6:>13.2f}"
         )
