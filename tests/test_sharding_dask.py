@@ -166,10 +166,11 @@ def _executing(dask_worker) -> list[str]:
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
     """Large images: with SLOW options every image is resized and re-encoded, so a shard takes a while."""
-    return sample_data.build(str(tmp_path_factory.mktemp("big")), per_class=6, size=384)["folder"]
+    return sample_data.build(str(tmp_path_factory.mktemp("big")), per_class=20, size=1024)["folder"]
 
 
-SLOW = {"splits": "train", "shard_size_mb": 0.15, "validation": "decode", "max_side": 48}
+# ~12 shards of ~17 images, each decoded, resized and re-encoded: a task takes ~0.1 s or more
+SLOW = {"splits": "train", "shard_size_mb": 1.0, "validation": "decode", "max_side": 48}
 
 
 def _local_cluster() -> distributed.LocalCluster:
