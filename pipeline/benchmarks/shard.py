@@ -75,6 +75,7 @@ def cli(argv: list[str]) -> int:
         help="compare Dask clusters of 1..N local workers with the local pool of as many workers",
     )
     p.add_argument("--validation", choices=["structural", "decode"], default="structural", help="with --dask")
+    p.add_argument("--dest-dir", help="with --dask: where the shards go (default: the temporary folder)")
     p.add_argument(
         "--skip-decode",
         action="store_true",
@@ -95,7 +96,8 @@ def cli(argv: list[str]) -> int:
 
             source = build(os.path.join(tmp, "data"), per_class=args.per_class, size=args.size)["folder"]
         if args.dask:
-            return _dask_bench(args, source, tmp)
+            with tempfile.TemporaryDirectory(dir=args.dest_dir, prefix="mfm-bench-shard-") as out:
+                return _dask_bench(args, source, out)
         files = _files(os.path.join(source, args.split))
         total = sum(os.path.getsize(f) for f in files)
         for f in files:  # warm the page cache so no method pays for the first read
@@ -217,9 +219,11 @@ class _Measured:
 
 
 def _dask_bench(args, source: str, tmp: str) -> int:
+    """tmp: where the shards go."""
     import distributed
 
     from pipeline.sharding import read_manifest, shard_dataset
+    from pipeline.sharding.cluster import DaskShards
 
     files = _files(os.path.join(source, args.split))
     n, mb = len(files), sum(os.path.getsize(f) for f in files) / 1e6
@@ -227,13 +231,15 @@ def _dask_bench(args, source: str, tmp: str) -> int:
         with open(f, "rb") as fh:
             fh.read()
 
-    def run(workers=1, runner=None):
+    def run(workers=1, runner=None, client=None):
+        """(wall s, CPU s of every process that took part, dest)."""
         dest = tempfile.mkdtemp(dir=tmp, prefix="dask" if runner else "pool")
         kw = {"splits": [args.split], "shard_size_mb": args.shard_size_mb, "validation": args.validation}
-        t = time.perf_counter()
+        workers_cpu = (lambda: sum(client.run(_cpu).values())) if client is not None else (lambda: 0.0)
+        c0, t = _cpu() + workers_cpu(), time.perf_counter()
         shard_dataset(source, dest, workers=workers, runner=runner, progress=False, **kw)
         wall = time.perf_counter() - t
-        return wall, dest
+        return wall, _cpu() + workers_cpu() - c0, dest
 
     rows = []
     for w in range(1, args.dask + 1):
@@ -243,40 +249,44 @@ def _dask_bench(args, source: str, tmp: str) -> int:
             ) as cluster,
             distributed.Client(cluster, set_as_default=False) as client,
         ):
-            pool, dask, measured, per_worker = [], [], None, {}
+            pool, dask = [], []
             for _ in range(max(1, args.repeat)):  # interleaved: a slow spell hits both
-                pool.append(run(workers=w)[0])
-                measured = _Measured(cluster.scheduler_address)
-                with distributed.get_task_stream(client=client) as ts:
-                    wall, dest = run(runner=measured)
-                dask.append(wall)
-                per_worker = {}
-                for rec in ts.data:
-                    per_worker[rec["worker"]] = per_worker.get(rec["worker"], 0) + 1
+                pool.append(run(workers=w)[:2])
+                dask.append(run(runner=DaskShards(cluster.scheduler_address), client=client)[:2])
+            # One more, untimed, run to see where the tasks went and what they carried.
+            measured = _Measured(cluster.scheduler_address)
+            with distributed.get_task_stream(client=client) as ts:
+                dest = run(runner=measured)[2]
+            per_worker: dict[str, int] = {}
+            for rec in ts.data:
+                per_worker[rec["worker"]] = per_worker.get(rec["worker"], 0) + 1
             shards = read_manifest(os.path.join(dest, args.split))["shards"]
         rows.append((w, pool, dask, per_worker, measured, shards))
 
     print(
-        f"{n} images, {mb:.1f} MB from {source}/{args.split}, {args.validation} validation, "
-        f"{args.shard_size_mb:g} MB shards; {args.repeat} interleaved rounds, best wall of each"
+        f"{n} images, {mb:.1f} MB from {source}/{args.split} to {tmp}, {args.validation} "
+        f"validation, {args.shard_size_mb:g} MB shards; {args.repeat} interleaved rounds, best wall and least CPU "
+        "of each (CPU: this process, its children and the Dask workers)"
     )
     print()
-    header = f"{'workers':>7} {'pool img/s':>10} {'dask img/s':>10} {'dask/pool':>9} {'median':>7}  "
+    header = f"{'workers':>7} {'pool img/s':>10} {'dask img/s':>10} {'dask/pool':>9} {'median':>7} {'CPU ratio':>9}  "
     print(
         header + f"{'overhead ms/task':>16}  {'tasks per worker':<18} {'sent B/task':>11} {'returned B/task':>15} "
         f"{'shard MB/task':>13}"
     )
     ok = True
     for w, pool, dask, per_worker, measured, shards in rows:
-        ratio = min(pool) / min(dask)
-        med = statistics.median(p / d for p, d in zip(pool, dask))
+        best_pool, best_dask = min(x[0] for x in pool), min(x[0] for x in dask)
+        ratio = best_pool / best_dask
+        med = statistics.median(p[0] / d[0] for p, d in zip(pool, dask))
+        cpu = min(x[1] for x in dask) / min(x[1] for x in pool)  # > 1: the cluster path costs more CPU
         ok &= ratio >= 0.9
         spread = "/".join(str(c) for c in sorted(per_worker.values(), reverse=True))
         # the cluster's extra wall time per task (negative: the pool's process start costs more)
-        per_task = (min(dask) - min(pool)) / len(shards) * 1e3
+        per_task = (best_dask - best_pool) / len(shards) * 1e3
         print(
-            f"{w:>7} {n / min(pool):>10.0f} {n / min(dask):>10.0f} {ratio:>8.2f}x {med:>6.2f}x  {per_task:>16.1f}  "
-            f"{spread:<18} "
+            f"{w:>7} {n / best_pool:>10.0f} {n / best_dask:>10.0f} {ratio:>8.2f}x {med:>6.2f}x {cpu:>8.2f}x  "
+            f"{per_task:>16.1f}  {spread:<18} "
             f"{statistics.mean(measured.sent):>11.0f} {statistics.mean(measured.returned):>15.0f} "
             f"{sum(s['bytes'] for s in shards) / len(shards) / 1e6:>13.2f}"
         )
