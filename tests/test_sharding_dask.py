@@ -333,3 +333,15 @@ def test_address_parser_answers_or_refuses(address):
     scheme, rest = address.split("://", 1)
     host, port = rest.rsplit(":", 1)
     assert scheme in ("tcp", "tls") and host and 0 < int(port) < 65536 and not any(c.isspace() for c in address)
+
+
+def test_cli_refuses_a_bad_address_and_workers_with_dask(sample, tmp_path, capsys):
+    from pipeline.sharding.cli import cli
+
+    base = ["--source", sample["folder"], "--dest", str(tmp_path / "out")]
+    assert cli([*base, "--dask", "scheduler:8786"]) == 2
+    assert "dask address 'scheduler:8786': expected tcp://HOST:PORT" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli([*base, "--dask", "tcp://scheduler:8786", "--workers", "4"])
+    assert exit_.value.code == 2 and "--workers sizes the local process pool" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
