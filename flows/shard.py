@@ -62,8 +62,11 @@ class PrefectDaskShards:
         opts: WriteOptions,
         cfg: StorageConfig | None,
     ) -> Iterator[tuple[int, ShardResult]]:
-        from distributed import as_completed
         from prefect_dask import DaskTaskRunner
+
+        from pipeline.sharding.cluster import import_distributed
+
+        as_completed = import_distributed().as_completed
 
         with DaskTaskRunner(address=self.address) as runner:
             futures = [

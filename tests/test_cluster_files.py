@@ -161,7 +161,9 @@ def test_dask_cluster_commands_shard_on_this_machine(s3_endpoint, tmp_path):
     import os
     import signal
 
-    import distributed
+    from pipeline.sharding.cluster import import_distributed
+
+    distributed = import_distributed()
 
     from pipeline import sample_data, storage
 

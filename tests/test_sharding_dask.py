@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 
-import distributed
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,7 +17,10 @@ from pipeline import sample_data, storage
 from pipeline.config import StorageConfig
 from pipeline.sharding import manifest as mf
 from pipeline.sharding import read_manifest, shard_dataset, verify_split
-from pipeline.sharding.cluster import DaskShards, check_address, task_key
+from pipeline.sharding.cluster import DaskShards, check_address, import_distributed, task_key
+
+# not `import distributed`: see import_distributed (in-process DALI tests run later in this session)
+distributed = import_distributed()
 
 SHARD_MB = 0.03
 
@@ -345,3 +347,16 @@ def test_cli_refuses_a_bad_address_and_workers_with_dask(sample, tmp_path, capsy
         cli([*base, "--dask", "tcp://scheduler:8786", "--workers", "4"])
     assert exit_.value.code == 2 and "--workers sizes the local process pool" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_exceptions_pickle_plainly_after_importing_distributed():
+    """distributed's import registers tblib's exception reducers process-wide, which DALI's worker
+    channel refuses (its loader workers' StopIteration included); import_distributed takes them back."""
+    import pickle
+
+    import tblib.pickling_support
+
+    tblib.pickling_support.install()  # what `import distributed` does
+    assert b"tblib" in pickle.dumps(StopIteration("end of epoch"))
+    import_distributed()
+    assert b"tblib" not in pickle.dumps(StopIteration("end of epoch"))

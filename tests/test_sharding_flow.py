@@ -71,7 +71,10 @@ def test_flow_writes_shards_on_a_dask_cluster(prefect_server, s3_endpoint, tmp_p
     """dask_address: one write-shard task run per shard on the cluster's workers (DaskTaskRunner),
     the same objects in S3 as the local pool writes; no credential in what the API holds."""
     import anyio
-    import distributed
+
+    from pipeline.sharding.cluster import import_distributed
+
+    distributed = import_distributed()
 
     from flows.shard import shard_flow
     from pipeline import storage
@@ -107,7 +110,10 @@ def test_retrain_shard_stage_on_a_dask_cluster_keeps_its_cache_key(prefect_serve
     """mfm-retrain's shard stage with dask_address writes the shards on the cluster; where it ran
     is no part of the cache key, so the same stage without the cluster is a cache hit."""
     import anyio
-    import distributed
+
+    from pipeline.sharding.cluster import import_distributed
+
+    distributed = import_distributed()
     from prefect import flow
 
     from flows.retrain import run_stage

@@ -220,10 +220,10 @@ class _Measured:
 
 def _dask_bench(args, source: str, tmp: str) -> int:
     """tmp: where the shards go."""
-    import distributed
-
     from pipeline.sharding import read_manifest, shard_dataset
-    from pipeline.sharding.cluster import DaskShards
+    from pipeline.sharding.cluster import DaskShards, import_distributed
+
+    distributed = import_distributed()
 
     files = _files(os.path.join(source, args.split))
     n, mb = len(files), sum(os.path.getsize(f) for f in files) / 1e6

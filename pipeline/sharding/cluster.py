@@ -43,6 +43,22 @@ def check_address(address: str) -> str:
     return address
 
 
+def import_distributed():
+    """`distributed`, without its process-wide hold on exception pickling: on import it registers
+    tblib's reducers for every exception class (copyreg), and DALI's worker channel, which admits
+    only globals it knows, then refuses every exception a loader worker sends (its end-of-epoch
+    StopIteration included), so in-process DALI loading after sharding would fail. The driver
+    does not pickle exceptions for Dask; the workers are other processes and keep the reducers."""
+    import copyreg
+
+    import distributed
+
+    for cls, reducer in list(copyreg.dispatch_table.items()):
+        if getattr(getattr(reducer, "func", reducer), "__module__", "") == "tblib.pickling_support":
+            del copyreg.dispatch_table[cls]
+    return distributed
+
+
 def write_on_worker(
     plan: ShardPlan, split_url: str, class_of: dict[str, int], opts: WriteOptions, cfg: StorageConfig | None
 ) -> ShardResult:
@@ -98,7 +114,8 @@ class DaskShards:
         cfg: StorageConfig | None,
     ) -> Iterator[tuple[int, ShardResult]]:
         """(position in plans, result) of each shard as it is committed."""
-        from distributed import Client, as_completed
+        distributed = import_distributed()
+        Client, as_completed = distributed.Client, distributed.as_completed
 
         try:
             client = Client(self.address, set_as_default=False, timeout=CONNECT_TIMEOUT_S)
