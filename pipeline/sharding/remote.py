@@ -119,7 +119,7 @@ def read_entries(entries: Sequence[Entry], cfg: StorageConfig | None = None) -> 
 
 def _fetch(urls: list[str], cfg) -> dict[str, bytes | OSError]:
     fs, _ = st.filesystem(urls[0], cfg)
-    paths = {fs._strip_protocol(u): u for u in urls}
+    paths = {st.filesystem(u, cfg)[1]: u for u in urls}
     got = fs.cat(list(paths), on_error="return")
     out: dict[str, bytes | OSError] = {}
     for path, url in paths.items():
