@@ -12,8 +12,10 @@ is printed beside it because it hardly moves with the machine's load.
 within 10% of the pool's images/s; the cluster (a distributed.LocalCluster on 127.0.0.1,
 one thread per worker process) is started once, as a real one is long-lived, so its start is
 not timed, while the pool's process start is (the pool starts with each run, as in `mfm shard`).
-It also prints how the work spreads: tasks per worker, bytes sent and returned per task (the
-pickled call and result, through the scheduler) and shard bytes written per task (worker to store).
+CPU time counts this process (which hosts the local cluster's scheduler), its children and
+the workers. An untimed extra run shows how the work spreads: tasks per worker, bytes sent
+and returned per task (the pickled call and result, through the scheduler) and shard bytes
+written per task (worker to store). `--dest-dir /dev/shm` keeps disk flushes out of the timing.
 """
 
 from __future__ import annotations
