@@ -116,12 +116,20 @@ def _stage_function(stage: Stage):
     return getattr(importlib.import_module(module), func)
 
 
-@task(name="stage", persist_result=True, cache_policy=INPUTS, retries=2, retry_condition_fn=retry_condition)
-def run_stage(name: str, function: str, ctx: dict[str, Any]) -> dict[str, Any]:
-    """Run one stage on the context; returns the keys it adds."""
+# `runtime` (where a stage runs, e.g. the Dask cluster) is no part of the cache key: the result
+# is the same wherever it was computed.
+@task(
+    name="stage",
+    persist_result=True,
+    cache_policy=INPUTS - "runtime",
+    retries=2,
+    retry_condition_fn=retry_condition,
+)
+def run_stage(name: str, function: str, ctx: dict[str, Any], runtime: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one stage on the context (and `runtime`); returns the keys it adds."""
     if os.environ.get(FAIL_ENV) == name:
         raise InjectedFailure(f"{FAIL_ENV}={name}: injected failure of stage {name!r}")
-    return _stage_function(Stage(name, function))(ctx)
+    return _stage_function(Stage(name, function))({**ctx, **(runtime or {})})
 
 
 # ---------------------------------------------------------------------------- stages
@@ -134,6 +142,7 @@ def _storage(ctx: dict):
 
 
 def shard_stage(ctx: dict) -> dict:
+    from flows.shard import dask_runner
     from pipeline.sharding import shard_dataset
 
     log = get_run_logger()
@@ -142,7 +151,13 @@ def shard_stage(ctx: dict) -> dict:
     # shard_dataset keeps a split whose manifest matches the source fingerprint, adds a revision
     # with only the new files to one whose source grew, and refuses other options.
     manifests = shard_dataset(
-        ctx["source"], ctx["shards"], splits=ctx["splits"], storage=cfg, progress=None, **ctx["shard_options"]
+        ctx["source"],
+        ctx["shards"],
+        splits=ctx["splits"],
+        storage=cfg,
+        progress=None,
+        runner=dask_runner(ctx.get("dask_address")),
+        **ctx["shard_options"],
     )
     for split, before in current.items():
         m = manifests[split]
@@ -289,11 +304,11 @@ def _abs(url: str) -> str:
     return url if "://" in url else str(Path(url).resolve())
 
 
-def _fingerprints(source: str, splits: list[str]) -> dict[str, str]:
-    from pipeline.sharding.sources import list_split
+def _fingerprints(source: str, splits: list[str], cfg) -> dict[str, str]:
+    from pipeline.sharding.remote import source_listing
 
     # Part of every cache key: new or changed source files mean new shards, a new run, a new model.
-    return {s: list_split(source, s).fingerprint for s in splits}
+    return {s: source_listing(source, s, cfg).fingerprint for s in splits}
 
 
 def _pin_warm_start(warm_start: str | None, name: str, registry: str, preset: str, overrides: dict, log) -> str | None:
@@ -337,6 +352,7 @@ def retrain_flow(
     retry_delay_seconds: float = 30.0,
     refresh: bool = False,
     warm_start: str | None = None,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     """Shard `source` into `<store>/shards/<key>`, pretrain into `<store>/runs/<name>-<key>`,
     fine-tune into `...-finetune` (finetune_preset None: skipped), evaluate the resulting model,
@@ -351,13 +367,15 @@ def retrain_flow(
     of `registry_name` ("production") or a ref NAME@ALIAS. Pinned to the version it names when
     the flow starts (pretrain.init=NAME@vN, in the run's config.yaml and the new version's
     lineage); when it does not exist yet (a first run), pretraining starts from scratch.
+    dask_address: a Dask scheduler (tcp://scheduler:8786) whose workers write the shards (as in
+    mfm-shard); not part of any cache key, since the shards are the same wherever they are written.
     """
     log = get_run_logger()
     store = _abs(store)
     splits = splits or ["train", "val"]
     overrides = dict(overrides or {})
     shard_options = dict(shard_options or {})
-    fingerprints = _fingerprints(_abs(source), splits)
+    fingerprints = _fingerprints(_abs(source), splits, _storage({"preset": preset, "overrides": overrides}))
     # One shard folder per sharding options, stable as the source grows: each run adds a revision
     # holding only the new files, and shards a running job reads are never rewritten.
     shards = storage.join(store, "shards", _digest({"options": shard_options}))
@@ -393,6 +411,11 @@ def retrain_flow(
         "finetune_preset": finetune_preset,
         "finetune_overrides": dict(finetune_overrides or {}),
     }
+    if dask_address:
+        from pipeline.sharding.cluster import check_address
+
+        check_address(dask_address)  # before any stage runs
+    runtime = {"dask_address": dask_address}
     options: dict[str, Any] = {"retry_delay_seconds": retry_delay_seconds, "refresh_cache": refresh}
     if "://" not in store:  # the cache lives with the run; on object storage, Prefect's local default
         options["result_storage"] = Path(store) / ".prefect-results"
@@ -413,7 +436,7 @@ def retrain_flow(
         inputs = {**ctx, **{k: params[k] for k in stage.params}}
         started = time.monotonic()
         state = run_stage.with_options(name=stage.name, task_run_name=stage.name, **options)(
-            stage.name, stage.function, inputs, return_state=True
+            stage.name, stage.function, inputs, runtime, return_state=True
         )
         states[stage.name] = state.name
         seconds[stage.name] = round(time.monotonic() - started, 1)

@@ -1,11 +1,97 @@
-"""Prefect flow `mfm-shard`: shard a dataset (thin: all the work is in pipeline.sharding)."""
+"""Prefect flow `mfm-shard`: shard a dataset (thin: all the work is in pipeline.sharding).
+
+With `dask_address` the shards are written by `write-shard` task runs on that Dask cluster
+(prefect-dask's DaskTaskRunner), one per shard, each shown in the UI; listing, planning and
+the manifest commit stay in the flow run.
+"""
 
 from __future__ import annotations
 
-from prefect import flow
+from collections.abc import Iterator
+from concurrent.futures import CancelledError
+from dataclasses import dataclass
 
+from prefect import flow, task
+from prefect.cache_policies import NONE
+
+from pipeline.config import StorageConfig
 from pipeline.jpeg import MAX_PIXELS
-from pipeline.sharding import shard_dataset
+from pipeline.sharding import ShardingError, shard_dataset
+from pipeline.sharding.plan import ShardPlan
+from pipeline.sharding.writer import ShardResult, WriteOptions
+
+
+def _shard_run_name() -> str:
+    from prefect.runtime import task_run
+
+    from pipeline.sharding.cluster import task_name
+
+    return task_name(task_run.parameters["plan"])
+
+
+# No cache: the shard's sidecar is its commit record, checked by write_shard itself.
+@task(name="write-shard", task_run_name=_shard_run_name, cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def write_shard_task(
+    plan: ShardPlan, split_url: str, class_of: dict[str, int], opts: WriteOptions, cfg: StorageConfig | None
+) -> ShardResult:
+    """Commit one shard on a Dask worker (or reuse it when committed already)."""
+    from pipeline.sharding.cluster import write_on_worker
+
+    return write_on_worker(plan, split_url, class_of, opts, cfg)
+
+
+@dataclass(frozen=True)
+class PrefectDaskShards:
+    """Runs shard writes as `write-shard` task runs on the Dask cluster at `address`."""
+
+    address: str
+
+    def __post_init__(self):
+        from pipeline.sharding.cluster import check_address
+
+        check_address(self.address)
+
+    def __str__(self) -> str:
+        return f"the Dask cluster at {self.address} (DaskTaskRunner)"
+
+    def __call__(
+        self,
+        plans: list[ShardPlan],
+        split_url: str,
+        class_of: dict[str, int],
+        opts: WriteOptions,
+        cfg: StorageConfig | None,
+    ) -> Iterator[tuple[int, ShardResult]]:
+        from prefect_dask import DaskTaskRunner
+
+        from pipeline.sharding.cluster import import_distributed
+
+        as_completed = import_distributed().as_completed
+
+        with DaskTaskRunner(address=self.address) as runner:
+            futures = [
+                runner.submit(
+                    write_shard_task,
+                    {"plan": p, "split_url": split_url, "class_of": class_of, "opts": opts, "cfg": cfg},
+                )
+                for p in plans
+            ]
+            position = {f.wrapped_future.key: i for i, f in enumerate(futures)}
+            for done in as_completed([f.wrapped_future for f in futures], loop=runner.client.loop):
+                i = position[done.key]
+                try:
+                    result = futures[i].result()
+                except CancelledError as e:  # the client lost the scheduler and gave up reconnecting
+                    raise ShardingError(
+                        f"{self}: lost the cluster ({type(e).__name__}); rerun the flow to resume: the "
+                        "shards committed so far are reused"
+                    ) from None
+                yield i, result
+
+
+def dask_runner(address: str | None) -> PrefectDaskShards | None:
+    """The flows' `dask_address`: None (or empty) keeps the local process pool."""
+    return PrefectDaskShards(address) if address else None
 
 
 @flow(name="mfm-shard", log_prints=True)
@@ -19,8 +105,14 @@ def shard_flow(
     max_side: int | None = None,
     max_pixels: int | None = MAX_PIXELS,
     validation: str = "structural",
+    rebuild: bool = False,
+    dask_address: str | None = None,
 ) -> dict[str, dict]:
-    """Shard `source` into `<dest>/<split>/`; returns per split the sample, shard and rejection counts."""
+    """Shard `source` into `<dest>/<split>/`; returns per split the sample, shard and rejection counts.
+
+    dask_address: a Dask scheduler (tcp://scheduler:8786) whose workers write the shards instead
+    of `workers` local processes; they need the same access to `source` and `dest`.
+    """
     manifests = shard_dataset(
         source,
         dest,
@@ -32,6 +124,8 @@ def shard_flow(
         max_pixels=max_pixels,
         validation=validation,
         progress=False,
+        rebuild=rebuild,
+        runner=dask_runner(dask_address),
     )
     # The full manifests live beside the shards; the flow result stays small.
     return {

@@ -42,6 +42,7 @@ EXTRAS: dict[str, set[str]] = {
     "flows": {"prefect"},
     "eval": {"imagecorruptions", "skimage", "matplotlib"},
     "dali": {"nvidia.dali"},
+    "dask": {"distributed", "prefect_dask"},
 }
 # The extras a command needs, checked before it starts; the others need the bare install only.
 NEEDS: dict[str, tuple[str, ...]] = {

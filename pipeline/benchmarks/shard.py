@@ -7,6 +7,15 @@ writes to the same temporary folder (same disk) as the shards. Methods run inter
 (A, B, C, ... A, B, C, ...): on a shared machine a slow spell hits all of them. Wall time is
 what the goals are about; CPU time (this process and its children: tar, worker processes)
 is printed beside it because it hardly moves with the machine's load.
+
+`--dask N`: the cluster path against the local process pool at equal workers (1..N), goal
+within 10% of the pool's images/s; the cluster (a distributed.LocalCluster on 127.0.0.1,
+one thread per worker process) is started once, as a real one is long-lived, so its start is
+not timed, while the pool's process start is (the pool starts with each run, as in `mfm shard`).
+CPU time counts this process (which hosts the local cluster's scheduler), its children and
+the workers. An untimed extra run shows how the work spreads: tasks per worker, bytes sent
+and returned per task (the pickled call and result, through the scheduler) and shard bytes
+written per task (worker to store). `--dest-dir /dev/shm` keeps disk flushes out of the timing.
 """
 
 from __future__ import annotations
@@ -61,6 +70,15 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--split", default="train")
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument(
+        "--dask",
+        type=int,
+        default=None,
+        metavar="N",
+        help="compare Dask clusters of 1..N local workers with the local pool of as many workers",
+    )
+    p.add_argument("--validation", choices=["structural", "decode"], default="structural", help="with --dask")
+    p.add_argument("--dest-dir", help="with --dask: where the shards go (default: the temporary folder)")
+    p.add_argument(
         "--skip-decode",
         action="store_true",
         help="only tar and structural sharding (the decode pair takes the longest)",
@@ -79,6 +97,9 @@ def cli(argv: list[str]) -> int:
             from pipeline.sample_data import build
 
             source = build(os.path.join(tmp, "data"), per_class=args.per_class, size=args.size)["folder"]
+        if args.dask:
+            with tempfile.TemporaryDirectory(dir=args.dest_dir, prefix="mfm-bench-shard-") as out:
+                return _dask_bench(args, source, out)
         files = _files(os.path.join(source, args.split))
         total = sum(os.path.getsize(f) for f in files)
         for f in files:  # warm the page cache so no method pays for the first read
@@ -174,4 +195,102 @@ def cli(argv: list[str]) -> int:
             f"(goal <= 1.3x)  {'PASS' if ok2 else 'MISS'}"
         )
         print(f"  in CPU time                    = {cpu['shard, decode'] / cpu['Pillow decode (baseline)']:.2f}x")
+    return 0
+
+
+class _Measured:
+    """DaskShards that also records the pickled size of each call and result."""
+
+    def __init__(self, address: str):
+        from pipeline.sharding.cluster import DaskShards
+
+        self.runner = DaskShards(address)
+        self.sent: list[int] = []
+        self.returned: list[int] = []
+
+    def __str__(self) -> str:
+        return str(self.runner)
+
+    def __call__(self, plans, split_url, class_of, opts, cfg):
+        import cloudpickle
+
+        self.sent += [len(cloudpickle.dumps((p, split_url, class_of, opts, cfg))) for p in plans]
+        for i, r in self.runner(plans, split_url, class_of, opts, cfg):
+            self.returned.append(len(cloudpickle.dumps(r)))
+            yield i, r
+
+
+def _dask_bench(args, source: str, tmp: str) -> int:
+    """tmp: where the shards go."""
+    from pipeline.sharding import read_manifest, shard_dataset
+    from pipeline.sharding.cluster import DaskShards, import_distributed
+
+    distributed = import_distributed()
+
+    files = _files(os.path.join(source, args.split))
+    n, mb = len(files), sum(os.path.getsize(f) for f in files) / 1e6
+    for f in files:
+        with open(f, "rb") as fh:
+            fh.read()
+
+    def run(workers=1, runner=None, client=None):
+        """(wall s, CPU s of every process that took part, dest)."""
+        dest = tempfile.mkdtemp(dir=tmp, prefix="dask" if runner else "pool")
+        kw = {"splits": [args.split], "shard_size_mb": args.shard_size_mb, "validation": args.validation}
+        workers_cpu = (lambda: sum(client.run(_cpu).values())) if client is not None else (lambda: 0.0)
+        c0, t = _cpu() + workers_cpu(), time.perf_counter()
+        shard_dataset(source, dest, workers=workers, runner=runner, progress=False, **kw)
+        wall = time.perf_counter() - t
+        return wall, _cpu() + workers_cpu() - c0, dest
+
+    rows = []
+    for w in range(1, args.dask + 1):
+        with (
+            distributed.LocalCluster(
+                n_workers=w, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+            ) as cluster,
+            distributed.Client(cluster, set_as_default=False) as client,
+        ):
+            pool, dask = [], []
+            for _ in range(max(1, args.repeat)):  # interleaved: a slow spell hits both
+                pool.append(run(workers=w)[:2])
+                dask.append(run(runner=DaskShards(cluster.scheduler_address), client=client)[:2])
+            # One more, untimed, run to see where the tasks went and what they carried.
+            measured = _Measured(cluster.scheduler_address)
+            with distributed.get_task_stream(client=client) as ts:
+                dest = run(runner=measured)[2]
+            per_worker: dict[str, int] = {}
+            for rec in ts.data:
+                per_worker[rec["worker"]] = per_worker.get(rec["worker"], 0) + 1
+            shards = read_manifest(os.path.join(dest, args.split))["shards"]
+        rows.append((w, pool, dask, per_worker, measured, shards))
+
+    print(
+        f"{n} images, {mb:.1f} MB from {source}/{args.split} to {tmp}, {args.validation} "
+        f"validation, {args.shard_size_mb:g} MB shards; {args.repeat} interleaved rounds, best wall and least CPU "
+        "of each (CPU: this process, its children and the Dask workers)"
+    )
+    print()
+    header = f"{'workers':>7} {'pool img/s':>10} {'dask img/s':>10} {'dask/pool':>9} {'median':>7} {'CPU ratio':>9}  "
+    print(
+        header + f"{'overhead ms/task':>16}  {'tasks per worker':<18} {'sent B/task':>11} {'returned B/task':>15} "
+        f"{'shard MB/task':>13}"
+    )
+    ok = True
+    for w, pool, dask, per_worker, measured, shards in rows:
+        best_pool, best_dask = min(x[0] for x in pool), min(x[0] for x in dask)
+        ratio = best_pool / best_dask
+        med = statistics.median(p[0] / d[0] for p, d in zip(pool, dask))
+        cpu = min(x[1] for x in dask) / min(x[1] for x in pool)  # > 1: the cluster path costs more CPU
+        ok &= ratio >= 0.9
+        spread = "/".join(str(c) for c in sorted(per_worker.values(), reverse=True))
+        # the cluster's extra wall time per task (negative: the pool's process start costs more)
+        per_task = (best_dask - best_pool) / len(shards) * 1e3
+        print(
+            f"{w:>7} {n / best_pool:>10.0f} {n / best_dask:>10.0f} {ratio:>8.2f}x {med:>6.2f}x {cpu:>8.2f}x  "
+            f"{per_task:>16.1f}  {spread:<18} "
+            f"{statistics.mean(measured.sent):>11.0f} {statistics.mean(measured.returned):>15.0f} "
+            f"{sum(s['bytes'] for s in shards) / len(shards) / 1e6:>13.2f}"
+        )
+    print(f"\ndask images/s / pool images/s at equal workers >= 0.9x (within 10%)  {'PASS' if ok else 'MISS'}")
     return 0

@@ -26,6 +26,13 @@ def _shard_parser() -> argparse.ArgumentParser:
         default=None,
         help="worker processes (default: the CPUs available; a split of one shard runs in this process)",
     )
+    p.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        default=None,
+        help="write the shards on the Dask cluster whose scheduler is at ADDRESS (tcp://scheduler:8786) "
+        "instead of local processes; listing, planning and the manifest commit stay here",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size-mb", type=float, default=256)
     p.add_argument("--max-side", type=int, default=None, help="re-encode images whose longer side exceeds PX")
@@ -49,11 +56,19 @@ def cli(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if argv[:1] == ["verify"]:
         return verify_cli(argv[1:])
-    args = _shard_parser().parse_args(argv)
+    parser = _shard_parser()
+    args = parser.parse_args(argv)
+    if args.dask is not None and args.workers is not None:
+        parser.error("--workers sizes the local process pool; with --dask the cluster's workers write the shards")
     from pipeline.sharding import ShardingError, SourceError, shard_dataset
     from pipeline.sharding.job import available_cpus
 
     try:
+        runner = None
+        if args.dask is not None:
+            from pipeline.sharding.cluster import DaskShards
+
+            runner = DaskShards(args.dask)
         manifests = shard_dataset(
             args.source,
             args.dest,
@@ -66,6 +81,7 @@ def cli(argv: list[str]) -> int:
             validation=args.validation,
             progress=False if args.no_progress else None,
             rebuild=args.rebuild,
+            runner=runner,
         )
     except (SourceError, ShardingError, ValueError) as e:
         print(f"mfm shard: {e}", file=sys.stderr)

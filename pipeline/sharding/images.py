@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Sequence
 
+from pipeline.config import StorageConfig
 from pipeline.jpeg import MAX_PIXELS
-from pipeline.sharding.sources import Entry, read_entry
+from pipeline.sharding.remote import read_entries
+from pipeline.sharding.sources import Entry
 from pipeline.sharding.validate import Checked, check_image, clean_size
 
 # (entry, bytes to store, (width, height), re-encoded) or (entry, None, rejection reason, False)
@@ -25,28 +27,23 @@ def checked_images(
     max_side: int | None,
     threads: int = 1,
     max_pixels: int | None = MAX_PIXELS,
+    cfg: StorageConfig | None = None,
 ) -> Iterator[Image]:
-    handles: dict = {}
-    try:
-        if validation == "decode" and threads > 1:
-            yield from _decoded_in_threads(entries, max_side, threads, handles, max_pixels)
-            return
-        structural = validation == "structural"
-        for e in entries:
-            try:
-                data = read_entry(e, handles)
-            except OSError as err:
-                yield e, None, f"unreadable: {err}", False
-                continue
-            # Clean JPEGs, nearly every image, are checked here; the rest go through Pillow.
-            size = clean_size(data, max_side, max_pixels) if structural else None
-            if size is not None:
-                yield e, data, size, False
-            else:
-                yield _result(e, check_image(data, validation, max_side, max_pixels))
-    finally:
-        for f in handles.values():
-            f.close()
+    """cfg: where entries on object storage are read from (remote.py)."""
+    if validation == "decode" and threads > 1:
+        yield from _decoded_in_threads(entries, max_side, threads, max_pixels, cfg)
+        return
+    structural = validation == "structural"
+    for e, data in read_entries(entries, cfg):
+        if isinstance(data, OSError):
+            yield e, None, f"unreadable: {data}", False
+            continue
+        # Clean JPEGs, nearly every image, are checked here; the rest go through Pillow.
+        size = clean_size(data, max_side, max_pixels) if structural else None
+        if size is not None:
+            yield e, data, size, False
+        else:
+            yield _result(e, check_image(data, validation, max_side, max_pixels))
 
 
 def _result(e: Entry, c: Checked) -> Image:
@@ -55,17 +52,17 @@ def _result(e: Entry, c: Checked) -> Image:
     return e, c.jpeg, (c.width, c.height), c.reencoded
 
 
-def _decoded_in_threads(entries, max_side, threads, handles, max_pixels) -> Iterator[Image]:
+def _decoded_in_threads(entries, max_side, threads, max_pixels, cfg) -> Iterator[Image]:
     from concurrent.futures import ThreadPoolExecutor
 
     # Files are read here, in order; a bounded window of decodes runs ahead of the writer.
     window: deque = deque()
     with ThreadPoolExecutor(threads, thread_name_prefix="mfm-decode") as pool:
-        for e in entries:
-            try:
-                window.append((e, pool.submit(check_image, read_entry(e, handles), "decode", max_side, max_pixels)))
-            except OSError as err:
-                window.append((e, f"unreadable: {err}"))
+        for e, data in read_entries(entries, cfg):
+            if isinstance(data, OSError):
+                window.append((e, f"unreadable: {data}"))
+            else:
+                window.append((e, pool.submit(check_image, data, "decode", max_side, max_pixels)))
             if len(window) >= 4 * threads:
                 yield _done(*window.popleft())
         while window:

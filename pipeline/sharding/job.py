@@ -8,7 +8,9 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Protocol
 
 from pipeline import split_manifest as mf
 from pipeline import storage as st
@@ -16,9 +18,10 @@ from pipeline.config import StorageConfig
 from pipeline.jpeg import MAX_PIXELS
 from pipeline.sharding import revisions as rv
 from pipeline.sharding.plan import plan_shards
-from pipeline.sharding.sources import SourceError, available_splits, list_split
+from pipeline.sharding.remote import source_listing, source_splits
+from pipeline.sharding.sources import SourceError
 from pipeline.sharding.validate import VALIDATIONS
-from pipeline.sharding.writer import WORK_DIR, WriteOptions, write_shard
+from pipeline.sharding.writer import WORK_DIR, ShardResult, WriteOptions, write_shard
 
 HEARTBEAT_S = 10.0  # at most this often, a writer refreshes its revision claim
 
@@ -53,6 +56,7 @@ def shard_dataset(
     storage: StorageConfig | None = None,
     progress: bool | None = None,
     rebuild: bool = False,
+    runner: ShardRunner | None = None,
 ) -> dict[str, dict]:
     """Shard `source` into `<dest>/<split>/`; returns split -> manifest.
 
@@ -62,6 +66,7 @@ def shard_dataset(
     gone since are reported and their samples kept. rebuild: reshard every file into a new
     revision that replaces the shard list (earlier shard files stay for readers still on them).
     progress: None shows a bar only on a terminal.
+    runner: where the shards are written (e.g. cluster.DaskShards); default a local pool of `workers`.
     """
     if validation not in VALIDATIONS:
         raise ValueError(f"validation={validation!r}: expected one of {', '.join(VALIDATIONS)}")
@@ -72,14 +77,15 @@ def shard_dataset(
     _refuse_dest_inside_source(source, dest)
     if isinstance(splits, str):
         splits = [s for s in splits.split(",") if s]
-    splits = splits or [s for s in available_splits(source) if s in ("train", "val")] or available_splits(source)
+    found = source_splits(source, storage)
+    splits = splits or [s for s in found if s in ("train", "val")] or found
     if not splits:
         raise SourceError(f"{source}: no splits found")
     options = {"seed": seed, "shard_size_mb": shard_size_mb, "max_side": max_side, "validation": validation}
     if max_pixels != MAX_PIXELS:  # recorded only when set: splits sharded before the option stay current
         options["max_pixels"] = max_pixels
     tables: dict[str, list[dict]] = {}  # split -> class table, of this run's and dest's other splits
-    for other in available_splits(source):
+    for other in found:
         if other not in splits and st.exists(st.join(dest, other, mf.MANIFEST), storage):
             other_url = st.join(dest, other)
             tables[other] = mf.check_written(mf.read_manifest(other_url, storage), st.join(other_url, mf.MANIFEST))[
@@ -87,7 +93,7 @@ def shard_dataset(
             ]
     return {
         split: _shard_split(
-            source, st.join(dest, split), split, options, max(1, workers), storage, progress, rebuild, tables
+            source, st.join(dest, split), split, options, max(1, workers), storage, progress, rebuild, tables, runner
         )
         for split in splits
     }
@@ -95,11 +101,13 @@ def shard_dataset(
 
 def _refuse_dest_inside_source(source: str, dest: str) -> None:
     """The shards of a dest inside the source would be listed as a split (or class) of it."""
-    if not st.is_local(dest):
+    if st.is_local(dest) != st.is_local(source):
         return
-    src = os.path.realpath(source)
-    out = os.path.realpath(dest.removeprefix("file://"))
-    if out == src or out.startswith(src.rstrip(os.sep) + os.sep):
+    if st.is_local(dest):
+        src, out, sep = os.path.realpath(source), os.path.realpath(dest.removeprefix("file://")), os.sep
+    else:
+        src, out, sep = source.rstrip("/"), dest.rstrip("/"), "/"
+    if out == src or out.startswith(src.rstrip(sep) + sep):
         raise ShardingError(
             f"--dest {dest} is inside the source {source}: its shards would be read as part of the source "
             "by the next split or run; choose a --dest outside the source"
@@ -125,9 +133,11 @@ def _check_class_table(split: str, classes: list[dict], tables: dict[str, list[d
             )
 
 
-def _shard_split(source, split_url, split, options, workers, cfg, progress, rebuild=False, tables=None) -> dict:
+def _shard_split(
+    source, split_url, split, options, workers, cfg, progress, rebuild=False, tables=None, runner=None
+) -> dict:
     log = run_logger()
-    listing = list_split(source, split)
+    listing = source_listing(source, split, cfg)
     tables = {} if tables is None else tables
     src = {"kind": listing.kind, "path": source, "fingerprint": listing.fingerprint}
     manifest_url = st.join(split_url, mf.MANIFEST)
@@ -186,18 +196,19 @@ def _shard_split(source, split_url, split, options, workers, cfg, progress, rebu
         options.get("max_pixels", MAX_PIXELS),
     )
     log.info(
-        "%s: %d images from %s (%s) -> %d shards from #%d, %d workers (revision %d)",
+        "%s: %d images from %s (%s) -> %d shards from #%d, on %s (revision %d)",
         split_url,
         len(entries),
         source,
         listing.kind,
         len(plans),
         start,
-        workers,
+        runner or f"{workers} local workers",
         revision,
     )
     try:
-        results = _run(plans, split_url, class_of, opts, workers, cfg, log, progress, heartbeat=claim)
+        results = _run(plans, split_url, class_of, opts, workers, cfg, log, progress, heartbeat=claim, runner=runner)
+        _remove_stale_temporaries(split_url, cfg)  # of writers killed mid-shard, whose shards were rewritten
         _remove_extra_shards(split_url, split, start + len(plans), cfg, first=start)
         claim.still_ours(cfg)
     except rv.ClaimRefused as e:
@@ -292,7 +303,15 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _run(plans, split_url, class_of, opts, workers, cfg, log, progress, heartbeat=None):
+class ShardRunner(Protocol):
+    """Runs write_shard for every plan elsewhere; yields (position in plans, result) as each commits."""
+
+    def __call__(
+        self, plans: list, split_url: str, class_of: dict[str, int], opts: WriteOptions, cfg: StorageConfig | None
+    ) -> Iterator[tuple[int, ShardResult]]: ...
+
+
+def _run(plans, split_url, class_of, opts, workers, cfg, log, progress, heartbeat=None, runner=None):
     from tqdm import tqdm
 
     results = [None] * len(plans)
@@ -326,7 +345,10 @@ def _run(plans, split_url, class_of, opts, workers, cfg, log, progress, heartbea
             )
 
     try:
-        if workers == 1 or len(plans) <= 1:
+        if runner is not None:
+            for i, r in runner(plans, split_url, class_of, opts, cfg):
+                done(i, r)
+        elif workers == 1 or len(plans) <= 1:
             for i, p in enumerate(plans):
                 done(i, write_shard(p, split_url, class_of, opts, cfg))
         else:

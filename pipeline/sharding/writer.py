@@ -93,16 +93,22 @@ def _json_tail(wnid: str, cls: int) -> bytes:
 
 
 def write_samples(
-    plan: ShardPlan, fileobj, class_of: dict[str, int], opts: WriteOptions, sync: bool = False
+    plan: ShardPlan,
+    fileobj,
+    class_of: dict[str, int],
+    opts: WriteOptions,
+    sync: bool = False,
+    cfg: StorageConfig | None = None,
 ) -> tuple[TarWriter, list[dict], int]:
     """Fill one tar from the plan's sources; bad images are listed, never raised.
 
-    sync: fileobj is a file to be fsynced: start writing it to disk while the shard is built."""
+    sync: fileobj is a file to be fsynced: start writing it to disk while the shard is built.
+    cfg: the storage of sources on object storage."""
     rejected, reencoded = [], 0
     per_class: dict[str, tuple[bytes, bytes]] = {}  # wnid -> (.cls bytes, .json tail format)
     with TarWriter(fileobj, sync=sync) as tw:
         for e, data, size, reenc in checked_images(
-            plan.entries, opts.validation, opts.max_side, opts.threads, opts.max_pixels
+            plan.entries, opts.validation, opts.max_side, opts.threads, opts.max_pixels, cfg
         ):
             if data is None:
                 rejected.append({"file": e.file, "reason": size})
@@ -118,23 +124,29 @@ def write_samples(
 
 
 def write_shard(
-    plan: ShardPlan, split_url: str, class_of: dict[str, int], opts: WriteOptions, cfg: StorageConfig | None = None
+    plan: ShardPlan,
+    split_url: str,
+    class_of: dict[str, int],
+    opts: WriteOptions,
+    cfg: StorageConfig | None = None,
+    tmp_dir: str | None = None,
 ) -> ShardResult:
-    """Commit one shard (or reuse it when already committed); runs in a worker process."""
+    """Commit one shard (or reuse it when already committed); runs in a worker process.
+    tmp_dir: where a shard for object storage is built (default: the system's)."""
     done = committed(plan, split_url, cfg)
     if done is not None:
         return done
     tar_url = storage.join(split_url, plan.name)
     if storage.is_local(tar_url):
         with storage.atomic_open(tar_url, cfg) as f:
-            tw, rejected, reencoded = write_samples(plan, f, class_of, opts, sync=True)
+            tw, rejected, reencoded = write_samples(plan, f, class_of, opts, sync=True, cfg=cfg)
     else:
         # Build locally, then upload with retries: an interrupted upload is redone from the
         # finished file instead of re-reading and re-encoding every image.
-        with tempfile.TemporaryDirectory(prefix="mfm-shard-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="mfm-shard-", dir=tmp_dir) as tmp:
             local = os.path.join(tmp, plan.name)
             with open(local, "wb") as f:
-                tw, rejected, reencoded = write_samples(plan, f, class_of, opts)
+                tw, rejected, reencoded = write_samples(plan, f, class_of, opts, cfg=cfg)
             _upload(local, tar_url, cfg)
     storage.write_bytes(storage.join(split_url, plan.index_name), tw.index(), cfg)
     result = ShardResult(
