@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import sample_data, storage
+from pipeline import split_manifest as mf
 from pipeline.config import StorageConfig
-from pipeline.sharding import manifest as mf
 from pipeline.sharding import read_manifest, shard_dataset, verify_split
 from pipeline.sharding.cluster import DaskShards, check_address, import_distributed, task_key
 
