@@ -120,10 +120,13 @@ class DataConfig(Section):
     workers: int = Field(2, ge=0, le=MAX_WORKERS)  # loader workers per rank
     shuffle_buffer: int = Field(1000, ge=0)
     crop_scale: CropScale = (0.2, 1.0)
-    prefetch_shards: int = Field(2, ge=0, le=64)  # each holds a shard's wanted samples in memory
-    cache_dir: str | None = None  # optional local shard cache
+    # remote shards downloading ahead of the one a reader is at (pipeline/data/shards.SampleReader)
+    prefetch_shards: int = Field(4, ge=0, le=64)
+    # local copies of remote shards, read from there in later epochs: "auto" is $MFM_CACHE/shards
+    # (~/.cache/mfm/shards), null turns it off; a local data.train is read in place
+    cache_dir: str | None = "auto"
     # its size limit (10^9 bytes): least recently used shards are evicted, shards being read never
-    cache_limit_gb: float | None = Field(None, gt=0, allow_inf_nan=False)
+    cache_limit_gb: float | None = Field(100, gt=0, allow_inf_nan=False)
     # filter when a crop is shrunk to the image size (enlarging is always bicubic): bicubic is the
     # paper's; bilinear (antialiased) is much cheaper on CPUs, DALI's CPU resize especially
     downscale: Literal["bicubic", "bilinear"] = "bicubic"

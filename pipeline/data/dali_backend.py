@@ -84,7 +84,7 @@ class BatchSource:
         plan, _ = self.plan_of(k)
         d = self.cfg.data
         reader = SampleReader(
-            self.split, self.cfg.storage, prefetch=0, cache_dir=d.cache_dir, cache_limit_gb=d.cache_limit_gb
+            self.split, self.cfg.storage, streams=1, cache_dir=d.cache_dir, cache_limit_gb=d.cache_limit_gb
         )
         (raw,) = raw_batches(
             self.split,
