@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import torch_backend
-from pipeline.data.sampling import Layout, Mix, SamplerState, deal, epoch_order, rank_plan
+from pipeline.data.sampling import Layout, Mix, SamplerState, deal, epoch_order, mix_seed, rank_plan
 from pipeline.data.shards import Split, read_split
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,15 @@ class EvalLoader:
             shuffle=self.train,
         )
         layout = Layout(self.world_size, self.batch_size, max(1, self.cfg.data.workers) if self.train else 1)
-        plan = deal(order, layout, self.rank, drop_last=self.train)
+        plan = deal(
+            order,
+            layout,
+            self.rank,
+            counts=self.split.counts,
+            seed=mix_seed(self.cfg.train.seed, self.epoch, 0xDEA1),
+            shuffle_buffer=self.cfg.data.shuffle_buffer,
+            drop_last=self.train,
+        )
         return plan, layout.workers
 
     def __len__(self) -> int:
