@@ -88,13 +88,22 @@ def _transient(fn):
     return call
 
 
+def _is_s3(fs) -> bool:
+    return "s3" in getattr(fs, "protocol", ()) and hasattr(fs, "_call_s3")
+
+
+def _cat(fs, path: str) -> bytes:
+    """A small file's bytes: on S3 one GET (s3fs's cat_file first HEADs a file for its size)."""
+    return fs.cat_file(path, max_concurrency=1) if _is_s3(fs) else fs.cat_file(path)
+
+
 def read_split(url: str, storage: StorageConfig | None = None) -> Split:
     """The shards a split's manifest lists. Errors name the manifest URL."""
     storage = storage or StorageConfig()
     murl = join(url, MANIFEST)
     fs, path = filesystem(murl, storage)
     try:
-        raw = retry(_transient(lambda: fs.cat_file(path)), attempts=storage.retries, what=f"read {murl}")
+        raw = retry(_transient(lambda: _cat(fs, path)), attempts=storage.retries, what=f"read {murl}")
     except FileNotFoundError:
         raise FileNotFoundError(f"{murl}: no manifest; the split is missing or not complete") from None
     try:
@@ -265,7 +274,7 @@ class _SinkFile:
 def _get(fs, path: str, start: int, end: int | None) -> Iterator[bytes]:
     """Bytes [start, end) of an object (end None: to its end) as they arrive: on S3 one GET,
     without the HEAD an fsspec file makes; elsewhere an fsspec file read sequentially."""
-    if getattr(fs, "protocol", None) and "s3" in fs.protocol and hasattr(fs, "_call_s3"):
+    if _is_s3(fs):
         from fsspec.asyn import sync
 
         bucket, key, version = fs.split_path(path)
@@ -394,7 +403,7 @@ def read_index(shard: Shard, storage: StorageConfig | None = None) -> list[list[
     storage = storage or StorageConfig()
     fs, path = filesystem(shard.index_url, storage)
     try:
-        text = retry(_transient(lambda: fs.cat_file(path)), attempts=storage.retries, what=f"read {shard.index_url}")
+        text = retry(_transient(lambda: _cat(fs, path)), attempts=storage.retries, what=f"read {shard.index_url}")
     except FileNotFoundError:
         log.warning("%s: missing; scanning the tar instead", shard.index_url)
         return None
