@@ -145,6 +145,7 @@ READ_BLOCK = 8 << 20  # block size of fsspec file reads on stores other than S3
 CHUNK = 1 << 20  # one read of a download's body
 BLOCK = 512  # a tar header
 MEMORY_AHEAD = 64 << 20  # bytes a download without the cache runs ahead of its parser
+LOOKAHEAD = 1000  # samples: a shard needed that soon is downloading already
 
 
 class _Sink:
@@ -646,7 +647,8 @@ class SampleReader:
             return
         shard_of, index_of = self.split.locate(ids)
         _, first = np.unique(shard_of, return_index=True)
-        sequence = [int(shard_of[i]) for i in sorted(first)]
+        first = np.sort(first)  # where each shard is first needed, in that order
+        sequence = [int(shard_of[i]) for i in first]
         position = {s: k for k, s in enumerate(sequence)}
         wanted: dict[int, set[int]] = {}
         uses: dict[tuple[int, int], int] = {}  # a sample drawn twice (an upsampled source) is kept for both
@@ -672,9 +674,10 @@ class SampleReader:
 
         pending: dict[tuple[int, int], dict] = {}
         try:
-            for gid, s, i in zip(ids.tolist(), shard_of.tolist(), index_of.tolist()):
-                # the shards needed next are downloading while this one is parsed
-                start_until(position[s] + self.streams)
+            for t, (gid, s, i) in enumerate(zip(ids.tolist(), shard_of.tolist(), index_of.tolist())):
+                # every shard needed within LOOKAHEAD samples, and `streams` more, downloading
+                soon = int(np.searchsorted(first, t + LOOKAHEAD, side="right"))
+                start_until(max(soon, position[s] + 1) + self.streams - 1)
                 while (s, i) not in pending:
                     got = next(streams[s], None)
                     if got is None:
