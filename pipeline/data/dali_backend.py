@@ -61,9 +61,8 @@ class BatchSource:
     """DALI's parallel external_source callable: (DALI epoch k, iteration i) -> batch start + i of
     epoch `epoch + k` as per-sample lists; StopIteration past the plan's end. DALI epoch 0 is
     `plan` from `start` (a resumed epoch may be on an earlier layout's remainder), later ones
-    `later(epoch + k)` from 0. Stateless across calls but for a cache of the epoch's plan, so any
-    worker process can take any batch; each batch is read by offset through the shards' .idx
-    (sequential scans for a shard without one) and header-checked before DALI sees it."""
+    `later(epoch + k)` from 0. Any worker process can take any batch (see `raw`); each batch is
+    header-checked before DALI sees it."""
 
     split: Split
     cfg: Config
