@@ -128,7 +128,7 @@ def test_reader_streams_any_order_and_caches(tmp_path, store_url):
     cache = tmp_path / "cache"
     split = read_split(store_url)
     order = [9, 0, 5, 11, 1, 4, 8, 2, 10, 3, 7, 6]
-    got = [(gid, s["__key__"]) for gid, s in SampleReader(split, streams=1, cache_dir=str(cache)).read(order)]
+    got = [(gid, s["__key__"]) for gid, s in SampleReader(split, prefetch=0, cache_dir=str(cache)).read(order)]
     assert got == [(g, keys[g]) for g in order]
     if store_url.startswith("/"):
         assert not cache.exists()  # a local split is read in place, never copied
@@ -138,7 +138,7 @@ def test_reader_streams_any_order_and_caches(tmp_path, store_url):
     for s in split.shards:
         fs, path = filesystem(s.url)
         fs.rm(path)
-    again = [gid for gid, _ in SampleReader(split, streams=2, cache_dir=str(cache)).read(order)]
+    again = [gid for gid, _ in SampleReader(split, prefetch=1, cache_dir=str(cache)).read(order)]
     assert again == order
 
 

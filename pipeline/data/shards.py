@@ -622,8 +622,8 @@ class SampleReader:
     the cache (once per machine: a reader of another part of it waits for that download), read
     from there in later epochs. Without: one GET of the whole shard, or for part of a shard a
     GET of its `.idx` and one ranged GET. No HEAD: the manifest gives the sizes. Remote shards
-    download up to `streams` shards ahead of the one the sequence is at, in the order it first
-    needs them, each on its own thread, and are parsed as their bytes arrive, so a sample is
+    download, each on its own thread, as soon as the sequence needs them within LOOKAHEAD
+    samples, and `prefetch` more, in the order it first needs them, and are parsed as their bytes arrive, so a sample is
     handed over as soon as its shard's stream reaches it. Memory holds the samples parsed but
     not handed out yet (the sequence's shuffle buffer) and, without the cache, at most
     MEMORY_AHEAD unparsed bytes per download. A local split is read in place.
@@ -634,12 +634,12 @@ class SampleReader:
         split: Split,
         storage: StorageConfig | None = None,
         *,
-        streams: int = 4,
+        prefetch: int = 1,
         cache_dir: str | None = None,
         cache_limit_gb: float | None = None,
     ):
         self.split, self.storage, self.cache_dir = split, storage or StorageConfig(), cache_dir
-        self.streams, self.cache_limit_gb = max(1, streams), cache_limit_gb
+        self.prefetch, self.cache_limit_gb = max(0, prefetch), cache_limit_gb
 
     def read(self, ids: Iterable[int]) -> Iterator[tuple[int, dict]]:
         ids = np.asarray(list(ids), dtype=np.int64)
@@ -675,9 +675,9 @@ class SampleReader:
         pending: dict[tuple[int, int], dict] = {}
         try:
             for t, (gid, s, i) in enumerate(zip(ids.tolist(), shard_of.tolist(), index_of.tolist())):
-                # every shard needed within LOOKAHEAD samples, and `streams` more, downloading
+                # every shard needed within LOOKAHEAD samples, and `prefetch` more, downloading
                 soon = int(np.searchsorted(first, t + LOOKAHEAD, side="right"))
-                start_until(max(soon, position[s] + 1) + self.streams - 1)
+                start_until(max(soon, position[s] + 1) + self.prefetch)
                 while (s, i) not in pending:
                     got = next(streams[s], None)
                     if got is None:

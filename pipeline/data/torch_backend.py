@@ -169,7 +169,7 @@ class PlanDataset(IterableDataset):
         sr = SampleReader(
             self.split,
             self.cfg.storage,
-            streams=d.prefetch_shards,
+            prefetch=d.prefetch_shards,
             cache_dir=d.cache_dir,
             cache_limit_gb=d.cache_limit_gb,
         )
