@@ -224,7 +224,7 @@ def test_s3_endpoint_restart_mid_epoch(s3_endpoint, caplog):
     url = f"s3://mfm-test/restart-{threading.get_ident()}/train"
     # More shards than the reader can fetch ahead of the consumer, so the outage is met mid-epoch.
     write_split(url, [3] * 30)
-    cfg = make_cfg(url, "data.prefetch_shards=0", "data.shuffle_buffer=0", "storage.retries=6")
+    cfg = make_cfg(url, "data.prefetch_shards=0", "data.shuffle_buffer=0", "storage.retries=6", "data.cache_dir=null")
     build = lambda: build_train_loader(cfg, rank=0, world_size=1, micro_batch=3, device="cpu")  # noqa: E731
     ref = build()
     want = [(ref.last_ids, b.target) for b in ref]

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.data.sampling import Layout, SamplerState, deal, epoch_order, rank_plan, reader_batches, remaining_order
+from pipeline.data.sampling import (
+    Layout,
+    SamplerState,
+    deal,
+    epoch_order,
+    mix_seed,
+    rank_plan,
+    reader_batches,
+    remaining_order,
+)
 
 
 def _all_batches(counts, state, world):
@@ -29,7 +38,7 @@ def test_exactly_once_and_equal_batches(counts):
 
 
 def test_readers_cover_the_rank_in_order():
-    plan = deal(np.arange(40), Layout(1, 2, 3), 0)
+    plan = deal(np.arange(40), Layout(1, 2, 3), 0, counts=[40])
     for start in (0, 1, 5):
         got = []
         iters = [iter(reader_batches(len(plan), start, 3, r)) for r in range(3)]
@@ -41,9 +50,29 @@ def test_readers_cover_the_rank_in_order():
                 else:
                     got.append(j)
         assert got == list(range(start, len(plan)))
-    # each reader's batches are one contiguous run of the rank's slice
-    runs = [np.concatenate([plan[j] for j in reader_batches(len(plan), 0, 3, r)]) for r in range(3)]
-    assert all((np.diff(r) == 1).all() for r in runs)
+
+
+@pytest.mark.parametrize("world,workers", [(1, 1), (2, 2), (3, 4)])
+def test_each_shard_is_read_by_one_reader_but_where_a_reader_s_run_is_cut(world, workers):
+    counts = [30, 25, 41, 33, 28, 37, 30, 26]
+    layout = Layout(world_size=world, micro_batch=4, workers=workers)
+    state = SamplerState(seed=3)
+    state.use_layout(layout)
+    offsets = np.cumsum([0, *counts])
+    readers_of = {}  # shard -> the readers that read some of it
+    for rank in range(world):
+        plan = rank_plan(counts, state, rank, shuffle_buffer=50)
+        for w in range(workers):
+            stream = plan[w::workers].ravel()
+            for s in set((np.searchsorted(offsets, stream, side="right") - 1).tolist()):
+                readers_of.setdefault(s, set()).add((rank, w))
+            # shuffled across the shards in flight: the stream is not in file order
+            assert len(stream) < 2 or (np.diff(stream) != 1).any()
+    # each cut between two readers' runs adds one reader to one shard
+    assert sum(len(r) for r in readers_of.values()) <= len(counts) + world * workers - 1
+    # a reader's first batch draws from a few shards' first samples, not whole shards one after another
+    first = rank_plan(counts, state, 0, shuffle_buffer=50)[0]
+    assert (first - offsets[np.searchsorted(offsets, first, side="right") - 1]).max() < 60
 
 
 def test_order_is_seeded_and_changes_per_epoch():
@@ -79,6 +108,12 @@ def test_world_size_change_finishes_the_epoch_without_repeats():
     rest = np.concatenate([p.ravel() for p in _all_batches(counts, st, 3)])
     both = np.concatenate([consumed, rest]).tolist()
     assert len(both) == len(set(both))
-    left = remaining_order(epoch_order(counts, seed=0, epoch=0, shuffle_buffer=7), st.segments[:-1])
+    left = remaining_order(
+        epoch_order(counts, seed=0, epoch=0, shuffle_buffer=7),
+        st.segments[:-1],
+        counts=counts,
+        seed=mix_seed(0, 0, 0xDEA1),
+        shuffle_buffer=7,
+    )
     assert len(left) == sum(counts) - len(consumed)
     assert len(left) - len(rest) < 3 * 2  # only the new layout's global remainder is dropped

@@ -15,7 +15,7 @@ from PIL import Image
 
 import pipeline.data.shards as shards_mod
 from pipeline.data.shards import SampleReader, read_samples, read_split
-from pipeline.storage import join, write_bytes
+from pipeline.storage import filesystem, join, write_bytes
 
 
 def jpeg(i: int, size: int | tuple[int, int] = 32) -> bytes:
@@ -123,25 +123,28 @@ def test_errors_name_the_file(tmp_path):
         read_samples(bad, [0])
 
 
-def test_reader_streams_any_order_and_caches(tmp_path):
-    url = str(tmp_path / "train")
-    keys = write_split(url, [4, 4, 4])
+def test_reader_streams_any_order_and_caches(tmp_path, store_url):
+    keys = write_split(store_url, [4, 4, 4])
     cache = tmp_path / "cache"
-    split = read_split(url)
+    split = read_split(store_url)
     order = [9, 0, 5, 11, 1, 4, 8, 2, 10, 3, 7, 6]
-    got = [(gid, s["__key__"]) for gid, s in SampleReader(split, prefetch=1, cache_dir=str(cache)).read(order)]
+    got = [(gid, s["__key__"]) for gid, s in SampleReader(split, prefetch=0, cache_dir=str(cache)).read(order)]
     assert got == [(g, keys[g]) for g in order]
+    if store_url.startswith("/"):
+        assert not cache.exists()  # a local split is read in place, never copied
+        return
     assert len(os.listdir(cache / "mfm-shard-cache")) == 3
     # the cache is used: the source may disappear
     for s in split.shards:
-        os.remove(s.url)
-    again = [gid for gid, _ in SampleReader(split, prefetch=0, cache_dir=str(cache)).read(order)]
+        fs, path = filesystem(s.url)
+        fs.rm(path)
+    again = [gid for gid, _ in SampleReader(split, prefetch=1, cache_dir=str(cache)).read(order)]
     assert again == order
 
 
 class _Flaky:
-    """A file that fails once with a connection reset after `after` bytes, as a dropped
-    connection does mid-body."""
+    """A remote file that fails once with a connection reset after `after` bytes, as a dropped
+    connection does mid-body; records where each open starts reading."""
 
     def __init__(self, f, state):
         self.f, self.state = f, state
@@ -151,7 +154,9 @@ class _Flaky:
         if not self.state["failed"] and self.f.tell() >= self.state["after"]:
             self.state["failed"] = True
             raise ConnectionResetError("connection reset by peer")
-        return self.f.read(n)
+        out = self.f.read(n)
+        self.state["read"] += len(out)
+        return out
 
     def seek(self, *a):
         self.state["seeks"][-1].append(a[0])
@@ -167,13 +172,10 @@ class _Flaky:
         self.f.close()
 
 
-@pytest.mark.parametrize("index", [True, False], ids=["indexed", "scan"])
-def test_transient_error_resumes_at_byte_offset(tmp_path, monkeypatch, index):
-    url = str(tmp_path / "train")
-    keys = write_split(url, [6], index=index)
-    split = read_split(url)
+def _remote(monkeypatch, state):
+    """shards.filesystem as a store that is not the local filesystem (read as remote), each
+    open a _Flaky file."""
     real = shards_mod.filesystem
-    state = {"failed": False, "after": split.shards[0].nbytes // 2, "seeks": []}
 
     def flaky_filesystem(u, storage=None):
         fs, path = real(u, storage)
@@ -183,36 +185,50 @@ def test_transient_error_resumes_at_byte_offset(tmp_path, monkeypatch, index):
                 return _Flaky(fs.open(p, mode), state)
 
             def cat_file(self, p):
+                state["cat"].append(p)
                 return fs.cat_file(p)
 
         return FS(), path
 
     monkeypatch.setattr(shards_mod, "filesystem", flaky_filesystem)
+
+
+def test_transient_error_resumes_at_byte_offset(tmp_path, monkeypatch):
+    url = str(tmp_path / "train")
+    keys = write_split(url, [6])
+    split = read_split(url)
+    state = {"failed": False, "after": split.shards[0].nbytes // 2, "seeks": [], "read": 0, "cat": []}
+    _remote(monkeypatch, state)
+    monkeypatch.setattr(shards_mod, "CHUNK", 1024)
     monkeypatch.setattr(shards_mod, "retry", lambda fn, **kw: _retry_now(fn))
     got = read_samples(split.shards[0], range(6))
     assert state["failed"]
     assert [got[i]["__key__"] for i in range(6)] == keys
-    assert len(state["seeks"]) == 2  # one failure, one reopen
+    assert len(state["seeks"]) == 2 and state["cat"] == []  # one failure, one reopen; no .idx read
     resumed = state["seeks"][1][0]
-    assert 0 < resumed < split.shards[0].nbytes and resumed % 512 == 0  # at a member header, not from byte 0
+    assert 0 < resumed < split.shards[0].nbytes and resumed % 1024 == 0  # where the first read stopped
+    assert state["read"] == split.shards[0].nbytes  # every byte read once
 
 
-def test_index_reads_the_same_samples_without_scanning(tmp_path, monkeypatch):
+def test_part_of_a_shard_is_one_ranged_read_from_the_index(tmp_path, monkeypatch):
     url = str(tmp_path / "train")
     write_split(url, [7])
     plain = str(tmp_path / "plain")
     write_split(plain, [7], index=False)
-    wanted = [6, 0, 3]
+    wanted = [5, 3]
     scanned = read_samples(read_split(plain).shards[0], wanted)
+    assert sorted(scanned) == [3, 5]
+    shard = read_split(url).shards[0]
+    rows = shards_mod.read_index(shard)
+    state = {"failed": True, "after": 0, "seeks": [], "read": 0, "cat": []}
+    _remote(monkeypatch, state)
+    assert read_samples(shard, wanted) == scanned
+    start, end = rows[3][0][1] - 512, rows[6][0][1] - 512
+    assert state["cat"] == [shard.index_url.split("://")[-1]] and state["seeks"] == [[start]]
+    assert state["read"] == end - start  # samples 3 to 5, nothing else
 
-    def no_scan(*a):
-        raise AssertionError("scanned although the index is there")
 
-    monkeypatch.setattr(shards_mod, "_scan", no_scan)
-    assert read_samples(read_split(url).shards[0], wanted) == scanned and sorted(scanned) == [0, 3, 6]
-
-
-def test_stale_or_broken_index_falls_back_to_the_scan(tmp_path, caplog):
+def test_stale_or_broken_index_falls_back_to_the_scan(tmp_path, monkeypatch, caplog):
     url = str(tmp_path / "train")
     keys = write_split(url, [4, 4])
     split = read_split(url)
@@ -222,9 +238,11 @@ def test_stale_or_broken_index_falls_back_to_the_scan(tmp_path, caplog):
         f.write(open(idx1).read().replace("s0000", "x0000"))
     with open(idx1, "w") as f:
         f.write("v1.2 4\nnot an index\n")
+    state = {"failed": True, "after": 0, "seeks": [], "read": 0, "cat": []}
+    _remote(monkeypatch, state)
     with caplog.at_level("WARNING"):
-        got = [read_samples(s, range(4)) for s in split.shards]
-    assert [g[i]["__key__"] for g in got for i in range(4)] == keys
+        got = [read_samples(s, range(1, 4)) for s in split.shards]
+    assert [g[i]["__key__"] for g in got for i in range(1, 4)] == keys[1:4] + keys[5:8]
     assert "does not match the tar" in caplog.text and "not a v1.2 index of 4 samples" in caplog.text
 
 

@@ -14,8 +14,10 @@ What holds (the modules say why):
 - `state_dict()` after k batches + `load_state_dict()` on a new loader: the same next batches,
   bit for bit. A different world size / micro batch / worker count finishes the epoch with
   the samples not consumed yet, re-dealt on the new layout; later epochs follow the new layout.
-- A shard read that fails transiently resumes, with backoff, at the last whole tar member
-  (`shards.read_samples`): nothing lost, nothing repeated. A sample whose bytes are not an
+- Each shard is read in one sequential pass by one reader (rank x worker) per epoch, but where
+  the deal cuts one (`sampling.deal`), by one GET, parsed as it arrives (`shards.SampleReader`);
+  a transient failure resumes, with backoff, at the byte where it stopped: nothing lost, nothing
+  repeated. A sample whose bytes are not an
   image is replaced by the next good sample of its batch, logged and counted (`loader.skipped`,
   `loader.skipped_keys`).
 """

@@ -72,9 +72,8 @@ class BatchSource:
     """DALI's parallel external_source callable: (DALI epoch k, iteration i) -> batch start + i of
     epoch `epoch + k` as per-sample lists; StopIteration past the plan's end. DALI epoch 0 is
     `plan` from `start` (a resumed epoch may be on an earlier layout's remainder), later ones
-    `later(epoch + k)` from 0. Stateless across calls but for a cache of the epoch's plan, so any
-    worker process can take any batch; each batch is read by offset through the shards' .idx
-    (sequential scans for a shard without one) and header-checked before DALI sees it."""
+    `later(epoch + k)` from 0. Any worker process can take any batch (see `raw`); each batch is
+    header-checked before DALI sees it."""
 
     split: Split
     cfg: Config
@@ -91,23 +90,52 @@ class BatchSource:
         return self._cached[1], 0
 
     def raw(self, k: int, j: int):
-        """Batch j of DALI epoch k, read and header-checked (reading.RawBatch)."""
+        """Batch j of DALI epoch k, read and header-checked (reading.RawBatch), from this process's
+        stream of reader j % W's batches (the torch backend's reader, kept across calls): DALI
+        hands its workers the next batch whichever is free, so a process keeps a stream per
+        reader and skips ahead in it over batches another process took. Remote shards go
+        through the local shard cache (the loader sees to one), downloaded there once per
+        machine whichever process asks first, so the store serves each shard once per epoch."""
         plan, _ = self.plan_of(k)
-        d = self.cfg.data
-        reader = SampleReader(
-            self.split, self.cfg.storage, prefetch=0, cache_dir=d.cache_dir, cache_limit_gb=d.cache_limit_gb
-        )
-        (raw,) = raw_batches(
-            self.split,
-            plan,
-            range(j, j + 1),
-            reader,
-            seed=self.cfg.train.seed,
-            epoch=self.epoch + k,
-            scale=tuple(d.crop_scale),
-            max_pixels=d.max_pixels,
-        )
-        return raw
+        w = self.later.layout.workers if self.later is not None else max(1, self.cfg.data.workers)
+        streams = self.__dict__.setdefault("_streams", {})
+        if any(s[0] != k for s in streams.values()):  # a new DALI epoch: the old streams are done
+            for s in streams.values():
+                s[2].close()
+            streams.clear()
+        stream = streams.get(j % w)
+        if stream is None or stream[1] > j:
+            if stream is not None:
+                stream[2].close()
+            d = self.cfg.data
+            if "_reader" not in self.__dict__:
+                self._reader = SampleReader(
+                    self.split,
+                    self.cfg.storage,
+                    prefetch=d.prefetch_shards,
+                    cache_dir=d.cache_dir,
+                    cache_limit_gb=d.cache_limit_gb,
+                )
+            batches = raw_batches(
+                self.split,
+                plan,
+                range(j, len(plan), w),
+                self._reader,
+                seed=self.cfg.train.seed,
+                epoch=self.epoch + k,
+                scale=tuple(d.crop_scale),
+                max_pixels=d.max_pixels,
+            )
+            stream = streams[j % w] = [k, j, batches]
+        while True:
+            raw = next(stream[2])
+            stream[1] = raw.index + w
+            if raw.index == j:
+                return raw
+
+    def __getstate__(self) -> dict:
+        # a spawned worker gets the source without this process's streams
+        return {key: v for key, v in self.__dict__.items() if key not in ("_streams", "_reader")}
 
     def __call__(self, info) -> tuple:
         k, i = (info.epoch_idx, info.iteration) if hasattr(info, "epoch_idx") else (0, info)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -14,8 +16,9 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import torch_backend
-from pipeline.data.sampling import Layout, Mix, SamplerState, deal, epoch_order, rank_plan
+from pipeline.data.sampling import Layout, Mix, SamplerState, deal, epoch_order, mix_seed, rank_plan
 from pipeline.data.shards import Split, read_split
+from pipeline.storage import is_local
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +179,10 @@ class TrainLoader:
                     self.cfg.data.shuffle_buffer,
                     self.mix,
                 )
-                source = dali_backend.BatchSource(self.split, self.cfg, plan, start, self.epoch, later)
+                cfg = self._dali_config()
+                source = dali_backend.BatchSource(self.split, cfg, plan, start, self.epoch, later)
                 self._dali = None  # the old pipeline and its workers go before new ones start
-                self._dali = dali_backend.Runner(source, self.cfg, workers=self.layout.workers, device=self.device)
+                self._dali = dali_backend.Runner(source, cfg, workers=self.layout.workers, device=self.device)
             return self._dali.batches(plan, self.epoch, start)
         make = self.make or torch_backend.PretextBatches(self.cfg)
         pin = self.device.type == "cuda"
@@ -198,6 +202,17 @@ class TrainLoader:
             pin_memory=pin,
             pool=self._pool,
         )
+
+    def _dali_config(self) -> Config:
+        """DALI's worker processes each take whichever batch comes next, so they share remote
+        shards through the local cache: data.cache_dir, or while it is off one in the temporary
+        folder, shared by this machine's ranks (each shard downloaded once), data.cache_limit_gb
+        bounding it."""
+        d = self.cfg.data
+        if d.cache_dir is not None or all(is_local(s.url) for s in self.split.shards):
+            return self.cfg
+        folder = os.path.join(tempfile.gettempdir(), f"mfm-shards-{os.getuid()}")
+        return self.cfg.model_copy(update={"data": d.model_copy(update={"cache_dir": folder})})
 
     def __iter__(self) -> Iterator[Batch]:
         plan = self._roll()
@@ -265,7 +280,15 @@ class EvalLoader:
             shuffle=self.train,
         )
         layout = Layout(self.world_size, self.batch_size, max(1, self.cfg.data.workers) if self.train else 1)
-        plan = deal(order, layout, self.rank, drop_last=self.train)
+        plan = deal(
+            order,
+            layout,
+            self.rank,
+            counts=self.split.counts,
+            seed=mix_seed(self.cfg.train.seed, self.epoch, 0xDEA1),
+            shuffle_buffer=self.cfg.data.shuffle_buffer,
+            drop_last=self.train,
+        )
         return plan, layout.workers
 
     def __len__(self) -> int:

@@ -11,9 +11,15 @@ Remainder policy: drop-last at the global level. An epoch on a layout of `world_
 of `micro_batch` samples has `len(order) // (world_size * micro_batch)` batches on every rank;
 the tail of the order is not seen that epoch (it differs every epoch).
 
-Inside a rank the batches are dealt to `workers` readers: batch j comes from reader j % W,
-and each reader's batches cover one contiguous run of the rank's slice, so a reader streams
-its own few shards instead of every reader touching every shard.
+Which draws an epoch keeps is the order's business; who reads them is dealt by shard. The
+kept draws are laid out shard by shard (shards in a seeded order, each in file order) and cut
+into one run per reader (rank x worker, rank-major) of exactly its batches' size, so each
+shard is read by one reader, in one pass, except the at most readers - 1 shards a cut falls
+in. Each reader's stream then draws from INTERLEAVE of its shards at once (the next draw from
+a shard chosen with probability proportional to what is left of it) through a seeded shuffle
+buffer of `shuffle_buffer` samples that starts yielding after INITIAL (as webdataset's
+shuffle): its first batch needs the first samples of a few shards, never whole shards read one
+after another. Batch j of a rank comes from its reader j % W.
 
 Resume across a layout change: the state records, for the current epoch, each layout used
 and how many batches each rank consumed on it. The samples not consumed yet, in the
@@ -31,6 +37,8 @@ import numpy as np
 
 STATE_VERSION = 1
 _MASK64 = (1 << 64) - 1
+INTERLEAVE = 4  # shards a reader's stream draws from at once
+INITIAL = 100  # samples in a reader's shuffle buffer before its first draw
 
 
 @dataclass(frozen=True)
@@ -199,8 +207,19 @@ def mixed_epoch_order(counts: list[int], mix: Mix, *, seed: int, epoch: int, shu
     return order
 
 
-def deal(order: np.ndarray, layout: Layout, rank: int, *, drop_last: bool = True) -> np.ndarray:
-    """The rank's batches for `order`: (num_batches, micro_batch) ids, batch j from reader j % W.
+def deal(
+    order: np.ndarray,
+    layout: Layout,
+    rank: int,
+    *,
+    counts: list[int] | None = None,
+    seed: int = 0,
+    shuffle_buffer: int = 0,
+    drop_last: bool = True,
+) -> np.ndarray:
+    """The rank's batches for `order` over a split of shards of `counts` samples:
+    (num_batches, micro_batch) ids, batch j from reader j % W, each reader streaming whole shards
+    (see the module's docstring); `seed` draws the shard order and the readers' shuffles.
 
     With drop_last=False (evaluation) the ranks split the order into contiguous parts that
     differ by at most one sample and the last batch of a rank may be short; the result is then
@@ -208,33 +227,112 @@ def deal(order: np.ndarray, layout: Layout, rank: int, *, drop_last: bool = True
     """
     if not 0 <= rank < layout.world_size:
         raise ValueError(f"rank {rank} is outside world_size {layout.world_size}")
-    b, w = layout.micro_batch, layout.workers
+    b = layout.micro_batch
     if not drop_last:
         part = np.array_split(order, layout.world_size)[rank]
         return [part[i : i + b] for i in range(0, len(part), b)]
+    return np.asarray(order)[_dealt(order, layout, rank, counts, seed, shuffle_buffer)]
+
+
+def _dealt(order, layout: Layout, rank: int, counts, seed: int, shuffle_buffer: int) -> np.ndarray:
+    """deal's batches as positions in `order`."""
+    b, w = layout.micro_batch, layout.workers
+    order = np.asarray(order, dtype=np.int64)
+    counts = counts if counts is not None else [len(order)]
     nb = len(order) // (layout.world_size * b)
-    block = order[rank * nb * b : (rank + 1) * nb * b]
+    kept = order[: nb * layout.world_size * b]
+    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    local = kept % offsets[-1]
+    shard = np.searchsorted(offsets, local, side="right") - 1
+    place = np.random.default_rng(mix_seed(seed, 0x5D)).permutation(len(counts))
+    line = np.lexsort((kept // offsets[-1], local, place[shard]))  # positions, shard by shard
+    quota = [len(range(r, nb, w)) * b for r in range(w)]
+    start = rank * nb * b
     out = np.empty((nb, b), dtype=np.int64)
-    start = 0
     for reader in range(w):
-        js = np.arange(reader, nb, w)
-        out[js] = block[start : start + len(js) * b].reshape(len(js), b)
-        start += len(js) * b
+        run = line[start : start + quota[reader]]
+        rng = np.random.default_rng(mix_seed(seed, rank, reader, 0x4EAD))
+        stream = run[_reader_order(shard[run], rng, shuffle_buffer)]
+        out[reader::w] = stream.reshape(-1, b)
+        start += quota[reader]
     return out
 
 
-def remaining_order(order: np.ndarray, segments: list[Segment]) -> np.ndarray:
+def _reader_order(shard: np.ndarray, rng: np.random.Generator, shuffle_buffer: int) -> np.ndarray:
+    """A reader's order of its run (positions into `shard`, grouped by shard): INTERLEAVE shards
+    at a time, then the shuffle buffer."""
+    n = len(shard)
+    pieces = np.split(np.arange(n), np.flatnonzero(np.diff(shard)) + 1) if n else []
+    merged = np.empty(n, dtype=np.int64)
+    draws = rng.random(n)
+    active: list[list[int]] = []  # [piece, next position in it]
+    nxt = 0
+    for t in range(n):
+        while len(active) < INTERLEAVE and nxt < len(pieces):
+            active.append([nxt, 0])
+            nxt += 1
+        left = [len(pieces[p]) - c for p, c in active]
+        x, k = draws[t] * sum(left), 0
+        while k < len(left) - 1 and x >= left[k]:
+            x -= left[k]
+            k += 1
+        p, c = active[k]
+        merged[t] = pieces[p][c]
+        active[k][1] += 1
+        if active[k][1] == len(pieces[p]):
+            active.pop(k)
+    if shuffle_buffer <= 1:
+        return merged
+    out = np.empty(n, dtype=np.int64)
+    picks = rng.random(n)
+    initial = min(shuffle_buffer, INITIAL)
+    buf: list[int] = []
+    src, got = 0, 0
+
+    def pick():
+        nonlocal got
+        k = int(picks[got] * len(buf))
+        buf[k], buf[-1] = buf[-1], buf[k]
+        out[got] = buf.pop()
+        got += 1
+
+    while src < n:
+        # as webdataset's shuffle: two in per draw until the buffer is full, then one
+        buf.append(merged[src])
+        src += 1
+        if len(buf) < shuffle_buffer and src < n:
+            buf.append(merged[src])
+            src += 1
+        if len(buf) >= initial:
+            pick()
+    while buf:
+        pick()
+    return out
+
+
+def remaining_order(
+    order: np.ndarray,
+    segments: list[Segment],
+    *,
+    counts: list[int] | None = None,
+    seed: int = 0,
+    shuffle_buffer: int = 0,
+) -> np.ndarray:
     """`order` without what every rank consumed on the given (earlier) segments (by position in
-    the order, which needs no unique ids)."""
+    the order, which needs no unique ids), dealt as `deal` deals them."""
     pos = np.arange(len(order), dtype=np.int64)
     for seg in segments:
         if seg.batches == 0:
             continue
+        sub = np.asarray(order)[pos]
         consumed = np.concatenate(
-            [deal(pos, seg.layout, r)[: seg.batches].ravel() for r in range(seg.layout.world_size)]
+            [
+                _dealt(sub, seg.layout, r, counts, seed, shuffle_buffer)[: seg.batches].ravel()
+                for r in range(seg.layout.world_size)
+            ]
         )
-        pos = pos[~np.isin(pos, consumed)]
-    return order[pos]
+        pos = np.delete(pos, consumed)
+    return np.asarray(order)[pos]
 
 
 def rank_plan(
@@ -251,14 +349,15 @@ def rank_plan(
         order = mixed_epoch_order(counts, mix, seed=state.seed, epoch=state.epoch, shuffle_buffer=shuffle_buffer)
     else:
         order = epoch_order(counts, seed=state.seed, epoch=state.epoch, shuffle_buffer=shuffle_buffer, shuffle=shuffle)
-    order = remaining_order(order, state.segments[:-1])
-    return deal(order, state.segments[-1].layout, rank)
+    seed = mix_seed(state.seed, state.epoch, 0xDEA1)
+    order = remaining_order(order, state.segments[:-1], counts=counts, seed=seed, shuffle_buffer=shuffle_buffer)
+    return deal(order, state.segments[-1].layout, rank, counts=counts, seed=seed, shuffle_buffer=shuffle_buffer)
 
 
 def reader_batches(num_batches: int, start: int, workers: int, reader: int) -> range:
     """Batch indices reader `reader` produces when a run (re)starts at batch `start`.
 
-    Reader r takes start + r, start + r + W, ...: batches of one original reader's contiguous
-    run, and a round-robin over the readers gives back the batches in order.
+    Reader r takes start + r, start + r + W, ...: the rest of one original reader's stream, and
+    a round-robin over the readers gives back the batches in order.
     """
     return range(start + reader, num_batches, workers)

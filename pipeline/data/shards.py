@@ -4,21 +4,25 @@ local cache, and a reader that streams the samples of an id sequence with prefet
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import tarfile
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import StorageConfig
 from pipeline.data import cache
 from pipeline.split_manifest import check_manifest
-from pipeline.storage import filesystem, join, plain_name, retry
+from pipeline.storage import TRANSIENT, filesystem, join, plain_name, retry
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -83,13 +87,22 @@ def _transient(fn):
     return call
 
 
+def _is_s3(fs) -> bool:
+    return "s3" in getattr(fs, "protocol", ()) and hasattr(fs, "_call_s3")
+
+
+def _cat(fs, path: str) -> bytes:
+    """A small file's bytes: on S3 one GET (s3fs's cat_file first HEADs a file for its size)."""
+    return fs.cat_file(path, max_concurrency=1) if _is_s3(fs) else fs.cat_file(path)
+
+
 def read_split(url: str, storage: StorageConfig | None = None) -> Split:
     """The shards a split's manifest lists. Errors name the manifest URL."""
     storage = storage or StorageConfig()
     murl = join(url, MANIFEST)
     fs, path = filesystem(murl, storage)
     try:
-        raw = retry(_transient(lambda: fs.cat_file(path)), attempts=storage.retries, what=f"read {murl}")
+        raw = retry(_transient(lambda: _cat(fs, path)), attempts=storage.retries, what=f"read {murl}")
     except FileNotFoundError:
         raise FileNotFoundError(f"{murl}: no manifest; the split is missing or not complete") from None
     try:
@@ -113,41 +126,228 @@ def read_split(url: str, storage: StorageConfig | None = None) -> Split:
     return Split(url, shards, tuple(m.get("classes", ())))
 
 
+def cache_folder(cache_dir: str | None) -> str | None:
+    """data.cache_dir as a folder: "auto" is $MFM_CACHE/shards (default ~/.cache/mfm/shards)."""
+    if cache_dir == "auto":
+        return os.path.join(os.environ.get("MFM_CACHE") or os.path.expanduser("~/.cache/mfm"), "shards")
+    return cache_dir
+
+
 def _cache_path(cache_dir: str, shard: Shard) -> str:
     # checked again here: a Shard need not come from read_split, and this path is written to
     return cache.path(cache_dir, shard.url, plain_name(shard.name, f"{shard.url}: shard name"))
 
 
-READ_BLOCK = 8 << 20  # readahead of a remote shard: few large sequential GETs
+READ_BLOCK = 8 << 20  # block size of fsspec file reads on stores other than S3
+CHUNK = 1 << 20  # one read of a download's body
 BLOCK = 512  # a tar header
+MEMORY_AHEAD = 64 << 20  # bytes a download without the cache runs ahead of its parser
+LOOKAHEAD = 1000  # samples: a shard needed that soon is downloading already
 
 
-def cache_shard(shard: Shard, storage: StorageConfig | None, cache_dir: str) -> str:
-    """The shard's path in the local cache, downloading it (sequentially, resuming at the byte
-    offset after a transient error) when it is not there yet."""
+class _Sink:
+    """One download's bytes as they arrive, for a parser in another thread: in memory (dropped
+    once parsed; the download waits while MEMORY_AHEAD bytes are unparsed) or in a file (the
+    cache's download in progress, or a cached shard). Offsets are the shard's."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self.base = 0  # shard offset of the first byte
+        self.first = 0  # sample index at `base`
+        self.key: str | None = None  # the key the index gives that sample (None: not checked)
+        self.end = 0  # shard offset after the last byte there
+        self.done = self.ready = self.cancelled = self.settled = False
+        self.error: BaseException | None = None
+        self._chunks: deque[tuple[int, bytes]] = deque()
+        self._fd: int | None = None
+        self._out = None  # file mode, while downloading: the cache's file being written
+        self._parsed = 0
+        self.stack = contextlib.ExitStack()  # the cache's hold on the file, released by close()
+
+    def begin(self, base: int, first: int = 0, key: str | None = None) -> None:
+        with self._cond:
+            self.base = self.end = self._parsed = base
+            self.first, self.key, self.ready = first, key, True
+            self._cond.notify_all()
+
+    def use_file(self, path: str, out=None) -> None:
+        """Read `path`: complete, or being written through `out` by this download."""
+        fd = os.open(path, os.O_RDONLY)
+        done = out is None
+        with self._cond:
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd, self._out, self._chunks = fd, out, deque()
+            self.base = self.end = self.first = 0
+            self.key, self.done, self.ready = None, done, True
+            if done:
+                self.end = os.fstat(fd).st_size
+            self._cond.notify_all()
+
+    def write(self, data: bytes) -> bool:
+        """Append the next bytes; False once the parser left (a download into the cache goes on:
+        the next epoch reads it)."""
+        with self._cond:
+            while self._out is None and self.end - self._parsed > MEMORY_AHEAD and not self.cancelled:
+                self._cond.wait()
+            if self._out is not None:
+                self._out.write(data)
+            elif self.cancelled:
+                return False
+            else:
+                self._chunks.append((self.end, data))
+            self.end += len(data)
+            self._cond.notify_all()
+            return True
+
+    def finish(self, error: BaseException | None = None) -> None:
+        with self._cond:
+            self.done, self.error, self.ready = True, error, True
+            self._cond.notify_all()
+
+    def read(self, pos: int, n: int) -> bytes:
+        """Up to n bytes at `pos`, waiting for them; b"" at the end of what the download got."""
+        with self._cond:
+            while not (self.ready and (self.end > pos or self.done)):
+                self._cond.wait()
+            if self.error is not None:
+                raise self.error
+            stop = min(pos + n, self.end)
+            if stop <= pos:
+                return b""
+            if self._fd is not None:
+                fd = self._fd
+            else:
+                while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= pos:
+                    self._chunks.popleft()  # parsed: never read again
+                self._parsed = pos
+                self._cond.notify_all()
+                parts = []
+                for off, c in self._chunks:
+                    if off >= stop:
+                        break
+                    parts.append(c[max(0, pos - off) : stop - off])
+                return b"".join(parts)
+        return os.pread(fd, stop - pos, pos)
+
+    def settle(self) -> None:
+        with self._cond:
+            self.settled = True
+            self._cond.notify_all()
+
+    def wait_settled(self) -> None:
+        """Until the download's thread is done (a shard for the cache: in it, and held)."""
+        with self._cond:
+            while not self.settled:
+                self._cond.wait()
+
+    def close(self) -> None:
+        with self._cond:
+            self.cancelled = True
+            self._chunks = deque()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._cond.notify_all()
+        self.stack.close()
+
+
+class _SinkFile:
+    """A sequential file over a sink from byte `pos`, for tarfile's stream mode."""
+
+    def __init__(self, sink: _Sink, pos: int):
+        self.sink, self.pos = sink, pos
+
+    def read(self, n: int = -1) -> bytes:
+        out = bytearray()
+        while n < 0 or len(out) < n:
+            got = self.sink.read(self.pos, CHUNK if n < 0 else n - len(out))
+            if not got:
+                break
+            out += got
+            self.pos += len(got)
+        return bytes(out)
+
+
+def _get(fs, path: str, start: int, end: int | None) -> Iterator[bytes]:
+    """Bytes [start, end) of an object (end None: to its end) as they arrive: on S3 one GET,
+    without the HEAD an fsspec file makes; elsewhere an fsspec file read sequentially."""
+    if _is_s3(fs):
+        from fsspec.asyn import sync
+
+        bucket, key, version = fs.split_path(path)
+        kw = {"VersionId": version} if version else {}
+        if start or end is not None:
+            kw["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        body = sync(fs.loop, fs._call_s3, "get_object", Bucket=bucket, Key=key, **kw)["Body"]
+        try:
+            while chunk := sync(fs.loop, body.read, CHUNK):
+                yield chunk
+        finally:
+            body.close()
+        return
+    with fs.open(path, "rb", block_size=READ_BLOCK) as f:
+        f.seek(start)
+        while (n := CHUNK if end is None else min(CHUNK, end - f.tell())) > 0 and (chunk := f.read(n)):
+            yield chunk
+
+
+def _fetch(shard: Shard, storage: StorageConfig, sink: _Sink, start: int, end: int | None) -> None:
+    """sink <- the shard's bytes [start, end), resuming at the byte offset after a transient
+    error (a Range GET from where the last attempt stopped)."""
+    fs, path = filesystem(shard.url, storage)
+
+    def attempt():
+        if end is not None and sink.end >= end:
+            return
+        for chunk in _get(fs, path, sink.end, end):
+            if not sink.write(chunk):
+                return  # the reader has what it wanted
+
+    retry(_transient(attempt), attempts=storage.retries, what=f"read {shard.url}")
+    if not sink.cancelled and end is not None and sink.end != end:
+        raise ValueError(f"{shard.url}: {sink.end} bytes, the manifest says {end}")
+
+
+@contextlib.contextmanager
+def _download_lock(local: str) -> Iterator[None]:
+    """One download of a shard into the cache at a time across processes (DALI's workers, ranks)."""
+    fd = os.open(f"{local}.tmp-lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _complete(local: str, shard: Shard) -> bool:
+    return os.path.isfile(local) and (shard.nbytes is None or os.path.getsize(local) == shard.nbytes)
+
+
+def cache_shard(shard: Shard, storage: StorageConfig | None, cache_dir: str, sink: _Sink | None = None) -> str:
+    """The shard's path in the local cache, downloading it (one GET, resumed at the byte offset
+    after a transient error) when it is not there yet. `sink` gets the bytes as they arrive."""
     storage = storage or StorageConfig()
     local = _cache_path(cache_dir, shard)
-    if os.path.exists(local) and (shard.nbytes is None or os.path.getsize(local) == shard.nbytes):
-        return local
-    fs, path = filesystem(shard.url, storage)
-    tmp = cache.temp_path(local)
-    try:
-        with open(tmp, "wb") as out:
-
-            def attempt():
-                with fs.open(path, "rb", block_size=READ_BLOCK) as f:
-                    f.seek(out.tell())
-                    while chunk := f.read(READ_BLOCK):
-                        out.write(chunk)
-
-            retry(_transient(attempt), attempts=storage.retries, what=f"download {shard.url}")
-        size = os.path.getsize(tmp)
-        if shard.nbytes is not None and size != shard.nbytes:
-            raise ValueError(f"{shard.url}: {size} bytes, the manifest says {shard.nbytes}")
-        os.replace(tmp, local)  # atomic: another worker reading the cache sees all or nothing
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    sink = sink or _Sink()
+    if not _complete(local, shard):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with _download_lock(local):
+            if not _complete(local, shard):
+                tmp = cache.temp_path(local)
+                try:
+                    with open(tmp, "wb", buffering=0) as out:
+                        sink.use_file(tmp, out)
+                        _fetch(shard, storage, sink, 0, shard.nbytes)
+                    os.replace(tmp, local)  # atomic: another reader of the cache sees all or nothing
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{local}.tmp-lock")
+                    sink.finish()
+                    return local
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+    sink.use_file(local)
     return local
 
 
@@ -158,10 +358,11 @@ class _TarCursor:
     offset: int = 0
     index: int = -1  # sample index of the current key
     key: str | None = None
-    samples: dict = None
+    sample: dict | None = None  # the current key's wanted members so far
 
 
-def _scan(f, cur: _TarCursor, wanted: set[int]) -> None:
+def _scan(f, cur: _TarCursor, wanted) -> Iterator[tuple[int, dict]]:
+    """The wanted samples of a tar stream from `cur`, each as soon as its last member is read."""
     start = cur.offset
     try:
         with tarfile.open(fileobj=f, mode="r|") as tar:
@@ -171,28 +372,36 @@ def _scan(f, cur: _TarCursor, wanted: set[int]) -> None:
                     key, _, ext = base.partition(".")
                     prefix = member.name[: len(member.name) - len(base)] + key
                     if prefix != cur.key:
+                        if cur.sample is not None:
+                            done, cur.sample = cur.sample, None
+                            yield cur.index, done
                         cur.index, cur.key = cur.index + 1, prefix
                     if cur.index in wanted:
                         data = tar.extractfile(member).read()
                         if len(data) != member.size:
                             raise TransientStorageError(f"member {member.name} cut short")
-                        cur.samples.setdefault(cur.index, {"__key__": prefix})[ext] = data
+                        if cur.sample is None:
+                            cur.sample = {"__key__": prefix}
+                        cur.sample[ext] = data
                 cur.offset = start + member.offset_data + -(-member.size // 512) * 512
     except (tarfile.ReadError, EOFError) as e:
         # a body cut off mid-stream reads as a damaged tar: read on from the last whole member
         raise TransientStorageError(f"tar stream ended early at byte {cur.offset}: {e}") from e
+    if cur.sample is not None:
+        done, cur.sample = cur.sample, None
+        yield cur.index, done
 
 
 def read_index(shard: Shard, storage: StorageConfig | None = None) -> list[list[tuple[str, int, int, str]]] | None:
     """Per sample, its members as (ext, data offset, size, name) from the shard's v1.2 `.idx`;
     None when there is none or it does not describe `shard.samples` samples (then the tar is
-    scanned instead)."""
+    read from its start instead)."""
     if not shard.index_url:
         return None
     storage = storage or StorageConfig()
     fs, path = filesystem(shard.index_url, storage)
     try:
-        text = retry(_transient(lambda: fs.cat_file(path)), attempts=storage.retries, what=f"read {shard.index_url}")
+        text = retry(_transient(lambda: _cat(fs, path)), attempts=storage.retries, what=f"read {shard.index_url}")
     except FileNotFoundError:
         log.warning("%s: missing; scanning the tar instead", shard.index_url)
         return None
@@ -225,49 +434,166 @@ def read_index(shard: Shard, storage: StorageConfig | None = None) -> list[list[
     return rows
 
 
+def _key(name: str) -> str:
+    base = name.rsplit("/", 1)[-1]
+    return name[: len(name) - len(base)] + base.partition(".")[0]
+
+
+def _byte_range(shard: Shard, lo: int, hi: int, storage: StorageConfig) -> tuple[int, int | None, str | None]:
+    """(start, end, key of sample lo) of the bytes holding samples lo..hi: from the shard's index
+    when they are not the whole shard, else (0, nbytes, None). The index is as untrusted as the
+    bucket: the key at `start` is checked against the tar's own header before anything is used,
+    and a range that ends early is read on to the end."""
+    whole = (0, shard.nbytes, None)
+    if lo == 0 and hi == shard.samples - 1:
+        return whole
+    rows = read_index(shard, storage)
+    if rows is None:
+        return whole
+    start = rows[lo][0][1] - BLOCK
+    end = rows[hi + 1][0][1] - BLOCK if hi + 1 < len(rows) else shard.nbytes
+    if end is not None and (start >= end or (shard.nbytes is not None and end > shard.nbytes)):
+        log.warning("%s: the index does not match the tar (samples %d-%d); scanning the tar instead", shard.url, lo, hi)
+        return whole
+    return start, end, _key(rows[lo][0][3])
+
+
 class _IndexMismatch(ValueError):
     pass
 
 
-def _header(block: bytes) -> tuple[str, int | None]:
-    """(name, size) from a ustar header block; size None when the field is not octal."""
-    name = block[:100].split(b"\0", 1)[0].decode(errors="replace")
-    prefix = block[345:500].split(b"\0", 1)[0].decode(errors="replace") if block[257:262] == b"ustar" else ""
-    try:
-        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
-        size = None
-    return (f"{prefix}/{name}" if prefix else name), size
+class _Piece:
+    """The wanted samples of one shard, read in one sequential pass: a local file directly, a
+    remote shard through a download (`fetch`, on a pool thread) that the parser follows as the
+    bytes arrive, into the cache or into memory."""
 
+    def __init__(self, shard: Shard, wanted: set[int], storage: StorageConfig, cache_dir, cache_limit_gb):
+        self.shard, self.wanted, self.storage = shard, wanted, storage
+        self.cache_dir, self.cache_limit_gb = cache_folder(cache_dir), cache_limit_gb
+        self.lo, self.hi = min(wanted), max(wanted)
+        self.whole = self.lo == 0 and self.hi == shard.samples - 1
+        self.fs, self.path = filesystem(shard.url, storage)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.sink = _Sink()
+        self.held = False  # a cached shard, held against eviction while read
 
-def _read_indexed(f, rows, order: list[int], cur: _TarCursor, url: str) -> None:
-    """Samples order[len(cur.samples):] read by offset: one read per sample spanning its members
-    (and the headers between them). Every member's tar header must carry the name and size the
-    index gives, and the members one key, so a stale or lying index is caught, not read as wrong
-    bytes (one sample's image with another's label); a range past the end of the file is a stale
-    index too, not a network error."""
-    for i in order[len(cur.samples) :]:
-        members = rows[i]
-        start, end = members[0][1] - BLOCK, members[-1][1] + members[-1][2]
-        f.seek(start)
-        buf = f.read(end - start)
-        if len(buf) != end - start:
-            size = getattr(f, "size", None)
-            if size is not None and start + len(buf) >= size:
-                raise _IndexMismatch(f"{url}: the index points past the end of the file (sample {i}, byte {end})")
-            raise TransientStorageError(f"{url}: sample {i} cut short at byte {start + len(buf)}")
-        first = members[0][3]
-        base = first.rsplit("/", 1)[-1]
-        key = first[: len(first) - len(base)] + base.partition(".")[0]
-        sample = {"__key__": key}
-        for _, off, size, name in members:
-            got, got_size = _header(buf[off - start - BLOCK : off - start])
-            base = name.rsplit("/", 1)[-1]
-            ext = base.partition(".")[2]
-            if got != name or got_size != size or name[: len(name) - len(ext) - 1] != key or not ext:
-                raise _IndexMismatch(f"{url}: the index does not match the tar at byte {off - BLOCK} ({name})")
-            sample[ext] = buf[off - start : off - start + size]
-        cur.samples[i] = sample
+    def start(self) -> None:
+        """The download, on a thread of its own: a download waiting for its parser (memory
+        bounded) never holds up another shard's."""
+        if not self.local:
+            threading.Thread(target=self.fetch, daemon=True, name=f"fetch-{self.shard.name}").start()
+
+    def fetch(self) -> None:
+        try:
+            self._fetch()
+        except BaseException as e:  # noqa: BLE001 - handed to the parser, which raises it
+            self.sink.finish(e)
+        finally:
+            self.sink.settle()
+
+    def _fetch(self) -> None:
+        if self.cache_dir:  # the whole shard, once: a reader of another part of it waits for it there
+            self.sink.stack.enter_context(
+                cache.held(
+                    lambda: cache_shard(self.shard, self.storage, self.cache_dir, self.sink),
+                    self.cache_dir,
+                    self.cache_limit_gb,
+                )
+            )
+            self.held = True
+            if self.sink.cancelled:  # the parser left meanwhile: nothing to hold for it
+                self.sink.stack.close()
+            return
+        start, end, key = _byte_range(self.shard, self.lo, self.hi, self.storage)
+        self.sink.begin(start, self.lo if key else 0, key)
+        _fetch(self.shard, self.storage, self.sink, start, end)
+        self.sink.finish()
+
+    def close(self) -> None:
+        self.sink.close()
+        if self.held and self.cache_limit_gb is not None:
+            # released: trim what the shards read at the same time held over the limit
+            cache.evict(self.cache_dir, int(self.cache_limit_gb * cache.GB))
+
+    def samples(self) -> Iterator[tuple[int, dict]]:
+        """(index, sample) of the wanted samples, in shard order."""
+        if self.local:
+            yield from self._local()
+            return
+        cur = None
+        while True:
+            sink = self.sink  # a new one after a fallback
+            if cur is None:
+                with sink._cond:
+                    while not sink.ready:
+                        sink._cond.wait()
+                cur = _TarCursor(offset=sink.base, index=sink.first - 1)
+                expect = sink.key
+            try:
+                for i, sample in _scan(_SinkFile(sink, cur.offset), cur, self.wanted):
+                    if expect is not None:
+                        if (i, sample["__key__"]) != (self.lo, expect):
+                            raise _IndexMismatch(f"{self.shard.url}: the index does not match the tar at sample {i}")
+                        expect = None
+                    yield i, sample
+                    if i == self.hi and not self.whole:
+                        return
+            except TransientStorageError as e:
+                if sink.error is not None:
+                    raise sink.error from None
+                if expect is not None:  # the index's offset is not a header of sample lo
+                    self._refetch(0, self.shard.nbytes, f"{self.shard.url}: the index does not match the tar ({e})")
+                    cur = None
+                    continue
+                if sink.end == self.shard.nbytes or self.shard.nbytes is None:
+                    raise ValueError(f"{self.shard.url}: not a whole tar: {e}") from None
+            except _IndexMismatch as e:
+                self._refetch(0, self.shard.nbytes, str(e))
+                cur = None
+                continue
+            if cur.index >= self.hi or sink.end == self.shard.nbytes or self.shard.nbytes is None:
+                break
+            # the index's range ended before sample hi: read on to the end of the shard
+            self._refetch(cur.offset, self.shard.nbytes, f"{self.shard.url}: the index's range ends early")
+        if cur.index + 1 != self.shard.samples and sink.base == 0 and self.whole:
+            raise ValueError(f"{self.shard.url}: holds {cur.index + 1} samples, the manifest says {self.shard.samples}")
+        sink.wait_settled()  # the bytes are all here: a download into the cache is being committed
+
+    def _refetch(self, start: int, end: int | None, why: str) -> None:
+        log.warning("%s; scanning the tar instead", why)
+        self.sink.close()
+        self.sink = sink = _Sink()
+        sink.begin(start)  # a cursor continues at `start`: its numbering is kept
+
+        def run():
+            try:
+                _fetch(self.shard, self.storage, sink, start, end)
+                sink.finish()
+            except BaseException as e:  # noqa: BLE001 - handed to the parser
+                sink.finish(e)
+
+        threading.Thread(target=run, daemon=True, name="shard-refetch").start()
+
+    def _local(self) -> Iterator[tuple[int, dict]]:
+        cur = _TarCursor()
+        for attempt in range(self.storage.retries + 1):
+            try:
+                with self.fs.open(self.path, "rb") as f:
+                    f.seek(cur.offset)
+                    if cur.offset and not f.read(BLOCK).strip(b"\0"):
+                        break  # cut off just before the end-of-archive blocks: nothing left to read
+                    f.seek(cur.offset)
+                    yield from _scan(f, cur, self.wanted)
+                break
+            except (TransientStorageError, *TRANSIENT) as e:
+                if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+                    raise
+                if attempt == self.storage.retries:
+                    raise
+                log.warning("read %s failed (%s); retry %d/%d", self.shard.url, e, attempt + 1, self.storage.retries)
+                time.sleep(0.5 * 2**attempt)
+        if cur.index + 1 != self.shard.samples:
+            raise ValueError(f"{self.shard.url}: holds {cur.index + 1} samples, the manifest says {self.shard.samples}")
 
 
 def read_samples(
@@ -277,59 +603,31 @@ def read_samples(
     cache_dir: str | None = None,
     cache_limit_gb: float | None = None,
 ) -> dict[int, dict]:
-    """The samples `wanted` (indices within the shard) as {index: {"__key__", "jpg", ...}}.
-
-    With the shard's index, each wanted sample is one read at its offset; without one, a single
-    sequential pass over the tar keeps only the wanted samples. A transient error reopens the
-    shard and goes on from the next unread sample (indexed) or from the byte offset of the last
-    whole member (scan), so a retry neither repeats nor loses a sample. A sample is the group of
-    consecutive members sharing a key (the name up to its first dot)."""
+    """The samples `wanted` (indices within the shard) as {index: {"__key__", "jpg", ...}}, read
+    in one sequential pass (see SampleReader). A sample is the group of consecutive members
+    sharing a key (the name up to its first dot)."""
     storage = storage or StorageConfig()
-    if cache_dir:
-        # held against eviction while it is read (pipeline/data/cache.py)
-        with cache.held(lambda: cache_shard(shard, storage, cache_dir), cache_dir, cache_limit_gb) as local:
-            return _read_samples(shard, wanted, storage, *filesystem(local))
-    return _read_samples(shard, wanted, storage, *filesystem(shard.url, storage))
-
-
-def _read_samples(shard: Shard, wanted: Iterable[int], storage: StorageConfig, fs, path: str) -> dict[int, dict]:
-    cur = _TarCursor(samples={})
-    wanted = set(wanted)
-    rows = read_index(shard, storage)
-    if rows is not None:
-        order = sorted(wanted)
-
-        def indexed():
-            with fs.open(path, "rb", block_size=READ_BLOCK) as f:
-                _read_indexed(f, rows, order, cur, shard.url)
-
-        try:
-            retry(_transient(indexed), attempts=storage.retries, what=f"read {shard.url}")
-            return cur.samples
-        except _IndexMismatch as e:
-            log.warning("%s; scanning the tar instead", e)
-            cur = _TarCursor(samples={})
-
-    def attempt():
-        with fs.open(path, "rb", block_size=READ_BLOCK) as f:
-            f.seek(cur.offset)
-            if cur.offset and not f.read(BLOCK).strip(b"\0"):
-                return  # cut off just before the end-of-archive blocks: nothing left to read
-            f.seek(cur.offset)
-            _scan(f, cur, wanted)
-
-    retry(_transient(attempt), attempts=storage.retries, what=f"read {shard.url}")
-    if cur.index + 1 != shard.samples:
-        raise ValueError(f"{shard.url}: holds {cur.index + 1} samples, the manifest says {shard.samples}")
-    return cur.samples
+    piece = _Piece(shard, set(wanted), storage, cache_dir, cache_limit_gb)
+    piece.start()
+    try:
+        return dict(piece.samples())
+    finally:
+        piece.close()
 
 
 class SampleReader:
     """Streams the samples of a sequence of ids, in that order.
 
-    Shards are streamed in the order the ids first need them, `prefetch` shards ahead on a
-    background thread. Only the samples the sequence asks for are kept, and each is dropped once
-    handed out: memory holds the wanted samples of the in-flight shards, never a whole shard.
+    Each shard the sequence touches is read once, sequentially, from the first to the last
+    sample it wants. With `cache_dir` (pipeline/data/cache.py): one GET of the whole shard into
+    the cache (once per machine: a reader of another part of it waits for that download), read
+    from there in later epochs. Without: one GET of the whole shard, or for part of a shard a
+    GET of its `.idx` and one ranged GET. No HEAD: the manifest gives the sizes. Remote shards
+    download, each on its own thread, as soon as the sequence needs them within LOOKAHEAD
+    samples, and `prefetch` more, in the order it first needs them, and are parsed as their bytes arrive, so a sample is
+    handed over as soon as its shard's stream reaches it. Memory holds the samples parsed but
+    not handed out yet (the sequence's shuffle buffer) and, without the cache, at most
+    MEMORY_AHEAD unparsed bytes per download. A local split is read in place.
     """
 
     def __init__(
@@ -337,12 +635,12 @@ class SampleReader:
         split: Split,
         storage: StorageConfig | None = None,
         *,
-        prefetch: int = 2,
+        prefetch: int = 1,
         cache_dir: str | None = None,
         cache_limit_gb: float | None = None,
     ):
-        self.split, self.storage, self.prefetch, self.cache_dir = split, storage, prefetch, cache_dir
-        self.cache_limit_gb = cache_limit_gb
+        self.split, self.storage, self.cache_dir = split, storage or StorageConfig(), cache_dir
+        self.prefetch, self.cache_limit_gb = max(0, prefetch), cache_limit_gb
 
     def read(self, ids: Iterable[int]) -> Iterator[tuple[int, dict]]:
         ids = np.asarray(list(ids), dtype=np.int64)
@@ -350,50 +648,49 @@ class SampleReader:
             return
         shard_of, index_of = self.split.locate(ids)
         _, first = np.unique(shard_of, return_index=True)
-        sequence = [int(shard_of[i]) for i in sorted(first)]
+        first = np.sort(first)  # where each shard is first needed, in that order
+        sequence = [int(shard_of[i]) for i in first]
+        position = {s: k for k, s in enumerate(sequence)}
         wanted: dict[int, set[int]] = {}
         uses: dict[tuple[int, int], int] = {}  # a sample drawn twice (an upsampled source) is kept for both
+        left: dict[int, int] = {}  # draws still to hand out, per shard
         for s, i in zip(shard_of.tolist(), index_of.tolist()):
             wanted.setdefault(s, set()).add(i)
             uses[(s, i)] = uses.get((s, i), 0) + 1
+            left[s] = left.get(s, 0) + 1
+        pieces: dict[int, _Piece] = {}
+        streams: dict[int, Iterator] = {}
+        started = 0
 
-        pool = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
-        inflight: deque = deque()
-        nxt = 0
-
-        def top_up():
-            nonlocal nxt
-            while nxt < len(sequence) and len(inflight) <= self.prefetch:
-                shard = self.split.shards[sequence[nxt]]
-                inflight.append(
-                    (
-                        sequence[nxt],
-                        pool.submit(
-                            read_samples,
-                            shard,
-                            wanted[sequence[nxt]],
-                            self.storage,
-                            self.cache_dir,
-                            self.cache_limit_gb,
-                        ),
-                    )
+        def start_until(k: int) -> None:
+            nonlocal started
+            while started < min(k, len(sequence)):
+                s = sequence[started]
+                piece = pieces[s] = _Piece(
+                    self.split.shards[s], wanted[s], self.storage, self.cache_dir, self.cache_limit_gb
                 )
-                nxt += 1
+                piece.start()
+                streams[s] = piece.samples()
+                started += 1
 
         pending: dict[tuple[int, int], dict] = {}
-        loaded: set[int] = set()
         try:
-            for gid, s, i in zip(ids.tolist(), shard_of.tolist(), index_of.tolist()):
-                while s not in loaded:
-                    top_up()
-                    si, fut = inflight.popleft()
-                    for j, sample in fut.result().items():
-                        pending[(si, j)] = sample
-                    loaded.add(si)
-                top_up()
+            for t, (gid, s, i) in enumerate(zip(ids.tolist(), shard_of.tolist(), index_of.tolist())):
+                # every shard needed within LOOKAHEAD samples, and `prefetch` more, downloading
+                soon = int(np.searchsorted(first, t + LOOKAHEAD, side="right"))
+                start_until(max(soon, position[s] + 1) + self.prefetch)
+                while (s, i) not in pending:
+                    got = next(streams[s], None)
+                    if got is None:
+                        raise ValueError(f"{self.split.shards[s].url}: sample {i} not found")
+                    pending[(s, got[0])] = got[1]
                 uses[(s, i)] -= 1
+                left[s] -= 1
+                if left[s] == 0:
+                    for _ in streams.pop(s):  # the end of its tar: the count check, the cache's commit
+                        pass
+                    pieces.pop(s).close()
                 yield gid, pending.pop((s, i)) if uses[(s, i)] == 0 else dict(pending[(s, i)])
         finally:
-            for _, fut in inflight:
-                fut.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
+            for piece in pieces.values():
+                piece.close()
