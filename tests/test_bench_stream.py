@@ -1,0 +1,81 @@
+"""The streaming benchmark's parts: the counting S3 proxy (real moto endpoint, real s3fs client)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from pipeline.benchmarks.s3proxy import CountingProxy
+
+BUCKET = "mfm-test"
+
+
+def _s3fs(endpoint_url: str):
+    import s3fs
+
+    return s3fs.S3FileSystem(anon=False, endpoint_url=endpoint_url, skip_instance_cache=True, use_listings_cache=False)
+
+
+@pytest.fixture
+def objects(s3_endpoint):
+    """Three known objects under a fresh prefix, written straight to the endpoint (not counted)."""
+    prefix = f"{BUCKET}/proxy-{time.time_ns()}"
+    blobs = {f"{prefix}/obj{i}.bin": os.urandom(300_000 + i) for i in range(3)}
+    fs = _s3fs(s3_endpoint.url)
+    for path, data in blobs.items():
+        fs.pipe_file(path, data)
+    return prefix, blobs
+
+
+def test_proxy_forwards_and_counts_gets_heads_listings_and_bytes(s3_endpoint, objects):
+    prefix, blobs = objects
+    path, data = next(iter(blobs.items()))
+    with CountingProxy(s3_endpoint.url) as proxy:
+        fs = _s3fs(proxy.url)
+        assert fs.info(path)["size"] == len(data)  # HEAD
+        assert fs.cat_file(path, start=1000, end=5000) == data[1000:5000]  # ranged GET
+        assert fs.cat_file(path, start=0, end=len(data)) == data  # (a plain cat_file would HEAD first)
+        assert sorted(fs.ls(prefix, detail=False)) == sorted(blobs)  # a listing GET
+        counts = proxy.counts()
+        assert counts["HEAD"] == 1
+        assert counts["GET"] == 3
+        assert counts["list"] == 1
+        assert counts["requests"] == 4
+        listing_bytes = counts["bytes"] - 4000 - len(data)
+        assert 0 < listing_bytes < 10_000  # the listing's XML, nothing more
+
+        proxy.reset()
+        assert proxy.counts()["requests"] == 0 and proxy.counts()["bytes"] == 0
+
+
+def test_proxy_serves_concurrent_keepalive_connections(s3_endpoint, objects):
+    _, blobs = objects
+    with CountingProxy(s3_endpoint.url) as proxy:
+        fs = _s3fs(proxy.url)
+        for _ in range(2):  # the second round reuses the kept-alive connections
+            assert fs.cat(list(blobs)) == blobs  # s3fs sends these GETs concurrently
+        counts = proxy.counts()
+        assert counts["GET"] == 2 * len(blobs)
+        assert counts["bytes"] == 2 * sum(map(len, blobs.values()))
+
+
+def test_proxy_adds_latency_and_caps_bandwidth(s3_endpoint, objects):
+    _, blobs = objects
+    path, data = next(iter(blobs.items()))
+    # Lower bounds only: a loaded machine makes reads slower, never faster than the shaping allows.
+    with CountingProxy(s3_endpoint.url, latency_s=0.3) as proxy:
+        fs = _s3fs(proxy.url)
+        fs.info(path)  # the client's setup, outside the measured part
+        t0 = time.monotonic()
+        fs.cat_file(path, start=0, end=10)
+        assert time.monotonic() - t0 >= 0.3
+    with CountingProxy(s3_endpoint.url, bandwidth_bps=1_000_000) as proxy:
+        fs = _s3fs(proxy.url)
+        fs.info(path)
+        t0 = time.monotonic()
+        assert fs.cat_file(path, start=0, end=len(data)) == data
+        assert time.monotonic() - t0 >= 0.9 * len(data) / 1_000_000
+    with pytest.raises(ValueError, match="bandwidth_bps"):
+        CountingProxy(s3_endpoint.url, bandwidth_bps=0)
