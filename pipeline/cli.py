@@ -18,7 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "pipeline.finetune:cli",
         "fine-tune a pretrained encoder into a classifier (DeepSpeed) -> export, metrics.json",
     ),
-    "bench": ("pipeline.benchmarks:cli", "benchmarks: mfm bench {kernels,data,shard,train,plan,registry,checkpoint}"),
+    "bench": (
+        "pipeline.benchmarks:cli",
+        "benchmarks: mfm bench {kernels,data,shard,train,plan,registry,checkpoint,stream}",
+    ),
     "registry": ("pipeline.registry.commands:cli", "model registry: mfm registry {list,show,register,promote,gc}"),
     "pull": (
         "pipeline.registry.commands:pull_cli",
