@@ -447,6 +447,7 @@ def run_child(spec: dict, endpoint: str, log_path: Path) -> dict:
     root = str(Path(pipeline.__file__).resolve().parent.parent)  # the same pipeline package as this process
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env.update(AWS_ENDPOINT_URL=endpoint, S3_ENDPOINT_URL=endpoint)
+    env["MFM_CACHE"] = os.path.join(spec["cache_dir"], "mfm")  # the project's default caches: fresh too
     for k, v in MOTO_ENV.items():
         env.setdefault(k, v)
     cmd = [sys.executable, "-m", "pipeline.benchmarks.stream", "_measure", json.dumps(spec)]
