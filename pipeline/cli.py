@@ -45,6 +45,7 @@ EXTRAS: dict[str, set[str]] = {
     "flows": {"prefect"},
     "eval": {"imagecorruptions", "skimage", "matplotlib"},
     "dali": {"nvidia.dali"},
+    "bench": {"streaming", "litdata"},  # not in [all] (pyproject.toml says why)
 }
 # The extras a command needs, checked before it starts; the others need the bare install only.
 NEEDS: dict[str, tuple[str, ...]] = {
