@@ -327,12 +327,13 @@ def _litdata_loader(spec: dict, cfg):
 
 PEERS = {"webdataset": _wds_loader, "mds": _mds_loader, "litdata": _litdata_loader}
 RESUMABLE = ("project", "project-dali", "mds", "litdata")
+# imported before the clock starts (forked workers inherit them), the decode functions included
 IMPORTS = {
     "project": ("torch", "pipeline.data.loader", "pipeline.data.torch_backend", "s3fs"),
     "project-dali": ("torch", "pipeline.data.loader", "pipeline.data.dali_backend", "nvidia.dali", "s3fs"),
-    "webdataset": ("torch", "webdataset", "boto3"),
-    "mds": ("torch", "streaming", "boto3"),
-    "litdata": ("torch", "litdata", "litdata.streaming.downloader", "boto3", "obstore"),
+    "webdataset": ("torch", "pipeline.data.augment", "webdataset", "boto3"),
+    "mds": ("torch", "pipeline.data.augment", "streaming", "boto3"),
+    "litdata": ("torch", "pipeline.data.augment", "litdata", "litdata.streaming.downloader", "boto3", "obstore"),
 }
 
 
@@ -363,7 +364,10 @@ def measure(spec: dict) -> dict:
     loader = spec["loader"]
     if spec.get("resume"):
         return _resume(spec, cfg)
-    for module in IMPORTS[loader]:  # imports are not the loader's streaming: done before the clock starts
+    import pipeline
+
+    assert spec.get("tree", "") in ("", str(Path(pipeline.__file__).resolve().parent.parent)), "wrong tree"
+    for module in IMPORTS[loader]:
         __import__(module)
     t0 = time.perf_counter()
     first = None
@@ -444,16 +448,20 @@ def run_child(spec: dict, endpoint: str, log_path: Path) -> dict:
     import pipeline
 
     env = dict(os.environ)
-    root = str(Path(pipeline.__file__).resolve().parent.parent)  # the same pipeline package as this process
+    # the same pipeline package as this process, or the tree under comparison
+    root = spec.get("tree") or str(Path(pipeline.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env.update(AWS_ENDPOINT_URL=endpoint, S3_ENDPOINT_URL=endpoint)
     env["MFM_CACHE"] = os.path.join(spec["cache_dir"], "mfm")  # the project's default caches: fresh too
     for k, v in MOTO_ENV.items():
         env.setdefault(k, v)
-    cmd = [sys.executable, "-m", "pipeline.benchmarks.stream", "_measure", json.dumps(spec)]
+    # this file run by path with the tree as working directory: `pipeline` is the tree's (which may not have
+    # this benchmark), the harness this one
+    run = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    cmd = [sys.executable, "-c", run, str(Path(__file__).resolve()), "_measure", json.dumps(spec)]
     peak = 0
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log)
+        proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=log)
         out: list[bytes] = []
         reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
         reader.start()
@@ -506,6 +514,11 @@ class Case:
     workers: int
     workload: str
     proxy: str  # "on": latency + bandwidth cap, "off": counting only
+    tree: str = ""  # the project's loaders: another source tree's (--compare-tree), "" this one's
+
+
+def _label(loader: str, tree: str = "") -> str:
+    return LABELS[loader] + (f" @ {Path(tree).name}" if tree else "")
 
 
 def _available(loader: str) -> str | None:
@@ -563,12 +576,18 @@ def run(args) -> dict:
             for loader in loaders
             if not (loader == "project-dali" and wl == "io")  # DALI decodes: no raw-bytes path
         ]
+        for tree in args.compare_tree:  # the same cases with another tree's loader, interleaved with ours
+            cases += [
+                Case(c.loader, c.workers, c.workload, c.proxy, tree)
+                for c in cases
+                if c.loader.startswith("project") and not c.tree
+            ]
         proxies = {
             "on": CountingProxy(endpoint, latency_s=args.latency_ms / 1000, bandwidth_bps=args.bandwidth_mbps * 1e6),
             "off": CountingProxy(endpoint),
         }
         results: dict[Case, list[dict]] = {c: [] for c in cases}
-        resume: dict[str, str] = {}
+        resume: dict[tuple[str, str], str] = {}
         try:
             for r in range(args.rounds):
                 # interleaved: every case once per round, the order rotated so none always runs first
@@ -578,9 +597,9 @@ def run(args) -> dict:
                     results[c].append(res)
                     _progress(r, c, res)
             if args.resume:
-                for name in loaders:
-                    resume[name] = _resume_check(name, data, args, proxies["off"], work)
-                    print(f"resume check {name}: {resume[name]}", file=sys.stderr)
+                for key in dict.fromkeys((c.loader, c.tree) for c in cases):
+                    resume[key] = _resume_check(*key, data, args, proxies["off"], work)
+                    print(f"resume check {_label(*key)}: {resume[key]}", file=sys.stderr)
         finally:
             for p in proxies.values():
                 p.close()
@@ -601,6 +620,7 @@ def _spec(c: Case, data: Dataset, args, cache: Path) -> dict:
         "dataset": asdict(data),
         "cache_dir": str(cache),
         "set": args.set,
+        "tree": c.tree,
     }
 
 
@@ -614,12 +634,12 @@ def _one(c: Case, data: Dataset, args, proxy, work: Path) -> dict:
     return res
 
 
-def _resume_check(loader: str, data: Dataset, args, proxy, work: Path) -> str:
+def _resume_check(loader: str, tree: str, data: Dataset, args, proxy, work: Path) -> str:
     """ "ok" when half an epoch in one process and the rest, from its saved state, in another see every
     sample of the epoch once; "n/a" for a loader without mid-epoch resume."""
     if loader not in RESUMABLE:
         return "n/a"
-    case = Case(loader, 2, "decode" if loader == "project-dali" else "io", "off")
+    case = Case(loader, 2, "decode" if loader == "project-dali" else "io", "off", tree)
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=work))  # one node's cache, kept across the restart
     spec = _spec(case, data, args, cache)
     first = run_child({**spec, "resume": "first"}, proxy.url, work / "child.log")
@@ -635,10 +655,14 @@ def _resume_check(loader: str, data: Dataset, args, proxy, work: Path) -> str:
 
 def _progress(r: int, c: Case, res: dict) -> None:
     if "error" in res:
-        print(f"round {r + 1} {c.loader} w{c.workers} {c.workload} proxy {c.proxy}: {res['error']}", file=sys.stderr)
+        print(
+            f"round {r + 1} {_label(c.loader, c.tree)} w{c.workers} {c.workload} proxy {c.proxy}: {res['error']}",
+            file=sys.stderr,
+        )
         return
     print(
-        f"round {r + 1} {c.loader} w{c.workers} {c.workload} proxy {c.proxy}: {res['samples_per_s']:.0f} samples/s, "
+        f"round {r + 1} {_label(c.loader, c.tree)} w{c.workers} {c.workload} proxy {c.proxy}: "
+        f"{res['samples_per_s']:.0f} samples/s, "
         f"first batch {res['first_batch_s']:.2f} s, {res['get']} GET + {res['head']} HEAD, {res['mb_read']:.1f} MB, "
         f"PSS {res['peak_pss_mb']:.0f} MB, exactly once {res['exactly_once']['ok']}",
         file=sys.stderr,
@@ -662,7 +686,7 @@ def _summary(cases, results, resume, skipped, data: Dataset, args) -> dict:
                 **{k: _median(rs, k) for k in MEDIANS},
                 "exactly_once": bool(rs) and all(r["exactly_once"]["ok"] for r in rs),
                 "exactly_once_detail": [r["exactly_once"] for r in rs],
-                "resume": resume.get(c.loader, "n/a" if c.loader not in RESUMABLE else "not run"),
+                "resume": resume.get((c.loader, c.tree), "n/a" if c.loader not in RESUMABLE else "not run"),
             }
         )
     for row in rows:
@@ -671,6 +695,7 @@ def _summary(cases, results, resume, skipped, data: Dataset, args) -> dict:
                 b
                 for b in rows
                 if b["loader"] == "project"
+                and not b["tree"]
                 and (b["workers"], b["workload"], b["proxy"]) == (row["workers"], row["workload"], row["proxy"])
             ),
             None,
@@ -702,17 +727,24 @@ def markdown(summary: dict) -> str:
                 "| peak PSS | exactly once | resume |",
                 "|---|---|---|---|---|---|---|---|---|---|",
             ]
-            for r in sorted(rows, key=lambda r: (r["workers"], LOADERS.index(r["loader"]))):
+            notes = []
+            for r in sorted(rows, key=lambda r: (r["workers"], LOADERS.index(r["loader"]), r["tree"])):
+                name = _label(r["loader"], r["tree"])
                 if r["samples_per_s"] is None:
-                    out.append(f"| {LABELS[r['loader']]} | {r['workers']} | failed: {'; '.join(r['errors'])} |")
+                    out.append(f"| {name} | {r['workers']} | failed: {r['errors'][0]} |")
                     continue
+                if r["errors"]:
+                    n = len(r["errors"])
+                    notes.append(
+                        f"{name}, {r['workers']} workers: {n} of {n + r['rounds']} rounds failed: {r['errors'][0]}"
+                    )
                 ratio = f"{r['vs_ours']:.2f}" if r["vs_ours"] else "-"
                 out.append(
-                    f"| {LABELS[r['loader']]} | {r['workers']} | {r['samples_per_s']:,.0f} | {ratio} "
+                    f"| {name} | {r['workers']} | {r['samples_per_s']:,.0f} | {ratio} "
                     f"| {r['first_batch_s']:.2f} s | {r['get']:.0f} + {r['head']:.0f} | {_mb(r['mb_read'])} "
                     f"| {r['peak_pss_mb']:,.0f} MB | {'yes' if r['exactly_once'] else 'NO'} | {r['resume']} |"
                 )
-            out.append("")
+            out += [*notes, ""] if notes else [""]
     for name, why in summary["skipped"].items():
         out.append(f"{LABELS[name]}: not measured, {why}")
     return "\n".join(out).rstrip() + "\n"
@@ -774,6 +806,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="skip the resume checks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides (all loaders)")
+    p.add_argument(
+        "--compare-tree",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also run the project's loaders from this source tree (e.g. a branch's worktree), interleaved",
+    )
     p.add_argument("--endpoint", help="an S3 endpoint to use instead of starting moto")
     p.add_argument("--work-dir", help="where the local copies and caches go (default: the system temp dir)")
     p.add_argument("--json", help="write the figures here")
@@ -790,6 +829,10 @@ def cli(argv: list[str]) -> int:
             parser().error(f"{name} {value}: must be >= {low}")
     if args.rounds < 1:
         parser().error(f"--rounds {args.rounds}: must be >= 1")
+    args.compare_tree = [str(Path(t).resolve()) for t in args.compare_tree]
+    for tree in args.compare_tree:
+        if not (Path(tree) / "pipeline" / "__init__.py").is_file():
+            parser().error(f"--compare-tree {tree}: no pipeline package there")
     summary = run(args)
     text = markdown(summary)
     print(text, end="")
