@@ -744,7 +744,7 @@ def markdown(summary: dict) -> str:
                     f"| {r['first_batch_s']:.2f} s | {r['get']:.0f} + {r['head']:.0f} | {_mb(r['mb_read'])} "
                     f"| {r['peak_pss_mb']:,.0f} MB | {'yes' if r['exactly_once'] else 'NO'} | {r['resume']} |"
                 )
-            out += [*notes, ""] if notes else [""]
+            out += ["", *notes, ""] if notes else [""]
     for name, why in summary["skipped"].items():
         out.append(f"{LABELS[name]}: not measured, {why}")
     return "\n".join(out).rstrip() + "\n"
