@@ -89,7 +89,7 @@ def test_bench_stream_harness_checks_every_loader_and_counts_requests(s3_endpoin
 
     args = stream.parser().parse_args(
         ["--images", "48", "--size", "64x48", "--shards", "3", "--batch", "8", "--workers", "2"]
-        # not mds: mosaicml-streaming 0.13 (numpy<2.2 pinned, 2.4 here) fails some epochs here (README)
+        # not mds: through a keep-alive endpoint it stalls and fails some epochs (README, "Streaming from ...")
         + ["--loaders", "project,webdataset,litdata", "--workloads", "io", "--rounds", "1", "--no-resume"]
         + ["--endpoint", s3_endpoint.url, "--work-dir", str(tmp_path)]
     )
