@@ -461,7 +461,9 @@ def run_child(spec: dict, endpoint: str, log_path: Path) -> dict:
     cmd = [sys.executable, "-c", run, str(Path(__file__).resolve()), "_measure", json.dumps(spec)]
     peak = 0
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=log)
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=log, preexec_fn=_dies_with_this_process()
+        )
         out: list[bytes] = []
         reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
         reader.start()
@@ -482,6 +484,16 @@ def run_child(spec: dict, endpoint: str, log_path: Path) -> dict:
     return result
 
 
+def _dies_with_this_process():
+    """A preexec_fn: the child is killed when this process dies (Linux), a killed benchmark leaves no moto
+    server or measurement behind."""
+    import functools
+
+    from pipeline.sharding.job import _die_with_parent
+
+    return functools.partial(_die_with_parent, os.getpid())
+
+
 class _Moto:
     """moto's S3 server in its own process (so the proxy and the server do not share a GIL)."""
 
@@ -494,6 +506,7 @@ class _Moto:
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=_dies_with_this_process(),
         )
         for _ in range(200):
             with contextlib.suppress(OSError):
