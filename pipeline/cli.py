@@ -18,7 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "pipeline.finetune:cli",
         "fine-tune a pretrained encoder into a classifier (DeepSpeed) -> export, metrics.json",
     ),
-    "bench": ("pipeline.benchmarks:cli", "benchmarks: mfm bench {kernels,data,shard,train,plan,registry,checkpoint}"),
+    "bench": (
+        "pipeline.benchmarks:cli",
+        "benchmarks: mfm bench {kernels,data,shard,train,plan,registry,checkpoint,stream}",
+    ),
     "registry": ("pipeline.registry.commands:cli", "model registry: mfm registry {list,show,register,promote,gc}"),
     "pull": (
         "pipeline.registry.commands:pull_cli",
@@ -43,6 +46,7 @@ EXTRAS: dict[str, set[str]] = {
     "eval": {"imagecorruptions", "skimage", "matplotlib"},
     "dali": {"nvidia.dali"},
     "dask": {"distributed", "prefect_dask"},
+    "bench": {"streaming", "litdata"},  # not in [all] (pyproject.toml says why)
 }
 # The extras a command needs, checked before it starts; the others need the bare install only.
 NEEDS: dict[str, tuple[str, ...]] = {

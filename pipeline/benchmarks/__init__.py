@@ -14,12 +14,13 @@ BENCHES = {
     "plan": "one rank's epoch plan at ImageNet scale (world 512): time, memory, manifest load, S3 first batch",
     "checkpoint": "training stall per checkpoint to S3 over a slow link, blocking vs background",
     "summary": "an infra/gpu-checks.sh summary.json as the README's GPU table",
+    "stream": "one epoch from S3 behind a latency/bandwidth proxy: ours vs webdataset, MDS, litdata",
 }
 
 
 def cli(argv: list[str]) -> int:
     if not argv or argv[0] not in BENCHES:
-        rows = "\n".join(f"  {k:<8} {v}" for k, v in BENCHES.items())
+        rows = "\n".join(f"  {k:<10} {v}" for k, v in BENCHES.items())
         print(f"usage: mfm bench NAME [ARGS]\n\n{rows}", file=sys.stderr if argv else sys.stdout)
         return 2 if argv else 0
     return importlib.import_module(f"pipeline.benchmarks.{argv[0]}").cli(argv[1:]) or 0

@@ -9,6 +9,7 @@ point a client's endpoint_url at `.url` and read `.counts()`.
 from __future__ import annotations
 
 import http.client
+import sys
 import threading
 import time
 import urllib.parse
@@ -198,6 +199,11 @@ class _Stats:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a client's idle keep-alive connection never holds up shutdown
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client closing its kept-alive connection
+            super().handle_error(request, client_address)
+
     upstream: urllib.parse.SplitResult
     link: _Link
     stats: _Stats
