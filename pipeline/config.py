@@ -192,6 +192,9 @@ class TrainConfig(Section):
     # How long a rank waits in a collective or barrier for a peer (a frozen or unreachable node)
     # before it fails the run; longer than any one-rank pause, such as a checkpoint upload.
     dist_timeout_s: float = Field(300, gt=0)
+    # Resume from a step folder whose COMPLETE records no sha256 (written before checksums were
+    # recorded): its files are then loaded unverified, and DeepSpeed unpickles them. Off: refused.
+    allow_unverified_checkpoints: bool = False
 
 
 class PretrainConfig(Section):
@@ -314,10 +317,33 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+_DOTTED_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 def override_strings(overrides: dict[str, Any] | None) -> list[str]:
     """{"optim.base_lr": 1e-3} (flow parameters) -> ["optim.base_lr=0.001"]. JSON is YAML, so
     each value reaches the config exactly as typed (strings stay strings)."""
-    return [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(f"overrides: expected a mapping of dotted keys to values, got {type(overrides).__name__}")
+    for k in overrides or {}:
+        if not isinstance(k, str) or not _DOTTED_KEY.fullmatch(k):
+            raise ConfigError(f"overrides: {k!r} is not a dotted key such as optim.base_lr")
+    try:
+        return [f"{k}={json.dumps(v, allow_nan=False)}" for k, v in (overrides or {}).items()]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"overrides: a value is not plain JSON ({e})") from None
+
+
+def load_flow_config(preset: object, overrides: dict[str, Any] | None) -> Config:
+    """A flow run's config. Flow parameters are untrusted (anyone who may start a run sets them):
+    `preset` must name a shipped preset, not a file of the worker, whose content an error would
+    copy into the run's log; everything else goes through `overrides`."""
+    if not isinstance(preset, str) or preset not in list_presets():
+        raise ConfigError(
+            f"flow parameter preset={preset!r}: not a shipped preset ({', '.join(list_presets())}); "
+            "set other values through the overrides parameter"
+        )
+    return load_config(preset, override_strings(overrides))
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
