@@ -270,17 +270,56 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_NODES = 100_000  # values in a config once YAML's aliases are expanded: a real one has hundreds
+MAX_NESTING = 32
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """YAML text as data, or a ConfigError naming `where`: not YAML, nested past what any config
+    needs, or a few aliases expanding to millions of values (which validation would walk)."""
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an int past Python's 4300-digit limit
+        raise ConfigError(f"{where}: not valid YAML: {e}") from e
+    stack, seen = [(data, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_NODES or depth > MAX_NESTING:
+            raise ConfigError(
+                f"{where}: more than {MAX_NODES} values or {MAX_NESTING} levels of nesting (YAML aliases count "
+                "each time they are used)"
+            )
+        if isinstance(node, dict):
+            stack += [(v, depth + 1) for v in node.values()]
+        elif isinstance(node, list):
+            stack += [(v, depth + 1) for v in node]
+    return data
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        text = raw.decode()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a config")
+    data = _load_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
 
 
 def _resolve_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
+    if not name_or_path or "\0" in name_or_path:
+        raise ConfigError(f"preset {name_or_path!r}: not a preset name or file")
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"
@@ -310,10 +349,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} must look like section.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+    value = _load_yaml(raw, f"override {item[:200]!r}: its value") if raw.strip() else None
     return key.strip().split("."), value
 
 
@@ -374,7 +410,11 @@ def build_config(data: dict) -> Config:
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             elif "input" in err and not isinstance(err["input"], dict):
-                msg += f" (got {err['input']!r})"
+                try:
+                    got = repr(err["input"])
+                except ValueError:  # an int past Python's 4300-digit str() limit
+                    got = "a number too long to show"
+                msg += f" (got {got if len(got) <= 200 else got[:200] + '...'})"
             lines.append(f"  {key}: {msg}")
         raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
 
