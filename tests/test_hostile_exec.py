@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -335,3 +336,20 @@ def test_flow_parameters_reaching_the_launcher_are_checked(launchable, tmp_path)
     hosts.write_text("evil.host,node1 slots=1\n")
     with pytest.raises(ConfigError, match=rf"flow parameter hostfile\) {hosts}:1: the host is not"):
         pretrain_task.fn("tiny_cpu", overrides, str(hosts), "10.0.0.1")
+
+
+def test_a_planted_log_folder_of_a_remote_run_is_refused(tmp_path, monkeypatch):
+    from pipeline import logs
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.delenv(logs.LOG_DIR_ENV, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    planted = logs.log_dir("s3://bucket/runs/victim")
+    assert planted.parent == tmp_path
+    (tmp_path / "victim-file").write_text("")
+    planted.mkdir(mode=0o777)
+    planted.chmod(0o777)
+    os.symlink(tmp_path / "victim-file", planted / "rank0.log")
+    with pytest.raises(ckpt.CheckpointError, match="not private"):
+        launcher.spawn_local("this_module_does_not_exist", [], 1, log_dir=planted)
+    assert (tmp_path / "victim-file").read_text() == ""

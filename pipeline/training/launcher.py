@@ -166,6 +166,10 @@ def spawn_local(
     }
     procs, files, console_fd = [], [], None
     if log_dir is not None:
+        if log_dir.parent == Path(tempfile.gettempdir()):  # a remote run's: a predictable name, kept private
+            from pipeline.training.checkpoint import private_dir
+
+            private_dir(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         console_fd = os.dup(1)
         print(f"training processes' full output: {log_dir}/rank*.log (mfm -v shows it here)", flush=True)
