@@ -10,13 +10,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from pipeline.config import load_config, override_strings
+from pipeline.config import load_flow_config
 from pipeline.finetune import launch
 
 
 @task(name="finetune")
 def finetune_task(preset: str, overrides: dict[str, Any] | None, hostfile: str | None, master_addr: str | None) -> dict:
-    cfg = load_config(preset, override_strings(overrides))
+    cfg = load_flow_config(preset, overrides)  # parameters are untrusted: checked, errors name them
     return asdict(launch(cfg, hostfile=hostfile, master_addr=master_addr))
 
 

@@ -13,13 +13,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from pipeline import storage
-from pipeline.config import load_config, override_strings
+from pipeline.config import load_flow_config
 from pipeline.training.launcher import launch
 
 
 @task(name="pretrain")
 def pretrain_task(preset: str, overrides: dict[str, Any] | None, hostfile: str | None, master_addr: str | None) -> dict:
-    cfg = load_config(preset, override_strings(overrides))
+    cfg = load_flow_config(preset, overrides)  # parameters are untrusted: checked, errors name them
     result = asdict(launch(cfg, hostfile=hostfile, master_addr=master_addr))
     result["storage"] = cfg.storage.model_dump()
     return result

@@ -201,6 +201,9 @@ class TrainConfig(Section):
     # How long a rank waits in a collective or barrier for a peer (a frozen or unreachable node)
     # before it fails the run; longer than any one-rank pause, such as a checkpoint upload.
     dist_timeout_s: float = Field(300, gt=0)
+    # Resume from a step folder whose COMPLETE records no sha256 (written before checksums were
+    # recorded): its files are then loaded unverified, and DeepSpeed unpickles them. Off: refused.
+    allow_unverified_checkpoints: bool = False
 
 
 class PretrainConfig(Section):
@@ -276,17 +279,56 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_NODES = 100_000  # values in a config once YAML's aliases are expanded: a real one has hundreds
+MAX_NESTING = 32
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """YAML text as data, or a ConfigError naming `where`: not YAML, nested past what any config
+    needs, or a few aliases expanding to millions of values (which validation would walk)."""
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an int past Python's 4300-digit limit
+        raise ConfigError(f"{where}: not valid YAML: {e}") from e
+    stack, seen = [(data, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_NODES or depth > MAX_NESTING:
+            raise ConfigError(
+                f"{where}: more than {MAX_NODES} values or {MAX_NESTING} levels of nesting (YAML aliases count "
+                "each time they are used)"
+            )
+        if isinstance(node, dict):
+            stack += [(v, depth + 1) for v in node.values()]
+        elif isinstance(node, list):
+            stack += [(v, depth + 1) for v in node]
+    return data
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        text = raw.decode()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a config")
+    data = _load_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
 
 
 def _resolve_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
+    if not name_or_path or "\0" in name_or_path:
+        raise ConfigError(f"preset {name_or_path!r}: not a preset name or file")
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"
@@ -316,17 +358,37 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} must look like section.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+    value = _load_yaml(raw, f"override {item[:200]!r}: its value") if raw.strip() else None
     return key.strip().split("."), value
+
+
+_DOTTED_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def override_strings(overrides: dict[str, Any] | None) -> list[str]:
     """{"optim.base_lr": 1e-3} (flow parameters) -> ["optim.base_lr=0.001"]. JSON is YAML, so
     each value reaches the config exactly as typed (strings stay strings)."""
-    return [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(f"overrides: expected a mapping of dotted keys to values, got {type(overrides).__name__}")
+    for k in overrides or {}:
+        if not isinstance(k, str) or not _DOTTED_KEY.fullmatch(k):
+            raise ConfigError(f"overrides: {k!r} is not a dotted key such as optim.base_lr")
+    try:
+        return [f"{k}={json.dumps(v, allow_nan=False)}" for k, v in (overrides or {}).items()]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"overrides: a value is not plain JSON ({e})") from None
+
+
+def load_flow_config(preset: object, overrides: dict[str, Any] | None) -> Config:
+    """A flow run's config. Flow parameters are untrusted (anyone who may start a run sets them):
+    `preset` must name a shipped preset, not a file of the worker, whose content an error would
+    copy into the run's log; everything else goes through `overrides`."""
+    if not isinstance(preset, str) or preset not in list_presets():
+        raise ConfigError(
+            f"flow parameter preset={preset!r}: not a shipped preset ({', '.join(list_presets())}); "
+            "set other values through the overrides parameter"
+        )
+    return load_config(preset, override_strings(overrides))
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -357,7 +419,11 @@ def build_config(data: dict) -> Config:
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             elif "input" in err and not isinstance(err["input"], dict):
-                msg += f" (got {err['input']!r})"
+                try:
+                    got = repr(err["input"])
+                except ValueError:  # an int past Python's 4300-digit str() limit
+                    got = "a number too long to show"
+                msg += f" (got {got if len(got) <= 200 else got[:200] + '...'})"
             lines.append(f"  {key}: {msg}")
         raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
 

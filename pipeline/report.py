@@ -7,8 +7,13 @@ nothing else. From a registry ref (NAME@ALIAS, NAME@vN) it reports the registere
 the runs behind it (fine-tuning, then the pretraining its `finetune.init` names); from a run
 folder, that run and the runs behind it. Written to `<run_dir>/report.html` unless --out.
 
-Everything read here may come from shared storage: picture names must be `step-N.png`, only
-files are read, a missing or unreadable piece is reported as missing, never fatal.
+Everything read here may come from shared storage, written by someone else: files are read only
+as regular files inside their run folder, no link followed, up to a size; picture names must be
+`step-N.png` and the file listed is the file read; the lineage (finetune.init, finetune.registry,
+the registry's lineage.run_url) is followed only inside the store of the target (the same bucket;
+locally, the folder holding the run or the registry), never to http or from a bucket to a local
+path. A ref's page goes beside its run only when that run was followed; else --out is needed. A
+missing, refused or unreadable piece is reported as missing, never fatal.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import html
 import io
 import json
 import logging
+import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -47,7 +54,8 @@ class Run:
 
     @property
     def kind(self) -> str:
-        return "fine-tuning" if (self.config.get("finetune") or {}).get("init") else "pretraining"
+        finetune = self.config.get("finetune")
+        return "fine-tuning" if isinstance(finetune, dict) and finetune.get("init") else "pretraining"
 
 
 @dataclass
@@ -59,21 +67,36 @@ class Report:
 
 # ---------------------------------------------------------------------------- reading
 
+# Everything below `collect`'s target is untrusted: files are read only as regular files inside
+# their run folder (no link followed, O_NONBLOCK so a FIFO cannot hang the report), up to a size
+# (storage.read_inside); a lineage step is followed only inside the store the target is in.
+MAX_CONFIG = 1 << 20
+MAX_JSON = 16 << 20
+MAX_METRICS_ROWS = 64 << 20  # a 300-epoch run logs tens of MB
+MAX_PICTURE = 16 << 20
+MAX_DEPTH = 8  # nesting of a metrics table shown
 
-def _read(url: str, cfg: StorageConfig | None) -> bytes | None:
+
+def _dict(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _read(root: str, rel: str, cfg: StorageConfig | None, max_bytes: int) -> bytes | None:
     try:
-        return storage.read_bytes(url, cfg)
-    except (OSError, ValueError) as e:  # absent, a folder, unreadable: shown as missing
-        log.debug("report: %s unreadable: %s", url, e)
-        return None
+        return storage.read_inside(root, rel, cfg, max_bytes=max_bytes)
+    except storage.UnsafeFile as e:  # a link, a FIFO, a device, too large: left out, and said so
+        log.warning("report: %s; left out", e)
+    except (OSError, ValueError) as e:  # absent or unreadable: shown as missing
+        log.debug("report: %s/%s unreadable: %s", root, rel, e)
+    return None
 
 
-def _json(url: str, cfg: StorageConfig | None) -> dict | None:
-    raw = _read(url, cfg)
+def _json(root: str, rel: str, cfg: StorageConfig | None) -> dict | None:
+    raw = _read(root, rel, cfg, MAX_JSON)
     try:
         value = json.loads(raw) if raw is not None else None
-    except ValueError:
-        log.warning("report: %s is not JSON; left out", url)
+    except (ValueError, RecursionError):
+        log.warning("report: %s is not JSON (or nested too deeply); left out", storage.join(root, rel))
         return None
     return value if isinstance(value, dict) else None
 
@@ -84,62 +107,102 @@ def _pictures(run_dir: str, cfg: StorageConfig | None) -> list[tuple[int, bytes]
         entries = fs.ls(path, detail=True)
     except (OSError, ValueError):
         return []
-    steps = sorted(
-        int(m.group(1))
-        for e in entries
-        if e.get("type") == "file"
-        and not e.get("islink")
-        and (m := _PICTURE.match(str(e["name"]).rstrip("/").rsplit("/", 1)[-1]))
-    )
+    listed = {}  # step -> the name listed: that file and no other is read (step-007.png is not step-7.png)
+    for e in entries:
+        name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
+        if e.get("type") == "file" and not e.get("islink") and (m := _PICTURE.match(name)):
+            listed.setdefault(int(m.group(1)), name)
+    steps = sorted(listed)
     if len(steps) > MAX_PICTURES:
         stride = (len(steps) - 1) / (MAX_PICTURES - 1)
         steps = [steps[round(i * stride)] for i in range(MAX_PICTURES)]
     out = []
     for step in steps:
-        data = _read(storage.join(run_dir, "pictures", f"step-{step}.png"), cfg)
+        data = _read(run_dir, f"pictures/{listed[step]}", cfg, MAX_PICTURE)
         if data and data.startswith(b"\x89PNG\r\n\x1a\n"):
             out.append((step, data))
     return out
 
 
+def _row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        return None  # a line cut by a crash
+    step = row.get("step") if isinstance(row, dict) else None
+    return row if type(step) is int and 0 <= step < 1 << 53 else None
+
+
 def read_run(run_dir: str, cfg: StorageConfig | None = None) -> Run:
     run = Run(run_dir.rstrip("/"))
-    raw = _read(storage.join(run_dir, "config.yaml"), cfg)
+    raw = _read(run_dir, "config.yaml", cfg, MAX_CONFIG)
     try:
         loaded = yaml.safe_load(raw) if raw else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         loaded = None
-    run.config = loaded if isinstance(loaded, dict) else {}
-    raw = _read(storage.join(run_dir, "metrics.jsonl"), cfg) or b""
-    for line in raw.decode("utf-8", "replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a crash
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            run.rows.append(row)
+    run.config = _dict(loaded)
+    raw = _read(run_dir, "metrics.jsonl", cfg, MAX_METRICS_ROWS) or b""
+    run.rows = [row for line in raw.decode("utf-8", "replace").splitlines() if (row := _row(line))]
     run.pictures = _pictures(run_dir, cfg)
-    run.metrics = _json(storage.join(run_dir, "metrics.json"), cfg)
-    run.evaluation = _json(storage.join(run_dir, "evaluation", "metrics.json"), cfg)
+    run.metrics = _json(run_dir, "metrics.json", cfg)
+    run.evaluation = _json(run_dir, "evaluation/metrics.json", cfg)
     return run
 
 
-def _parent_run(run: Run, registry: str | None, cfg: StorageConfig | None) -> str | None:
-    """The run folder a fine-tuning run started from: `<run>/export`, or a registry ref's run."""
-    init = (run.config.get("finetune") or {}).get("init")
+def store_of(url: str) -> tuple[str, str]:
+    """(scheme, store) of a trusted URL: the bucket of a remote one; for a local path, the folder
+    that holds it (a run's sibling runs, a registry's `runs/` beside it)."""
+    if storage.is_local(url):
+        return "file", os.path.dirname(os.path.realpath(url.removeprefix("file://").rstrip("/")))
+    scheme, _, rest = url.partition("://")
+    return scheme.lower(), rest.split("/", 1)[0]
+
+
+def in_store(url: object, store: tuple[str, str]) -> str | None:
+    """A URL read from untrusted data if it stays in the store (same scheme and bucket, or for a
+    local store a path inside its folder, links resolved), else None: never http(s), never a
+    local path from a remote store."""
+    if not isinstance(url, str) or not url or any(ord(c) < 32 for c in url):
+        return None
+    scheme, where = store
+    if storage.is_local(url):
+        path = os.path.realpath(url.removeprefix("file://"))
+        inside = scheme == "file" and path != where and os.path.commonpath([path, where]) == where
+        return path if inside else None
+    their_scheme, _, rest = url.partition("://")
+    parts = rest.split("/")
+    return url if their_scheme.lower() == scheme and parts[0] == where and ".." not in parts else None
+
+
+def _parent_run(run: Run, registry: str | None, cfg: StorageConfig | None, store: tuple[str, str]) -> str | None:
+    """The run folder a fine-tuning run started from (`<run>/export`, or a registry ref's run),
+    if it is in the store; else None, and the chain stops there with a warning."""
+    finetune = _dict(run.config.get("finetune"))
+    init = finetune.get("init")
     if not isinstance(init, str):
         return None
     if "@" in init and "://" not in init:
         from pipeline.registry import Registry, RegistryError, default_registry
 
-        reg_url = (run.config.get("finetune") or {}).get("registry") or registry or default_registry()
+        reg_url = finetune.get("registry")
+        if reg_url is not None and not in_store(reg_url, store):
+            log.warning("report: %s: finetune.registry %r is outside %s; the chain stops here", run.url, reg_url, store)
+            return None
+        reg_url = reg_url or registry or default_registry()
         try:
-            return Registry(reg_url, cfg).manifest(init)["lineage"].get("run_url")
+            parent = _dict(_dict(Registry(reg_url, cfg).manifest(init)).get("lineage")).get("run_url")
         except (RegistryError, OSError, KeyError, ValueError) as e:
             log.warning("report: %s in %s not readable (%s); the chain stops there", init, reg_url, e)
             return None
-    init = init.rstrip("/")
-    return init.rsplit("/", 1)[0] if init.endswith("/export") else None
+    else:
+        init = init.rstrip("/")
+        parent = init.rsplit("/", 1)[0] if init.endswith("/export") else None
+    if parent is None:
+        return None
+    inside = in_store(parent, store)
+    if inside is None:
+        log.warning("report: %s: its parent run %r is outside %s; the chain stops here", run.url, parent, store)
+    return inside
 
 
 def is_ref(target: str) -> bool:
@@ -153,21 +216,26 @@ def collect(target: str, *, registry: str | None = None, cfg: StorageConfig | No
         from pipeline.registry import Registry, compare_with_production, default_registry
 
         reg = Registry(registry or default_registry(), cfg)
+        store = store_of(reg.url)
         ref = reg.resolve(target)
-        model = reg.manifest(ref)
+        model = dict(reg.manifest(ref))
         model["ref"], model["registry"] = str(ref), reg.url
-        model["evaluation"] = _json(storage.join(reg.version_url(ref.name, ref.version), "metrics.json"), cfg)
+        model["evaluation"] = _json(reg.version_url(ref.name, ref.version), "metrics.json", cfg)
         model["comparison"] = compare_with_production(reg, ref)  # beside production, with the gate's decision
         title = f"{ref} ({target})" if str(ref) != target else str(ref)
-        run_dir = (model.get("lineage") or {}).get("run_url")
+        run_url = _dict(model.get("lineage")).get("run_url")
+        run_dir = in_store(run_url, store)
+        if run_url is not None and run_dir is None:
+            log.warning("report: %s: lineage.run_url %r is outside the registry's store; not read", ref, run_url)
     else:
         run_dir = target.rstrip("/")
+        store = store_of(run_dir)
     runs: list[Run] = []
     if run_dir and not is_ref(target) and not storage.exists(storage.join(run_dir, "config.yaml"), cfg):
         raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
     while run_dir and len(runs) < MAX_CHAIN and all(r.url != run_dir.rstrip("/") for r in runs):
         runs.append(read_run(run_dir, cfg))
-        run_dir = _parent_run(runs[-1], registry, cfg)
+        run_dir = _parent_run(runs[-1], registry, cfg, store)
     return Report(title, runs, model)
 
 
@@ -191,7 +259,7 @@ def curves_png(rows: list[dict]) -> bytes | None:
     import matplotlib.pyplot as plt
 
     def series(key):
-        pts = sorted((r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)))
+        pts = sorted((r["step"], float(r[key])) for r in rows if _finite(r.get(key)))
         return [p[0] for p in pts], [p[1] for p in pts]
 
     loss, val, lr = series("loss"), series("val_loss"), series("lr")
@@ -215,12 +283,20 @@ def _img(data: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
-def _flat(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
+def _finite(v: object) -> bool:
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _flat(metrics: dict, prefix: str = "", depth: int = 0) -> list[tuple[str, object]]:
     out = []
     for k, v in metrics.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out += _flat(v, f"{key}.")
+            if depth < MAX_DEPTH:
+                out += _flat(v, f"{key}.", depth + 1)
         elif isinstance(v, (int, float, str, bool)) or v is None:
             out.append((key, v))
     return out
@@ -229,7 +305,9 @@ def _flat(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
 def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    return html.escape(str(v))
+    if isinstance(v, int) and abs(v) >= 10**30:  # str() of a huge int is slow and says nothing
+        return f"{v:.4g}" if _finite(v) else "(too large)"
+    return html.escape(str(v)[:1000])
 
 
 def _table(pairs: list[tuple[str, object]], head: tuple[str, str] = ("key", "value")) -> str:
@@ -276,14 +354,14 @@ def _run_section(run: Run, index: int) -> str:
 
 
 def _model_section(model: dict) -> str:
-    lineage = model.get("lineage") or {}
-    data = lineage.get("data_manifest") or {}
-    code = lineage.get("code") or {}
+    lineage = _dict(model.get("lineage"))
+    data = _dict(lineage.get("data_manifest"))
+    code = _dict(lineage.get("code"))
     facts = [
         ("ref", model.get("ref")),
         ("registry", model.get("registry")),
         ("created", model.get("created")),
-        ("architecture", (model.get("model") or {}).get("architecture")),
+        ("architecture", _dict(model.get("model")).get("architecture")),
         ("export", lineage.get("export_url")),
         ("run", lineage.get("run_url")),
         ("run config", lineage.get("run_config_url")),
@@ -296,8 +374,8 @@ def _model_section(model: dict) -> str:
         parts.append(_comparison_html(model["comparison"]))
     if model.get("evaluation"):
         parts.append("<h3>evaluation (registered with the model)</h3>" + _table(_accuracy_pairs(model["evaluation"])))
-    elif model.get("metrics"):
-        parts.append("<h3>metrics</h3>" + _table(sorted(model["metrics"].items())))
+    elif _dict(model.get("metrics")):
+        parts.append("<h3>metrics</h3>" + _table(sorted(_flat(model["metrics"]), key=lambda kv: kv[0])))
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -356,7 +434,11 @@ def render(report: Report) -> str:
 
 
 def default_out(report: Report) -> str | None:
-    return storage.join(report.runs[0].url, "report.html") if report.runs else None
+    """Beside the run reported on: for a registry ref, the run folder of its lineage, which
+    `collect` followed only inside the registry's store, and only a real one (a config.yaml read)."""
+    if not report.runs or (report.model is not None and not report.runs[0].config):
+        return None
+    return storage.join(report.runs[0].url, "report.html")
 
 
 def write_report(
@@ -366,7 +448,7 @@ def write_report(
     report = collect(target, registry=registry, cfg=cfg)
     out = out or default_out(report)
     if out is None:
-        raise FileNotFoundError(f"{target}: no run folder to report on; pass --out")
+        raise FileNotFoundError(f"{target}: no run folder (in the registry's store) to write the report to; pass --out")
     storage.write_bytes(out, render(report).encode(), cfg)  # storage writes whole files: never half a page
     return out
 

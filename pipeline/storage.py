@@ -8,6 +8,7 @@ Credentials are never passed through here: boto reads the usual AWS environment.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -308,3 +309,95 @@ def plain_name(name: object, where: str) -> str:
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise ValueError(f"{where}: {name!r} is not a plain file name (control characters)")
     return name
+
+
+# --- Bounded reads of untrusted files ----------------------------------------------------------
+# A name another party chose may be a FIFO (a read never returns), a device or a link to one
+# (/dev/zero: a read never ends), or a link to a secret of this machine. These read a regular
+# file only, and at most `max_bytes`.
+
+
+class UnsafeFile(OSError):
+    """Not read: not a regular file, a link where none may be, or larger than allowed."""
+
+
+def _read_fd(fd: int, url: str, max_bytes: int) -> bytes:
+    import stat
+
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeFile(f"{url}: not a regular file")
+    if st.st_size > max_bytes:
+        raise UnsafeFile(f"{url}: {st.st_size} bytes, more than the {max_bytes} allowed")
+    chunks, size = [], 0
+    while size <= max_bytes and (chunk := os.read(fd, min(1 << 20, max_bytes + 1 - size))):
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > max_bytes:  # it grew since the fstat
+        raise UnsafeFile(f"{url}: more than the {max_bytes} bytes allowed")
+    return b"".join(chunks)
+
+
+_OPEN = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # O_NONBLOCK: opening a FIFO does not wait
+
+
+def read_capped(url: str, storage: StorageConfig | None = None, *, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most max_bytes (links the caller named are followed),
+    or UnsafeFile / FileNotFoundError naming it."""
+    fs, path = filesystem(url, storage)
+    if isinstance(fs, LocalFileSystem):
+        fd = os.open(path, _OPEN)
+        try:
+            return _read_fd(fd, url, max_bytes)
+        finally:
+            os.close(fd)
+    return _read_remote(fs, path, url, storage, max_bytes)
+
+
+def read_inside(root: str, rel: str, storage: StorageConfig | None = None, *, max_bytes: int) -> bytes:
+    """`root/rel` as read_capped reads it, and locally no link is followed below `root` (a
+    folder or the file itself linked elsewhere is refused): `rel` is looked up one name at a
+    time from an open folder, so nothing can be swapped in between a check and the read."""
+    url = join(root, rel)
+    fs, base = filesystem(root, storage)
+    if not isinstance(fs, LocalFileSystem):
+        return _read_remote(fs, filesystem(url, storage)[1], url, storage, max_bytes)
+    parts = [p for p in rel.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise UnsafeFile(f"{url}: not a path inside {root}")
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for part in parts[:-1]:
+            try:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):  # a link (O_NOFOLLOW), or a file where a folder belongs
+                    raise UnsafeFile(f"{url}: {part} is a link or not a folder") from e
+                raise
+            os.close(fd)
+            fd = inner
+        try:
+            leaf = os.open(parts[-1], _OPEN | os.O_NOFOLLOW, dir_fd=fd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafeFile(f"{url}: a symbolic link") from e
+            raise
+        try:
+            return _read_fd(leaf, url, max_bytes)
+        finally:
+            os.close(leaf)
+    finally:
+        os.close(fd)
+
+
+def _read_remote(fs, path: str, url: str, storage: StorageConfig | None, max_bytes: int) -> bytes:
+    attempts = (storage or StorageConfig()).retries
+    info = retry(lambda: fs.info(path), attempts=attempts, what=f"stat {url}")
+    if info.get("type") != "file":
+        raise UnsafeFile(f"{url}: not a file")
+    if (info.get("size") or 0) > max_bytes:
+        raise UnsafeFile(f"{url}: {info['size']} bytes, more than the {max_bytes} allowed")
+    data = retry(lambda: fs.cat_file(path, start=0, end=max_bytes + 1), attempts=attempts, what=f"read {url}")
+    if len(data) > max_bytes:
+        raise UnsafeFile(f"{url}: more than the {max_bytes} bytes allowed")
+    return data

@@ -34,6 +34,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 FORMAT_VERSION = 2  # 2: "sha256" {file: hex digest}; 1 had only the file names
 _STEP = re.compile(r"^step-(\d+)$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 LOG_ITEMS = ("metrics.jsonl", "tensorboard", "pictures", "profile")
 UPLOADS = ".uploads"  # per-node digests of a step folder still being finalised (saver.py)
 
@@ -82,9 +84,44 @@ def run_folder(run_dir: str, storage_cfg: StorageConfig, *, create: bool = True)
         # Same run_dir -> same mirror, so a restart on this machine finds its own logs.
         root = Path(os.environ.get("MFM_STAGING_DIR", tempfile.gettempdir()))
         local = root / f"mfm-run-{hashlib.sha1(run_dir.encode()).hexdigest()[:12]}"
-    if create:
+    if create and storage.is_local(run_dir):
         local.mkdir(parents=True, exist_ok=True)
+    elif create:
+        private_dir(local)
     return RunFolder(run_dir, storage_cfg, local)
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only this user can enter: created 0700, or refused if it is there and is
+    a link, someone else's or open to others. Staging names are predictable (a restart must find
+    its mirror), so another local user could create one first and swap files in it between the
+    sha256 check and DeepSpeed's unpickling load."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    why = None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        why = "is a link or not a folder"
+    elif st.st_uid != os.getuid():
+        why = f"is not owned by this user (uid {st.st_uid})"
+    elif st.st_mode & 0o077:
+        why = f"is not private (mode {stat.S_IMODE(st.st_mode):o})"
+    if why:
+        raise CheckpointError(
+            f"{path}: staging folder {why}; another user may have made it. Remove it, or set "
+            "MFM_STAGING_DIR to a folder of your own"
+        )
+    return path
+
+
+def universal_dir(folder: RunFolder, *, create: bool = True) -> Path:
+    """Where a step folder is converted for another world size (pipeline.training.universal)."""
+    root = Path(os.environ.get("MFM_STAGING_DIR", tempfile.gettempdir()))
+    path = root / f"mfm-universal-{hashlib.sha1(folder.url.encode()).hexdigest()[:12]}"
+    return private_dir(path) if create else path
 
 
 def reset_mirror(folder: RunFolder) -> None:
@@ -92,7 +129,7 @@ def reset_mirror(folder: RunFolder) -> None:
     an earlier run at the same URL left there would otherwise be uploaded as this run's logs."""
     if folder.remote:
         shutil.rmtree(folder.local, ignore_errors=True)
-        folder.local.mkdir(parents=True, exist_ok=True)
+        private_dir(folder.local)
 
 
 def remove_mirror(folder: RunFolder) -> None:
@@ -125,7 +162,33 @@ def latest_complete(folder: RunFolder) -> int | None:
 
 
 def read_marker(folder: RunFolder, step: int) -> dict:
-    return json.loads(storage.read_bytes(storage.join(folder.step_url(step), MARKER), folder.storage))
+    url = folder.step_url(step)
+    return parse_marker(storage.read_capped(storage.join(url, MARKER), folder.storage, max_bytes=MAX_MARKER), url)
+
+
+MAX_MARKER = 16 << 20  # a marker lists every file of a step folder: kilobytes
+
+
+def parse_marker(raw: bytes, url: str) -> dict:
+    """A step folder's COMPLETE, checked for the shape `verify` and `load` rely on; a
+    CheckpointError naming it otherwise (it is read from shared storage)."""
+    where = f"{url}/{MARKER}"
+    try:
+        marker = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{where}: not JSON ({e}); refusing the checkpoint") from None
+    if not isinstance(marker, dict):
+        raise CheckpointError(f"{where}: not a JSON object; refusing the checkpoint")
+    sha = marker.get("sha256")
+    if sha is not None and not (
+        isinstance(sha, dict)
+        and all(isinstance(k, str) and isinstance(v, str) and _SHA256.fullmatch(v) for k, v in sha.items())
+    ):
+        raise CheckpointError(f"{where}: sha256 is not a map of file -> hex digest; refusing the checkpoint")
+    world = marker.get("world_size")
+    if world is not None and (type(world) is not int or world < 1):
+        raise CheckpointError(f"{where}: world_size {world!r} is not a positive integer; refusing the checkpoint")
+    return marker
 
 
 def _remove(folder: RunFolder, step: int) -> None:
@@ -237,11 +300,19 @@ def digests(local_step: Path) -> dict[str, str]:
     return {p.relative_to(local_step).as_posix(): sha256_file(p) for p in _step_files(local_step)}
 
 
-def verify(local_step: Path, marker: dict, url: str) -> None:
+def verify(local_step: Path, marker: dict, url: str, *, allow_unverified: bool = False) -> None:
     """Refuse a step folder whose files differ from what its COMPLETE recorded: a changed
-    byte, a missing file, an extra file or anything but a regular file."""
+    byte, a missing file, an extra file or anything but a regular file. A COMPLETE without
+    checksums (format 1) is refused too unless `allow_unverified` (train.allow_unverified_checkpoints)."""
     recorded = marker.get("sha256")
     if recorded is None:
+        if not allow_unverified:
+            raise CheckpointError(
+                f"{url}: its {MARKER} (format {marker.get('format_version')!r}) records no sha256 checksums, so "
+                "its files cannot be verified before DeepSpeed unpickles them; refusing it. To resume from a "
+                "checkpoint you wrote yourself before checksums were recorded, set "
+                "train.allow_unverified_checkpoints=true"
+            )
         log.warning("%s: format %s records no checksums; loading it unverified", url, marker.get("format_version"))
         return
     found = {}
@@ -308,13 +379,20 @@ def _agree(error: str | None) -> None:
         raise CheckpointError(errors[0])
 
 
+def _read_local_marker(local_step: Path) -> bytes:
+    try:
+        return storage.read_capped(str(local_step / MARKER), max_bytes=MAX_MARKER)
+    except OSError as e:
+        raise CheckpointError(f"{local_step / MARKER}: cannot be read ({e}); refusing the checkpoint") from e
+
+
 def read_client_state(path: Path) -> dict:
     """A rank's client state (step, loader, RNG, schedule): tensors and plain containers only,
     never an arbitrary pickle."""
     return torch.load(path, weights_only=True)
 
 
-def load(engine, folder: RunFolder, step: int, *, rank: int, local_rank: int) -> dict:
+def load(engine, folder: RunFolder, step: int, *, rank: int, local_rank: int, allow_unverified: bool = False) -> dict:
     """Collective: verify step-N against its COMPLETE, restore the engine (model, optimizer)
     and return this rank's client state (step, loader, RNG, scheduler).
 
@@ -331,19 +409,18 @@ def load(engine, folder: RunFolder, step: int, *, rank: int, local_rank: int) ->
             if folder.remote:
                 shutil.rmtree(local_step, ignore_errors=True)
                 _download_tree(folder, folder.step_url(step), local_step)
-            verify(local_step, json.loads((local_step / MARKER).read_bytes()), folder.step_url(step))
+            marker = parse_marker(_read_local_marker(local_step), folder.step_url(step))
+            verify(local_step, marker, folder.step_url(step), allow_unverified=allow_unverified)
         except CheckpointError as e:
             error = str(e)
     _agree(error)
-    marker = json.loads((local_step / MARKER).read_bytes())
+    marker = parse_marker(_read_local_marker(local_step), folder.step_url(step))
     world = dist.get_world_size() if dist.is_initialized() else 1
-    saved = int(marker.get("world_size", world))
+    saved = marker.get("world_size", world)
     # Partitioned optimizer state (ZeRO 1-3, or bf16's optimizer) needs the conversion; ZeRO-0's
     # is whole in mp_rank_00_model_states.pt and DeepSpeed loads it on any number of ranks.
     resharded = saved != world and any(local_step.glob("*optim_states.pt"))
-    scratch = Path(os.environ.get("MFM_STAGING_DIR", tempfile.gettempdir())) / (
-        f"mfm-universal-{hashlib.sha1(folder.url.encode()).hexdigest()[:12]}"
-    )
+    scratch = universal_dir(folder, create=False)
     if resharded:
         log.info(
             "%s was saved by %d ranks, resuming on %d: converting it to DeepSpeed's universal format",
@@ -353,7 +430,9 @@ def load(engine, folder: RunFolder, step: int, *, rank: int, local_rank: int) ->
         )
         if local_rank == 0:
             try:
-                universal.convert(local_step, scratch / tag)
+                universal.convert(local_step, private_dir(scratch) / tag)
+            except CheckpointError as e:
+                error = str(e)
             except Exception as e:  # noqa: BLE001 - any failure: say which checkpoint, keep the cause
                 error = (
                     f"{folder.step_url(step)}: converting it from {saved} to {world} ranks failed ({e}); "

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -42,20 +45,60 @@ class RunResult:
     pictures: list[str]
 
 
+# Host names, addresses and arguments reach ssh's command line and, through DeepSpeed's pdsh
+# runner, a shell on every node unquoted: only these shapes are let through.
+_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,252}")
+_SAFE_ARG = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")  # what DeepSpeed's runner itself leaves unquoted
+_SLOTS = re.compile(r"slots=([0-9]{1,4})")
+MAX_SLOTS = 1024
+MAX_HOSTFILE_BYTES = 1 << 20
+HOST_RULE = "a host name (letters, digits, '.', '-', '_', not starting with '-') or an IP address"
+
+
+def is_host(value: object) -> bool:
+    """A host name or an IP address (no scope id: `%` and what follows reach a shell)."""
+    if not isinstance(value, str) or not value.isascii():
+        return False
+    if _HOST.fullmatch(value):
+        return True
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return "%" not in value
+
+
+def check_master_addr(value: object) -> str:
+    if not is_host(value):
+        raise ConfigError(f"--master-addr (flow parameter master_addr) {value!r}: not {HOST_RULE}")
+    return value
+
+
 def parse_hostfile(path: str) -> dict[str, int]:
-    """DeepSpeed's hostfile format: `hostname slots=N` per line, # comments."""
+    """DeepSpeed's hostfile format: `hostname slots=N` per line, # comments. Errors name the
+    line but do not echo it: a flow's `hostfile` may name any file of the worker."""
+    where = f"--hostfile (flow parameter hostfile) {path}"
+    try:
+        text = storage.read_capped(str(path), max_bytes=MAX_HOSTFILE_BYTES).decode()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text") from e
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot be read ({e.strerror or e})") from e
     hosts: dict[str, int] = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
+    for n, line in enumerate(text.split("\n"), 1):
+        parts = line.split("#", 1)[0].split()
+        if not parts:
             continue
-        parts = line.split()
-        slots = [p for p in parts[1:] if p.startswith("slots=")]
-        if len(parts) != 2 or not slots or not slots[0][6:].isdigit() or int(slots[0][6:]) < 1:
-            raise ConfigError(f"--hostfile {path}:{n}: expected 'hostname slots=N', got {line!r}")
-        hosts[parts[0]] = int(slots[0][6:])
+        slots = _SLOTS.fullmatch(parts[-1])
+        if len(parts) != 2 or not slots or not 1 <= int(slots.group(1)) <= MAX_SLOTS:
+            raise ConfigError(f"{where}:{n}: expected 'hostname slots=N' with 1 <= N <= {MAX_SLOTS}")
+        if not is_host(parts[0]):
+            raise ConfigError(f"{where}:{n}: the host is not {HOST_RULE}")
+        if parts[0] in hosts:
+            raise ConfigError(f"{where}:{n}: host listed twice")
+        hosts[parts[0]] = int(slots.group(1))
     if not hosts:
-        raise ConfigError(f"--hostfile {path}: no hosts")
+        raise ConfigError(f"{where}: no hosts")
     return hosts
 
 
@@ -123,6 +166,10 @@ def spawn_local(
     }
     procs, files, console_fd = [], [], None
     if log_dir is not None:
+        if log_dir.parent == Path(tempfile.gettempdir()):  # a remote run's: a predictable name, kept private
+            from pipeline.training.checkpoint import private_dir
+
+            private_dir(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         console_fd = os.dup(1)
         print(f"training processes' full output: {log_dir}/rank*.log (mfm -v shows it here)", flush=True)
@@ -202,6 +249,83 @@ def run_result(cfg: Config) -> RunResult:
     return RunResult(cfg.train.run_dir, urls, urls[-1] if urls else None, export if has_export else None, pics)
 
 
+# DeepSpeed's runner writes `export NAME=value;` for these variables, and every line of
+# .deepspeed_env, into the pdsh command: logged at INFO and visible in `ps` on every node.
+SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSW|CREDENTIAL|PRIVATE|ACCESS_KEY|API_?KEY|SESSION|(^|_)KEY($|_)", re.I)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_deepspeed_env() -> None:
+    """Refuse a .deepspeed_env (the files DeepSpeed's runner reads) holding a secret-looking name
+    or a value a shell would expand. Refused, not warned about: by the time a warning is read the
+    secret is in the launcher's log and in every node's process list."""
+    name = os.environ.get("DS_ENV_FILE", ".deepspeed_env")
+    for folder in (os.path.expanduser("~"), "."):
+        path = Path(folder, name)
+        if not path.is_file():
+            continue
+        try:
+            text = storage.read_capped(str(path), max_bytes=MAX_HOSTFILE_BYTES).decode()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot be read ({e})") from e
+        for n, line in enumerate(text.splitlines(), 1):
+            key, sep, value = line.partition("=")
+            key = key.strip()
+            if not sep or not _ENV_NAME.fullmatch(key):
+                raise ConfigError(f"{path}:{n}: expected NAME=value (DeepSpeed's runner fails on anything else)")
+            if SECRET_NAME.search(key):
+                raise ConfigError(
+                    f"{path}:{n}: {key} looks like a secret; DeepSpeed would put it on the pdsh command line "
+                    "(logged, and visible in `ps` on every node). Give each node its credentials instead: "
+                    "~/.aws/credentials, an instance role, or the Kubernetes secret (README: Scaling out)"
+                )
+            if any(c in value for c in '$`\\"'):
+                raise ConfigError(f'{path}:{n}: the value of {key} holds $, `, \\ or ": a remote shell expands them')
+
+
+def _deepspeed_env() -> dict[str, str]:
+    """This environment, less the secret-looking variables DeepSpeed's runner would export."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.launcher.runner import EXPORT_ENVS
+
+    exported = (*EXPORT_ENVS, *get_accelerator().export_envs())
+    env = dict(os.environ)
+    for name in sorted(env):
+        if name.startswith(exported) and SECRET_NAME.search(name):
+            del env[name]
+            log.warning(
+                "%s is not passed to the other hosts: DeepSpeed would write it into the pdsh command "
+                "(logged, visible in `ps`); give each node its own credentials",
+                name,
+            )
+    return env
+
+
+def _run_deepspeed(hosts: dict[str, int], master_addr: str, master_port: int, args: list[str]) -> int:
+    """The DeepSpeed launcher on the checked hosts: it reads a private copy of the hostfile (the
+    one the user named may change after the check) and every argument is shell-safe."""
+    for arg in (master_addr, *args):
+        if not _SAFE_ARG.fullmatch(arg):
+            raise ConfigError(f"launch argument {arg[:80]!r} would reach a remote shell unquoted")
+    runner = Path(sys.executable).with_name("deepspeed")  # the venv's, even when not activated
+    with tempfile.NamedTemporaryFile("w", prefix="mfm-hosts-", suffix=".txt") as f:  # 0600, removed after
+        f.write("".join(f"{host} slots={n}\n" for host, n in hosts.items()))
+        f.flush()
+        cmd = [
+            str(runner) if runner.exists() else "deepspeed",
+            "--hostfile",
+            f.name,
+            "--master_addr",
+            master_addr,
+            "--master_port",
+            str(master_port),
+            "--module",
+            TRAINER,
+            *args,
+        ]
+        return subprocess.call(cmd, env=_deepspeed_env())
+
+
 class LaunchError(RuntimeError):
     def __init__(self, code: int, message: str):
         self.code = code
@@ -223,6 +347,13 @@ def launch(
     from pipeline.training.warm_start import pin
 
     hosts = parse_hostfile(hostfile) if hostfile else None
+    if hosts:
+        if not master_addr:
+            raise ConfigError("--hostfile needs --master-addr (an address of the first host that the others reach)")
+        check_master_addr(master_addr)
+        if master_port is not None and not 0 < master_port < 65536:
+            raise ConfigError(f"--master-port {master_port}: not a TCP port")
+        check_deepspeed_env()
     world = sum(hosts.values()) if hosts else cfg.train.nprocs
     cfg = pin(cfg)  # NAME@ALIAS -> NAME@vN once, for every rank and the run's config.yaml
     validate(cfg, world)
@@ -231,22 +362,7 @@ def launch(
         import_function(task, "task")
         args += ["--task", task]
     if hosts:
-        if not master_addr:
-            raise ConfigError("--hostfile needs --master-addr (an address of the first host that the others reach)")
-        runner = Path(sys.executable).with_name("deepspeed")  # the venv's, even when not activated
-        cmd = [
-            str(runner) if runner.exists() else "deepspeed",
-            "--hostfile",
-            hostfile,
-            "--master_addr",
-            master_addr,
-            "--master_port",
-            str(master_port or 29500),
-            "--module",
-            TRAINER,
-            *args,
-        ]
-        code = subprocess.call(cmd)
+        code = _run_deepspeed(hosts, master_addr, master_port or 29500, args)
     else:
         quiet = None if logs.verbose() else logs.log_dir(cfg.train.run_dir)
         code = spawn_local(TRAINER, args, cfg.train.nprocs, log_dir=quiet)

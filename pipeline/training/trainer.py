@@ -310,7 +310,14 @@ class Trainer:
         }
 
     def restore(self, step: int) -> None:
-        client = ckpt.load(self.engine, self.folder, step, rank=self.ranks.rank, local_rank=self.ranks.local_rank)
+        client = ckpt.load(
+            self.engine,
+            self.folder,
+            step,
+            rank=self.ranks.rank,
+            local_rank=self.ranks.local_rank,
+            allow_unverified=self.cfg.train.allow_unverified_checkpoints,
+        )
         self.step = int(client["step"])
         self.loader.load_state_dict(client["loader"])
         self.scheduler.load_state_dict(client["scheduler"])
