@@ -388,7 +388,15 @@ def load_flow_config(preset: object, overrides: dict[str, Any] | None) -> Config
             f"flow parameter preset={preset!r}: not a shipped preset ({', '.join(list_presets())}); "
             "set other values through the overrides parameter"
         )
-    return load_config(preset, override_strings(overrides))
+    cfg = load_config(preset, override_strings(overrides))
+    # train.loader names a "module:function" that the trainer imports and calls: from a flow
+    # parameter that would run any importable code on the worker
+    if cfg.train.loader != TrainConfig.model_fields["loader"].default:
+        raise ConfigError(
+            f"flow parameter overrides: train.loader={cfg.train.loader!r} cannot be set by a flow run "
+            "(it imports code); set it in a preset or on the command line"
+        )
+    return cfg
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -325,6 +325,15 @@ def test_flow_override_keys_must_be_dotted_keys(overrides):
         load_flow_config("tiny_cpu", overrides)
 
 
+@pytest.mark.parametrize("loader", ["os:system", "pipeline.data:build_eval_loader"])
+def test_flow_overrides_cannot_choose_code_to_import(loader):
+    from pipeline.config import load_flow_config
+
+    with pytest.raises(ConfigError, match=r"overrides: train.loader=.*cannot be set by a flow run"):
+        load_flow_config("tiny_cpu", {"train.loader": loader})
+    assert load_flow_config("tiny_cpu", {"train.max_steps": 3}).train.max_steps == 3
+
+
 def test_flow_parameters_reaching_the_launcher_are_checked(launchable, tmp_path):
     from flows.pretrain import pretrain_task
 
