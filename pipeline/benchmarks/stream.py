@@ -489,9 +489,9 @@ def _dies_with_this_process():
     server or measurement behind."""
     import functools
 
-    from pipeline.sharding.job import _die_with_parent
+    from pipeline.processes import die_with_parent
 
-    return functools.partial(_die_with_parent, os.getpid())
+    return functools.partial(die_with_parent, os.getpid())
 
 
 class _Moto:

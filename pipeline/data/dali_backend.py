@@ -21,14 +21,12 @@ step; the consumer's stream waits on an event, never the device. Design: docs/da
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import multiprocessing
 import multiprocessing.util
 import os
 import queue
-import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ from pipeline.data.augment import corrupt_samples, sample_draws
 from pipeline.data.reading import raw_batches
 from pipeline.data.sampling import Layout, Mix, SamplerState, Segment, rank_plan
 from pipeline.data.shards import SampleReader, Split
+from pipeline.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 MAX_FAILURES = 3
@@ -245,18 +244,6 @@ def start_method() -> str:
     return "spawn" if backend.IsDriverInitialized() else "fork"
 
 
-def _die_with(parent: int) -> None:
-    """Linux: SIGKILL this process when the thread that started it exits (PR_SET_PDEATHSIG), as
-    ranks die with their launcher; a worker outliving its process holds its pipes and shared
-    memory (a reader of the dead process's output waits forever)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError, TypeError):  # not Linux
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 class InWorkers:
     """`source` as DALI's worker processes hold it: each worker dies with the process (the thread)
     that built the pipeline. A forked worker sets that up right after the fork (multiprocessing's
@@ -272,11 +259,11 @@ class InWorkers:
         # thread that may end sooner, nor in a grandchild
         parent = multiprocessing.parent_process()
         if parent is not None and parent.pid == self.parent and threading.get_ident() == self.thread:
-            _die_with(self.parent)
+            die_with_parent(self.parent)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        _die_with(self.parent)
+        die_with_parent(self.parent)
 
     def __call__(self, info):
         return self.source(info)

@@ -16,6 +16,7 @@ from pipeline import split_manifest as mf
 from pipeline import storage as st
 from pipeline.config import StorageConfig
 from pipeline.jpeg import MAX_PIXELS
+from pipeline.processes import die_with_parent
 from pipeline.sharding import revisions as rv
 from pipeline.sharding.plan import plan_shards
 from pipeline.sharding.remote import source_listing, source_splits
@@ -355,7 +356,7 @@ def _run(plans, split_url, class_of, opts, workers, cfg, log, progress, heartbea
             # spawn, not fork: the caller may run threads (Prefect, an S3 client) that fork would copy mid-state.
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(
-                min(workers, len(plans)), mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)
+                min(workers, len(plans)), mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),)
             ) as pool:
                 futures = {pool.submit(write_shard, p, split_url, class_of, opts, cfg): i for i, p in enumerate(plans)}
                 for fut in as_completed(futures):
@@ -363,20 +364,6 @@ def _run(plans, split_url, class_of, opts, workers, cfg, log, progress, heartbea
     finally:
         bar.close()
     return results
-
-
-def _die_with_parent(parent: int) -> None:
-    """Worker initializer: a killed run takes its workers with it (Linux), so orphans cannot
-    go on writing into a destination that the rerun is cleaning up and resuming."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError, TypeError):  # not Linux
-        return
-    if os.getppid() != parent:  # died before prctl took effect
-        os._exit(1)
 
 
 def _remove_stale_temporaries(split_url, cfg):

@@ -13,7 +13,6 @@ everywhere, run_dir on shared storage such as S3):
 from __future__ import annotations
 
 import argparse
-import ctypes
 import ipaddress
 import json
 import logging
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from pipeline import logs, storage
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.processes import die_with_parent
 
 TRAINER = "pipeline.training.trainer"
 log = logging.getLogger(__name__)
@@ -139,14 +139,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    # Linux: a rank must not outlive a killed launcher (it would hang in a collective).
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def spawn_local(
     module: str, args: list[str], nprocs: int, *, env: dict | None = None, log_dir: Path | None = None
 ) -> int:
@@ -181,7 +173,7 @@ def spawn_local(
             rank_env[logs.CONSOLE_FD_ENV] = str(console_fd)
             quiet = {"stdout": files[-1], "stderr": subprocess.STDOUT, "pass_fds": (console_fd,)}
         procs.append(
-            subprocess.Popen([sys.executable, "-m", module, *args], env=rank_env, preexec_fn=_die_with_parent, **quiet)
+            subprocess.Popen([sys.executable, "-m", module, *args], env=rank_env, preexec_fn=die_with_parent, **quiet)
         )
 
     def forward(signum, _frame):

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import ctypes
 import importlib
 import json
 import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import Config, ConfigError, build_config, dump_config
+from pipeline.processes import die_with_parent
 from pipeline.training import checkpoint as ckpt
 from pipeline.training import flops, speed
 from pipeline.training.optim import (
@@ -654,22 +653,6 @@ def run(cfg: Config, task: Task = PRETRAIN) -> dict:
     return result
 
 
-def die_with_launcher() -> None:
-    """Linux: SIGKILL this rank when the process that started it exits. torchrun and the
-    DeepSpeed launcher start ranks in sessions of their own, so killing a node's launcher (or
-    its process group) would otherwise leave the rank alive, holding its peers in a collective.
-    A kernel parent-death signal, not a watchdog thread polling the parent: it fires at once and
-    also while this process is blocked in C (a gloo/NCCL wait). Killing is safe: a checkpoint
-    only counts once its COMPLETE marker is written."""
-    parent = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError, TypeError):  # not Linux
-        return
-    if os.getppid() != parent:  # the launcher died before prctl took effect
-        os._exit(1)
-
-
 def threads_per_rank() -> None:
     """Without OMP_NUM_THREADS, share this node's cores among its ranks (its hostfile slots), as
     `mfm pretrain` does on one machine: the DeepSpeed launcher sets nothing on remote hosts and
@@ -739,5 +722,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    die_with_launcher()
+    # torchrun and DeepSpeed's launcher start ranks in sessions of their own: killing a node's
+    # launcher (or its process group) would leave the rank alive, holding its peers in a
+    # collective. Killing is safe: a checkpoint only counts once its COMPLETE marker is written.
+    die_with_parent()
     sys.exit(main())
