@@ -120,7 +120,8 @@ step train 150 'mfm bench train --gpu --device "$device" --preset "$preset" --co
 dali_data() {
   local backends=torch,dali,nvjpeg hw=()
   [ "$device" = cpu ] && backends=torch,dali
-  [ -n "$loads" ] && hw=(--hw-decoder-load "$loads")
+  # fancy upsampling on only: the on/off sweep would double the step past its limit
+  [ -n "$loads" ] && hw=(--hw-decoder-load "$loads" --fancy-upsampling on)
   mfm bench data --split "$work/sweep" --device "$device" --backends "$backends" --workers "$workers" \
     --batch "$batch" --epochs 1 --downscale bicubic "${hw[@]}" | tee "$work/data.txt"
   local rc=$?
