@@ -83,6 +83,7 @@ def test_proxy_adds_latency_and_caps_bandwidth(s3_endpoint, objects):
 
 @pytest.mark.slow
 def test_bench_stream_harness_checks_every_loader_and_counts_requests(s3_endpoint, tmp_path):
+    pytest.importorskip("streaming", reason="the harness imports mosaicml-streaming (the bench extra)")
     """`mfm bench stream` at a tiny size, one round: each loader saw every sample of its epoch once and the
     proxy counted its requests and bytes. Figures are not asserted: they are the benchmark's to report."""
     from pipeline.benchmarks import stream
