@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-import pytest
+from environment import missing
 
 FLAGS = (
     "--headless",
@@ -25,7 +25,7 @@ def open_page(path: Path, timeout: float = 60) -> dict:
     """{"title", "images": [(alt, complete, naturalWidth)], "errors": console entries of level SEVERE}."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+        missing("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
     from selenium import webdriver
 
     opts = webdriver.ChromeOptions()

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from environment import missing
 
 from pipeline.config import ConfigError, StorageConfig, load_config
 from pipeline.training import checkpoint as ckpt
@@ -144,12 +145,12 @@ def _sshd(tmp_path):
 
     reason = _ssh_unavailable()
     if reason:
-        pytest.skip(reason)
+        missing(reason)
     sshd = Sshd(tmp_path / "ssh")
     reason = sshd.ready()
     if reason:
         sshd.stop()
-        pytest.skip(f"sshd could not listen: {reason}")
+        missing(f"sshd could not listen: {reason}")
     return sshd
 
 

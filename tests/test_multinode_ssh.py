@@ -1,7 +1,7 @@
 """The hostfile path on one machine: `mfm pretrain --hostfile` naming two "hosts" (127.0.0.1 and
 127.0.0.2), the DeepSpeed launcher reaching both through pdsh and ssh to a real sshd (Debian's
 openssh-server, started here on a free port with throwaway keys). Skipped, with the reason,
-where sshd or pdsh is missing or sshd cannot run."""
+where sshd or pdsh is missing or sshd cannot run; on CI (which installs them) that fails instead."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from environment import missing
 from test_multinode import REPO, _free_port, _overrides
 
 pytestmark = pytest.mark.slow
@@ -85,9 +86,9 @@ SSHD = "/usr/sbin/sshd"
 
 
 def _ssh_unavailable() -> str | None:
-    missing = [p for p, found in (("openssh-server", Path(SSHD).exists()), ("pdsh", shutil.which("pdsh"))) if not found]
-    if missing:
-        return f"{' and '.join(missing)} not installed (apt-get install -y openssh-server pdsh; make venv does)"
+    absent = [p for p, found in (("openssh-server", Path(SSHD).exists()), ("pdsh", shutil.which("pdsh"))) if not found]
+    if absent:
+        return f"{' and '.join(absent)} not installed (apt-get install -y openssh-server pdsh; make venv does)"
     if not Path("/run/sshd").is_dir():
         # Debian's sshd refuses to start without its privilege separation directory.
         if os.geteuid() != 0:
@@ -99,12 +100,12 @@ def _ssh_unavailable() -> str | None:
 def test_hostfile_path_trains_two_hosts_over_ssh(local_data, tmp_path):
     reason = _ssh_unavailable()
     if reason:
-        pytest.skip(reason)
+        missing(reason)
     sshd = Sshd(tmp_path / "ssh")
     try:
         reason = sshd.ready()
         if reason:
-            pytest.skip(f"sshd could not listen on 127.0.0.1/127.0.0.2:{sshd.port}: {reason}")
+            missing(f"sshd could not listen on 127.0.0.1/127.0.0.2:{sshd.port}: {reason}")
         # Two "hosts" of one machine; 2 slots on the first so that its share of the cores shows.
         (tmp_path / "hosts").write_text("127.0.0.1 slots=2\n127.0.0.2 slots=1\n")
         launch_dir = tmp_path / "launch"  # remote ranks `cd` here; its .deepspeed_env reaches every host
