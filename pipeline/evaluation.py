@@ -606,13 +606,16 @@ def run(
 def split_classes(url: str, storage_cfg=None) -> list[str]:
     """The class names (wnids) of a sharded split by label index, from its manifest."""
     from pipeline import storage
+    from pipeline.split_manifest import MANIFEST, read_manifest
 
-    manifest_url = storage.join(url, "manifest.json")
-    try:
-        classes = json.loads(storage.read_bytes(manifest_url, storage_cfg)).get("classes")
-        table = {int(c["index"]): str(c.get("wnid") or c["name"]) for c in classes}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+    manifest_url = storage.join(url, MANIFEST)
+    try:  # read_manifest checks each class entry: an index and a wnid
+        classes = read_manifest(url, storage_cfg).get("classes")
+        if classes is None:
+            raise KeyError("classes")
+    except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{manifest_url}: no class table to map OOD classes onto ({type(e).__name__}: {e})") from None
+    table = {c["index"]: c["wnid"] or str(c.get("name")) for c in classes}
     if sorted(table) != list(range(len(table))):
         raise ValueError(f"{manifest_url}: class indices are not 0..{len(table) - 1}")
     return [table[i] for i in range(len(table))]

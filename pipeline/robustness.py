@@ -162,10 +162,7 @@ def _decode(url: str, size: int, storage_cfg) -> torch.Tensor | str:
     from pipeline.data.augment import CorruptSample, eval_view, image_size
 
     try:
-        fs, path = storage.filesystem(url, storage_cfg)
-        if fs.size(path) > MAX_IMAGE_BYTES:
-            return "larger than 64 MiB"
-        data = storage.read_bytes(url, storage_cfg)
+        data = storage.read_capped(url, storage_cfg, max_bytes=MAX_IMAGE_BYTES)  # UnsafeFile is an OSError
         image_size(data)  # refuses a truncated file or a header claiming too many pixels before decoding
         return eval_view(data, size)
     except (CorruptSample, OSError) as e:

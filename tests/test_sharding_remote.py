@@ -14,6 +14,7 @@ from PIL import Image
 from pipeline import storage
 from pipeline.sharding import ShardingError, SourceError, shard_dataset
 from pipeline.sharding.remote import WINDOW, read_entries, source_listing, source_splits
+from pipeline.sharding.sources import CONTROL
 
 
 def _jpeg(seed: int = 0) -> bytes:
@@ -58,6 +59,21 @@ def test_listing_follows_the_local_rules(s3_endpoint):
     assert "'..'" in reasons["n02/../n01/escape.JPEG"] and "empty" in reasons["n02//double.JPEG"]
     with pytest.raises(SourceError, match="split 'test' not found"):
         source_listing(src, "test")
+
+
+def test_listing_rejects_keys_with_control_characters(s3_endpoint):
+    """As a local listing does: a tab or newline in a name would break the revision file lists."""
+    src = _prefix("control")
+    _put(
+        src,
+        {"train/n01/a.JPEG": _jpeg(1), "train/n01/tab\there.JPEG": _jpeg(2), "train/n01/unit\x1fsep.JPEG": _jpeg(3)},
+    )
+    listing = source_listing(src, "train")
+    assert [e.file for e in listing.entries] == ["n01/a.JPEG"]
+    assert {r["file"]: r["reason"] for r in listing.rejected} == {
+        "n01/unit\x1fsep.JPEG": CONTROL,
+        "n01/tab\there.JPEG": CONTROL,
+    }
 
 
 def test_sharded_from_s3_with_an_object_gone_since_listing(s3_endpoint, tmp_path, monkeypatch):

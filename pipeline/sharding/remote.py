@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pipeline import storage as st
 from pipeline.config import StorageConfig
 from pipeline.sharding.sources import (
+    CONTROL,
     IMAGE_EXTS,
     Entry,
     Listing,
@@ -27,6 +28,7 @@ from pipeline.sharding.sources import (
     class_table,
     fingerprint,
     list_split,
+    plain,
     read_entry,
 )
 
@@ -58,21 +60,27 @@ def _children(fs, path: str) -> list[str]:
     return sorted(n for n in names if n and not n.startswith(".") and n not in ("..",))
 
 
+def _split_classes(fs, root: str) -> dict[str, list[str]]:
+    """split -> its class folders, for the splits that have any."""
+    found = {s: _children(fs, f"{root}/{s}") for s in _children(fs, root)}
+    return {s: classes for s, classes in found.items() if classes}
+
+
 def _remote_splits(source: str, cfg) -> list[str]:
     fs, path = st.filesystem(source, cfg)
-    return [s for s in _children(fs, path) if _children(fs, f"{path}/{s}")]
+    return list(_split_classes(fs, path))
 
 
 def _list_remote(source: str, split: str, cfg) -> Listing:
     fs, root = st.filesystem(source, cfg)
-    splits = _remote_splits(source, cfg)
+    splits = _split_classes(fs, root)
     if split not in splits:
         raise SourceError(
             f"{st.join(source, split)}: split {split!r} not found (have: {', '.join(splits) or 'none'}); "
             "a source on object storage is an ImageFolder tree <split>/<class>/<image>"
         )
     base = f"{root}/{split}"
-    wnids = {c for s in splits for c in _children(fs, f"{root}/{s}")}
+    wnids = {c for classes in splits.values() for c in classes}
     found = st.retry(lambda: fs.find(base, detail=True), what=f"list {st.join(source, split)}")
     entries, rejected = [], []
     for path in sorted(found):
@@ -85,6 +93,9 @@ def _list_remote(source: str, split: str, cfg) -> Listing:
             rejected.append({"file": rel, "reason": "a name with an empty, '.' or '..' part; not read"})
             continue
         if any(p.startswith(".") for p in parts):
+            continue
+        if not plain(rel):
+            rejected.append({"file": rel, "reason": CONTROL})
             continue
         ext = os.path.splitext(parts[-1])[1].lower()
         if ext not in IMAGE_EXTS:

@@ -25,6 +25,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from pipeline import storage as st
 from pipeline.sharding.kinds import NOT_UTF8, entry_kind, member_kind, not_read, shown, utf8
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
@@ -41,7 +42,7 @@ IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
 CONTROL = "name has control characters (a tab or newline would break the revision file lists)"
 
 
-def _plain(name: str) -> bool:
+def plain(name: str) -> bool:
     return not any(ord(c) < 32 or ord(c) == 127 for c in name)
 
 
@@ -226,7 +227,7 @@ def _class_dirs(split_dir: str, rejected: list[dict] | None = None) -> list[str]
                 continue
             kind = entry_kind(d)
             if kind is None and d.is_dir(follow_symlinks=False):
-                if utf8(d.name) and _plain(d.name):
+                if utf8(d.name) and plain(d.name):
                     out.append(d.name)
                 elif rejected is not None:
                     rejected.append({"file": shown(d.name), "reason": CONTROL if utf8(d.name) else NOT_UTF8})
@@ -267,7 +268,7 @@ def _tree_entries(root: str, rejected: list[dict], labels: dict[str, str] | None
             rel = f.path[len(root) + 1 :]
             if kind is not None:
                 rejected.append({"file": shown(rel), "reason": kind if kind == NOT_UTF8 else not_read(kind)})
-            elif not _plain(rel):
+            elif not plain(rel):
                 rejected.append({"file": rel, "reason": CONTROL})
             elif not _is_image(f.name):
                 rejected.append({"file": rel, "reason": "not an image file extension"})
@@ -298,7 +299,7 @@ def _loose_files(root: str, rejected: list[dict] | None = None) -> list[os.DirEn
         for d in sorted(it, key=lambda d: d.name):
             if d.name.startswith(".") or not d.is_file(follow_symlinks=False):
                 continue
-            if utf8(d.name) and _plain(d.name):
+            if utf8(d.name) and plain(d.name):
                 out.append(d)
             elif rejected is not None:
                 rejected.append({"file": shown(d.name), "reason": CONTROL if utf8(d.name) else NOT_UTF8})
@@ -412,7 +413,7 @@ def _regular(members, rejected: list[dict], prefix: str = ""):
             continue
         if not utf8(m.name):
             rejected.append({"file": shown(prefix + m.name), "reason": NOT_UTF8})
-        elif not _plain(m.name):
+        elif not plain(m.name):
             rejected.append({"file": prefix + m.name, "reason": CONTROL})
         elif not m.isfile():
             rejected.append({"file": prefix + m.name, "reason": f"{member_kind(m)}; only regular members are read"})
@@ -453,11 +454,10 @@ def _metadata(path: str) -> bool:
 
 def _read_metadata(path: str) -> bytes:
     """A label or synset file's bytes (a SourceError past METADATA_MAX_BYTES)."""
-    with open(path, "rb") as f:
-        data = f.read(METADATA_MAX_BYTES + 1)
-    if len(data) > METADATA_MAX_BYTES:
-        raise SourceError(f"{path}: larger than {METADATA_MAX_BYTES >> 20} MiB; not a label file")
-    return data
+    try:
+        return st.read_capped(path, max_bytes=METADATA_MAX_BYTES)
+    except st.UnsafeFile as e:
+        raise SourceError(f"{e}; not a label file") from None
 
 
 _LABEL = re.compile(r"[A-Za-z0-9_-]+")  # a wnid (n01440764) or a file stem (ILSVRC2012_val_00000001)
