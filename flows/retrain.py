@@ -33,7 +33,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS
 
 from pipeline import storage
-from pipeline.config import override_strings
+from pipeline.config import load_flow_config, override_strings
 
 # Fault-injection drill: a stage named here raises InjectedFailure (retried like any
 # transient error) so that "fails, then the rerun continues here" can be rehearsed and tested.
@@ -370,6 +370,10 @@ def retrain_flow(
     dask_address: a Dask scheduler (tcp://scheduler:8786) whose workers write the shards (as in
     mfm-shard); not part of any cache key, since the shards are the same wherever they are written.
     """
+    # Parameters are untrusted, as in mfm-pretrain and mfm-finetune: shipped presets only, no train.loader
+    load_flow_config(preset, overrides)
+    if finetune_preset is not None:
+        load_flow_config(finetune_preset, finetune_overrides)
     log = get_run_logger()
     store = _abs(store)
     splits = splits or ["train", "val"]

@@ -335,6 +335,18 @@ def test_flow_overrides_cannot_choose_code_to_import(loader):
     assert load_flow_config("tiny_cpu", {"train.max_steps": 3}).train.max_steps == 3
 
 
+@pytest.mark.parametrize(
+    "params",
+    [{"preset": "/etc/passwd"}, {"overrides": {"train.loader": "os:system"}}, {"finetune_preset": "../../etc/passwd"}],
+)
+def test_retrain_flow_parameters_are_checked_before_any_stage(tmp_path, params):
+    from flows.retrain import retrain_flow
+
+    with pytest.raises(ConfigError, match="flow parameter"):
+        retrain_flow.fn(str(tmp_path / "source"), str(tmp_path / "store"), **params)
+    assert not (tmp_path / "store").exists()
+
+
 def test_flow_parameters_reaching_the_launcher_are_checked(launchable, tmp_path):
     from flows.pretrain import pretrain_task
 
