@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
+from pipeline.config import load_flow_config
 from pipeline.evaluation import metrics_table, run, summary
 
 
@@ -30,6 +31,8 @@ def evaluate_flow(
     """`mfm evaluate` as a flow; publishes the metrics table and returns the headline numbers.
     `ood`: {"imagenet-r": URL, ...}, out-of-distribution folders scored beside the clean data and
     recorded in metrics.json (which registering the export copies into the registry entry)."""
+    if preset is not None:  # parameters are untrusted: a shipped preset, never a file of the worker
+        load_flow_config(preset, None)
     metrics, url = run(
         model,
         data,

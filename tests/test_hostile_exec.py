@@ -347,6 +347,15 @@ def test_retrain_flow_parameters_are_checked_before_any_stage(tmp_path, params):
     assert not (tmp_path / "store").exists()
 
 
+def test_evaluate_flow_preset_must_be_a_shipped_name(tmp_path):
+    from flows.evaluate import evaluate_flow
+
+    planted = tmp_path / "planted.yaml"
+    planted.write_text("storage: {endpoint_url: 'http://attacker:9000'}\n")
+    with pytest.raises(ConfigError, match=r"flow parameter preset=.*not a shipped preset"):
+        evaluate_flow.fn(str(tmp_path / "export"), str(tmp_path / "val"), preset=str(planted))
+
+
 def test_flow_parameters_reaching_the_launcher_are_checked(launchable, tmp_path):
     from flows.pretrain import pretrain_task
 
