@@ -381,10 +381,9 @@ def _finish(trainer) -> dict:
     export = storage.join(folder.url, "export")
     metrics_url = storage.join(folder.url, "metrics.json")
     if trainer.is_main:
-        tensors = {k: v.contiguous() for k, v in state.items()}
         labels = [c.get("wnid") or c.get("name") or str(c.get("index")) for c in train_classes(cfg)]
         config = export_config(cfg, trainer.engine.module, labels)
-        storage.write_bytes(storage.join(export, "model.safetensors"), export_weights(tensors), cfg.storage)
+        storage.write_bytes(storage.join(export, "model.safetensors"), export_weights(state), cfg.storage)
         storage.write_bytes(storage.join(export, "config.json"), json.dumps(config, indent=1).encode(), cfg.storage)
         metrics = {
             "format_version": METRICS_FORMAT_VERSION,
