@@ -36,18 +36,14 @@ WINDOW = 32  # objects fetched at once by a worker
 _MISSING = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-def is_remote(source: str) -> bool:
-    return not st.is_local(source)
-
-
 def source_splits(source: str, cfg: StorageConfig | None = None) -> list[str]:
     """The splits of a local or remote source."""
-    return _remote_splits(source, cfg) if is_remote(source) else available_splits(source)
+    return available_splits(source) if st.is_local(source) else _remote_splits(source, cfg)
 
 
 def source_listing(source: str, split: str, cfg: StorageConfig | None = None) -> Listing:
     """One split of a local or remote source, listed."""
-    return _list_remote(source, split, cfg) if is_remote(source) else list_split(source, split)
+    return list_split(source, split) if st.is_local(source) else _list_remote(source, split, cfg)
 
 
 def _children(fs, path: str) -> list[str]:
