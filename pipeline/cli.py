@@ -46,7 +46,7 @@ EXTRAS: dict[str, set[str]] = {
     "eval": {"imagecorruptions", "skimage", "matplotlib"},
     "dali": {"nvidia.dali"},
     "dask": {"distributed", "prefect_dask"},
-    "bench": {"litdata"},  # not in [all] (pyproject.toml says why)
+    "bench": {"streaming", "litdata"},  # not in [all] (pyproject.toml says why)
 }
 # The extras a command needs, checked before it starts; the others need the bare install only.
 NEEDS: dict[str, tuple[str, ...]] = {

