@@ -24,7 +24,7 @@ from torch import nn
 @dataclass(frozen=True)
 class Datasheet:
     name: str  # exactly as torch.cuda.get_device_name() reports it
-    memory_gb: float | None  # the datasheet's memory (GB), where one name covers several parts
+    memory_gb: float  # the datasheet's memory (GB): one name may cover several parts
     bf16_tflops: float  # dense (no sparsity) bf16 tensor-core peak
     source: str
 
@@ -57,7 +57,7 @@ def datasheet(device_name: str, memory_gib: float | None) -> Datasheet | None:
     for row in DATASHEETS:
         if row.name != device_name.strip():
             continue
-        if row.memory_gb is None or memory_gib is None or abs(memory_gib / row.memory_gb - 1) <= 0.10:
+        if memory_gib is None or abs(memory_gib / row.memory_gb - 1) <= 0.10:
             return row
     return None
 
