@@ -43,6 +43,7 @@ class Saver:
         # Node leaders hash (and upload) their node's files; a local run_dir is one shared folder.
         self.leaders = [r for r, lr in enumerate(ckpt.gather(local_rank)) if lr == 0] if folder.remote else [0]
         self._thread: threading.Thread | None = None
+        self._uploaded = threading.Event()  # this node's files (and, off rank 0, their digests) are up
         self._error: BaseException | None = None
         self._in_flight: int | None = None
         self.complete: str | None = None  # the newest checkpoint known complete
@@ -80,6 +81,7 @@ class Saver:
             # The log as of this step (the loop appends to it meanwhile)
             logs = metrics.read_bytes() if self.rank == 0 and metrics.exists() else None
             self._in_flight = step
+            self._uploaded.clear()
             self._thread = threading.Thread(
                 target=self._run, args=(step, marker, logs), name=f"mfm-upload-{tag}", daemon=True
             )
@@ -92,17 +94,25 @@ class Saver:
         """Collective: until the checkpoint in flight is complete; returns the newest complete URL."""
         if self._in_flight is None:
             return self.complete
+        start = time.perf_counter()
+        waited = self._thread is not None and self._thread.is_alive()
+        if waited:
+            log.info("waiting for the upload of step-%d to finish", self._in_flight)
         if self._thread is not None:
-            if self._thread.is_alive():
-                start = time.perf_counter()
-                log.info("waiting for the upload of step-%d to finish", self._in_flight)
-                self._thread.join()
-                log.info("step-%d uploaded after %.1f s more", self._in_flight, time.perf_counter() - start)
+            self._uploaded.wait()
+        if self._error is None:
+            # Every node's files and digests are up once all ranks are here, so rank 0's thread
+            # needs nothing more from the others: a node lost during the upload fails this
+            # collective within train.dist_timeout_s instead of rank 0 waiting for its digests.
+            ckpt.barrier()
+        if self._thread is not None:
+            self._thread.join()
             self._thread = None
+        if waited:
+            log.info("step-%d uploaded after %.1f s more", self._in_flight, time.perf_counter() - start)
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError(f"checkpoint step-{self._in_flight} failed: {error}") from error
-        ckpt.barrier()
         self.complete = self.folder.step_url(self._in_flight)
         self._in_flight = None
         return self.complete
@@ -115,6 +125,8 @@ class Saver:
         except BaseException as e:  # raised in the main thread at the next save / wait
             log.exception("checkpoint step-%d failed in the background", step)
             self._error = e
+        finally:
+            self._uploaded.set()
 
     def _finish(self, step: int, marker: dict, logs: bytes | None) -> None:
         folder, tag = self.folder, f"step-{step}"
@@ -128,6 +140,7 @@ class Saver:
             storage.write_bytes(url, json.dumps(hashes).encode(), folder.storage)
             shutil.rmtree(local_step, ignore_errors=True)
             return
+        self._uploaded.set()
         for leader in self.leaders[1:]:
             hashes |= self._node_digests(tag, leader)
         fs, path = folder.fs()
@@ -160,10 +173,3 @@ class Saver:
                 waited = time.monotonic()
             time.sleep(0.5)
         return json.loads(storage.read_bytes(url, self.folder.storage))
-
-
-def wait_quietly(saver: Saver | None) -> None:
-    """On an error path: let the upload in flight finish (so its checkpoint is not lost) without
-    collectives, which other ranks may never join."""
-    if saver is not None and saver._thread is not None:
-        saver._thread.join()
