@@ -184,9 +184,9 @@ def _remote(monkeypatch, state):
             def open(self, p, mode="rb", **kw):
                 return _Flaky(fs.open(p, mode), state)
 
-            def cat_file(self, p):
+            def cat_file(self, p, **kw):
                 state["cat"].append(p)
-                return fs.cat_file(p)
+                return fs.cat_file(p, **kw)
 
         return FS(), path
 

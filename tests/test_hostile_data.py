@@ -117,3 +117,19 @@ def test_an_index_repeating_one_samples_rows_is_not_read_as_the_others(tmp_path,
     assert read_index(shard) is None
     assert "not a v1.2 index of 5 samples; scanning the tar instead" in caplog.text
     assert read_samples(shard, range(1, 5)) == {i: truth[i] for i in range(1, 5)}
+
+
+# --- a manifest or index too large to be one (an endless object must not fill memory) ---------------
+
+
+def test_an_oversized_manifest_or_index_is_refused_without_reading_it_whole(store_url, monkeypatch, caplog):
+    from pipeline.data import shards
+
+    url = f"{store_url}/train"
+    write_split(url, [4], size=8)
+    shard = read_split(url).shards[0]
+    monkeypatch.setattr(shards, "SMALL_FILE", 64)
+    with pytest.raises(ValueError, match=r"train/manifest.json: more than 64 bytes"):
+        read_split(url)
+    assert read_index(shard) is None
+    assert "train-000000.idx: more than 64 bytes; not a manifest or index of this project; scanning" in caplog.text

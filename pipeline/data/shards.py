@@ -91,9 +91,16 @@ def _is_s3(fs) -> bool:
     return "s3" in getattr(fs, "protocol", ()) and hasattr(fs, "_call_s3")
 
 
-def _cat(fs, path: str) -> bytes:
-    """A small file's bytes: on S3 one GET (s3fs's cat_file first HEADs a file for its size)."""
-    return fs.cat_file(path, max_concurrency=1) if _is_s3(fs) else fs.cat_file(path)
+SMALL_FILE = 64 << 20  # a manifest or .idx: ImageNet's are a few MB; a larger one is not ours
+
+
+def _cat(fs, path: str, url: str) -> bytes:
+    """A manifest's or index's bytes in one ranged GET (no HEAD for the size), refused past
+    SMALL_FILE: the bucket is untrusted, and an endless object must not fill memory."""
+    data = fs.cat_file(path, start=0, end=SMALL_FILE + 1)
+    if len(data) > SMALL_FILE:
+        raise ValueError(f"{url}: more than {SMALL_FILE} bytes; not a manifest or index of this project")
+    return data
 
 
 def read_split(url: str, storage: StorageConfig | None = None) -> Split:
@@ -102,7 +109,7 @@ def read_split(url: str, storage: StorageConfig | None = None) -> Split:
     murl = join(url, MANIFEST)
     fs, path = filesystem(murl, storage)
     try:
-        raw = retry(_transient(lambda: _cat(fs, path)), attempts=storage.retries, what=f"read {murl}")
+        raw = retry(_transient(lambda: _cat(fs, path, murl)), attempts=storage.retries, what=f"read {murl}")
     except FileNotFoundError:
         raise FileNotFoundError(f"{murl}: no manifest; the split is missing or not complete") from None
     try:
@@ -401,9 +408,16 @@ def read_index(shard: Shard, storage: StorageConfig | None = None) -> list[list[
     storage = storage or StorageConfig()
     fs, path = filesystem(shard.index_url, storage)
     try:
-        text = retry(_transient(lambda: _cat(fs, path)), attempts=storage.retries, what=f"read {shard.index_url}")
+        text = retry(
+            _transient(lambda: _cat(fs, path, shard.index_url)),
+            attempts=storage.retries,
+            what=f"read {shard.index_url}",
+        )
     except FileNotFoundError:
         log.warning("%s: missing; scanning the tar instead", shard.index_url)
+        return None
+    except ValueError as e:  # too large to be the index of this shard
+        log.warning("%s; scanning the tar instead", e)
         return None
     lines = text.decode(errors="replace").splitlines()
     head = lines[0].split() if lines else []
