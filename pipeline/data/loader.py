@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -17,7 +15,7 @@ import torch
 from pipeline.config import Config
 from pipeline.data import torch_backend
 from pipeline.data.sampling import Layout, Mix, SamplerState, deal, epoch_order, mix_seed, rank_plan
-from pipeline.data.shards import Split, read_split
+from pipeline.data.shards import Split, cache_folder, read_split
 from pipeline.storage import is_local
 
 log = logging.getLogger(__name__)
@@ -205,13 +203,13 @@ class TrainLoader:
 
     def _dali_config(self) -> Config:
         """DALI's worker processes each take whichever batch comes next, so they share remote
-        shards through the local cache: data.cache_dir, or while it is off one in the temporary
-        folder, shared by this machine's ranks (each shard downloaded once), data.cache_limit_gb
-        bounding it."""
+        shards through the local cache: data.cache_dir, or while it is off the default one
+        ($MFM_CACHE/shards: this user's, not a predictable name in the shared temporary folder),
+        shared by this machine's ranks (each shard downloaded once), data.cache_limit_gb bounding it."""
         d = self.cfg.data
         if d.cache_dir is not None or all(is_local(s.url) for s in self.split.shards):
             return self.cfg
-        folder = os.path.join(tempfile.gettempdir(), f"mfm-shards-{os.getuid()}")
+        folder = cache_folder("auto")
         return self.cfg.model_copy(update={"data": d.model_copy(update={"cache_dir": folder})})
 
     def __iter__(self) -> Iterator[Batch]:
