@@ -16,6 +16,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import fsspec
@@ -297,6 +298,12 @@ def _local_swap(path: str, data: bytes, token: str) -> bool:
 # --- Names read from shared storage ------------------------------------------------------------
 # A manifest, an index or a listing is written by whoever can write the bucket: a name taken from
 # one is joined under its folder only when it cannot leave it.
+
+
+def cache_root() -> Path:
+    """This machine's cache of the project (`$MFM_CACHE`, default ~/.cache/mfm): verified registry
+    versions, and the shard cache's default folder."""
+    return Path(os.environ.get("MFM_CACHE") or "~/.cache/mfm").expanduser()
 
 
 def plain_name(name: object, where: str) -> str:

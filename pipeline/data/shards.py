@@ -22,7 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.config import StorageConfig
 from pipeline.data import cache
 from pipeline.split_manifest import check_manifest
-from pipeline.storage import TRANSIENT, filesystem, join, plain_name, retry
+from pipeline.storage import TRANSIENT, cache_root, filesystem, join, plain_name, retry
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -136,7 +136,7 @@ def read_split(url: str, storage: StorageConfig | None = None) -> Split:
 def cache_folder(cache_dir: str | None) -> str | None:
     """data.cache_dir as a folder: "auto" is $MFM_CACHE/shards (default ~/.cache/mfm/shards)."""
     if cache_dir == "auto":
-        return os.path.join(os.environ.get("MFM_CACHE") or os.path.expanduser("~/.cache/mfm"), "shards")
+        return str(cache_root() / "shards")
     return cache_dir
 
 

@@ -44,14 +44,11 @@ from pipeline.registry.refs import (
     parse_json,
     parse_ref,
 )
+from pipeline.storage import cache_root
 
 log = logging.getLogger(__name__)
 FINGERPRINTS, USED, REGISTRY_FILE = ".fingerprints.json", ".used", "REGISTRY"
 BLOCK = 8 << 20  # bytes per read of a download
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MFM_CACHE") or "~/.cache/mfm").expanduser()
 
 
 def is_offline() -> bool:
