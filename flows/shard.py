@@ -8,7 +8,6 @@ the manifest commit stay in the flow run.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import CancelledError
 from dataclasses import dataclass
 
 from prefect import flow, task
@@ -16,7 +15,7 @@ from prefect.cache_policies import NONE
 
 from pipeline.config import StorageConfig
 from pipeline.jpeg import MAX_PIXELS
-from pipeline.sharding import ShardingError, shard_dataset
+from pipeline.sharding import shard_dataset
 from pipeline.sharding.plan import ShardPlan
 from pipeline.sharding.writer import ShardResult, WriteOptions
 
@@ -64,9 +63,7 @@ class PrefectDaskShards:
     ) -> Iterator[tuple[int, ShardResult]]:
         from prefect_dask import DaskTaskRunner
 
-        from pipeline.sharding.cluster import import_distributed
-
-        as_completed = import_distributed().as_completed
+        from pipeline.sharding.cluster import as_committed
 
         with DaskTaskRunner(address=self.address) as runner:
             futures = [
@@ -76,17 +73,8 @@ class PrefectDaskShards:
                 )
                 for p in plans
             ]
-            position = {f.wrapped_future.key: i for i, f in enumerate(futures)}
-            for done in as_completed([f.wrapped_future for f in futures], loop=runner.client.loop):
-                i = position[done.key]
-                try:
-                    result = futures[i].result()
-                except CancelledError as e:  # the client lost the scheduler and gave up reconnecting
-                    raise ShardingError(
-                        f"{self}: lost the cluster ({type(e).__name__}); rerun the flow to resume: the "
-                        "shards committed so far are reused"
-                    ) from None
-                yield i, result
+            dask_futures = [f.wrapped_future for f in futures]
+            yield from as_committed(dask_futures, lambda i: futures[i].result(), runner.client.loop, str(self))
 
 
 def dask_runner(address: str | None) -> PrefectDaskShards | None:

@@ -114,15 +114,12 @@ class DaskShards:
         cfg: StorageConfig | None,
     ) -> Iterator[tuple[int, ShardResult]]:
         """(position in plans, result) of each shard as it is committed."""
-        distributed = import_distributed()
-        Client, as_completed = distributed.Client, distributed.as_completed
-
         try:
-            client = Client(self.address, set_as_default=False, timeout=CONNECT_TIMEOUT_S)
+            client = import_distributed().Client(self.address, set_as_default=False, timeout=CONNECT_TIMEOUT_S)
         except (OSError, TimeoutError) as e:
             raise ShardingError(f"{self}: could not connect: {e}") from None
         with client:
-            futures = {
+            futures = [
                 client.submit(
                     write_on_worker,
                     p,
@@ -133,15 +130,23 @@ class DaskShards:
                     key=task_key(split_url, p),
                     retries=RETRIES,
                     pure=False,
-                ): i
-                for i, p in enumerate(plans)
-            }
-            for fut in as_completed(futures, loop=client.loop):
-                try:
-                    result = fut.result()
-                except CancelledError as e:  # the client lost the scheduler and gave up reconnecting
-                    raise ShardingError(
-                        f"{self}: lost the cluster ({type(e).__name__}); rerun to resume: the shards "
-                        "committed so far are reused"
-                    ) from None
-                yield futures[fut], result
+                )
+                for p in plans
+            ]
+            yield from as_committed(futures, lambda i: futures[i].result(), client.loop, str(self))
+
+
+def as_committed(futures: list, result_of, loop, where: str) -> Iterator[tuple[int, ShardResult]]:
+    """(position, result_of(position)) of each Dask future as it completes; a client that lost
+    the scheduler and gave up reconnecting is one clear error saying a rerun resumes."""
+    position = {f.key: i for i, f in enumerate(futures)}
+    for done in import_distributed().as_completed(futures, loop=loop):
+        i = position[done.key]
+        try:
+            result = result_of(i)
+        except CancelledError as e:
+            raise ShardingError(
+                f"{where}: lost the cluster ({type(e).__name__}); rerun to resume: the shards committed "
+                "so far are reused"
+            ) from None
+        yield i, result
