@@ -16,6 +16,7 @@ from prefect.cache_policies import NONE
 from pipeline.config import StorageConfig
 from pipeline.jpeg import MAX_PIXELS
 from pipeline.sharding import shard_dataset
+from pipeline.sharding.cluster import DaskShards, as_committed, write_on_worker
 from pipeline.sharding.plan import ShardPlan
 from pipeline.sharding.writer import ShardResult, WriteOptions
 
@@ -34,21 +35,12 @@ def write_shard_task(
     plan: ShardPlan, split_url: str, class_of: dict[str, int], opts: WriteOptions, cfg: StorageConfig | None
 ) -> ShardResult:
     """Commit one shard on a Dask worker (or reuse it when committed already)."""
-    from pipeline.sharding.cluster import write_on_worker
-
     return write_on_worker(plan, split_url, class_of, opts, cfg)
 
 
 @dataclass(frozen=True)
-class PrefectDaskShards:
+class PrefectDaskShards(DaskShards):
     """Runs shard writes as `write-shard` task runs on the Dask cluster at `address`."""
-
-    address: str
-
-    def __post_init__(self):
-        from pipeline.sharding.cluster import check_address
-
-        check_address(self.address)
 
     def __str__(self) -> str:
         return f"the Dask cluster at {self.address} (DaskTaskRunner)"
@@ -62,8 +54,6 @@ class PrefectDaskShards:
         cfg: StorageConfig | None,
     ) -> Iterator[tuple[int, ShardResult]]:
         from prefect_dask import DaskTaskRunner
-
-        from pipeline.sharding.cluster import as_committed
 
         with DaskTaskRunner(address=self.address) as runner:
             futures = [
