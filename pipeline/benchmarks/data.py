@@ -70,12 +70,12 @@ def _proc_cpu(pid: int | str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and its live children (DataLoader workers), read from /proc so
+def _cpu_seconds() -> dict[int, float]:
+    """CPU time of this process and of each live child (DataLoader workers), read from /proc so
     that it can be sampled while the workers run; elsewhere only this process's own time."""
     if not os.path.exists("/proc/self/stat"):
         r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
+        return {os.getpid(): r.ru_utime + r.ru_stime}
     pids = {os.getpid()}
     for task in os.listdir("/proc/self/task"):
         try:
@@ -83,13 +83,13 @@ def _cpu_seconds() -> float:
                 pids.update(int(p) for p in f.read().split())
         except OSError:
             pass
-    total = 0.0
+    times = {}
     for pid in pids:
         try:
-            total += _proc_cpu(pid)
+            times[pid] = _proc_cpu(pid)
         except OSError:  # a worker that just exited
             pass
-    return total
+    return times
 
 
 def _time(batches, batch_size: int) -> tuple[float, float]:
@@ -98,13 +98,15 @@ def _time(batches, batch_size: int) -> tuple[float, float]:
     cores / (CPU s per image) bounds the rate on an idle machine."""
     it = iter(batches)
     next(it)
-    n, t0, cpu0 = 0, time.perf_counter(), _cpu_seconds()
-    cpu1 = cpu0
+    n, t0 = 0, time.perf_counter()
+    start = _cpu_seconds()
+    last = dict(start)
     for _ in it:
         n += batch_size
-        cpu1 = _cpu_seconds()  # sampled per batch: workers exit when the epoch ends
+        last.update(_cpu_seconds())  # sampled per batch, kept per process: workers exit when the epoch ends
     wall = time.perf_counter() - t0
-    return n / wall, 1000 * (cpu1 - cpu0) / n
+    cpu = sum(last.values()) - sum(start.values())
+    return n / wall, 1000 * cpu / max(n, 1)
 
 
 class ThreadClock:
@@ -426,13 +428,16 @@ def cli(argv: list[str]) -> int:
     for (dev, down, name), rs in runs.items():
         base = runs.get((dev, down, "torch" if dev == "cuda" else "pil"))
         rate, cpu = med(r[0] for r in rs), med(r[1] for r in rs)
+        # a tiny run can fall under the clock's 10 ms tick: no CPU figure, no bound
+        idle = f"{1000 * os.cpu_count() / cpu:.1f}" if cpu > 0 else "-"
         ratio = f"{med(r[0] / b[0] for r, b in zip(rs, base)):.2f}x" if base else "-"
-        cratio = f"{med(b[1] / r[1] for r, b in zip(rs, base)):.2f}x" if base else "-"
+        timed = base and all(r[1] > 0 for r in rs)
+        cratio = f"{med(b[1] / r[1] for r, b in zip(rs, base)):.2f}x" if timed else "-"
         threads = [r[2] for r in rs if r[2] is not None]
         thread = f"{med(t[0] for t in threads):>13.2f} {med(t[1] for t in threads):>11.2f}" if threads else ""
         print(
             f"{name:<16} {dev:<6} {down:<9} {rate:>8.1f} {ratio:>7} {cpu:>11.1f} {rate * cpu / 1000:>6.1f} "
-            f"{1000 * os.cpu_count() / cpu:>11.1f} {cratio:>7} {thread}"
+            f"{idle:>11} {cratio:>7} {thread}"
         )
     if tmp is not None:
         tmp.cleanup()
