@@ -315,3 +315,35 @@ def test_header_check_reads_sizes_from_markers_and_rejects_truncated_files():
     for bad in (jpeg[:-20], b"\xff\xd8 not a jpeg", b""):
         with pytest.raises(CorruptSample):
             image_size(bad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_cpu_corruption_runs_on_the_cores_the_workers_leave(tmp_path, monkeypatch, backend):
+    """One rule on both backends (issue 24, item 7): on a CPU the corruption runs on
+    corruption_threads(workers) torch threads, and the trainer's own count is restored after."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    from pipeline.data import augment, dali_backend, torch_backend
+    from pipeline.data.augment import corruption_threads
+
+    url = str(tmp_path / "train")
+    write_split(url, [6, 6], size=(48, 36))
+    seen = []
+
+    def counting(*args, **kw):
+        seen.append(torch.get_num_threads())
+        return augment.corrupt_samples(*args, **kw)
+
+    monkeypatch.setattr(torch_backend if backend == "torch" else dali_backend, "corrupt_samples", counting)
+    monkeypatch.setattr(augment.os, "sched_getaffinity", lambda _: set(range(6)), raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(5)
+    try:
+        cfg = make_cfg(url, "data.workers=2")
+        loader = build_train_loader(cfg, rank=0, world_size=1, micro_batch=3, device="cpu", backend=backend)
+        for _ in loader:
+            assert torch.get_num_threads() == 5
+    finally:
+        torch.set_num_threads(before)
+    assert corruption_threads(2) == 4
+    assert seen and set(seen) == {4}

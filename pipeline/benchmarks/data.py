@@ -24,6 +24,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.corruptions import corrupt
+from pipeline.data.augment import corruption_threads, torch_threads
 
 
 def synthetic_split(dest: str, images: int, per_shard: int, width: int, height: int) -> str:
@@ -185,13 +186,6 @@ def bench_loader(cfg, backend: str, batch: int, device: str, epochs: int = 1) ->
     return rate, cpu, clock.per_256()
 
 
-def corruption_threads(workers: int) -> int:
-    """The torch threads the pil baseline gives its corruption: the cores its DataLoader workers
-    leave (more only spin at barriers while the workers hold the cores)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - workers)
-
-
 def bench_pil_baseline(
     cfg, split_url: str, batch: int, workers: int, device: str, *, tuned: bool = True
 ) -> tuple[float, int]:
@@ -227,9 +221,7 @@ def bench_pil_baseline(
     threads = corruption_threads(workers) if tuned and not device.startswith("cuda") else torch.get_num_threads()
 
     def batches():
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             for (images,) in loader:
                 if tuned:
                     seeds = torch.randint(0, 2**62, (len(images),), generator=gen).tolist()
@@ -239,8 +231,6 @@ def bench_pil_baseline(
                 yield enc
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-        finally:
-            torch.set_num_threads(before)
 
     return _time(batches(), batch)
 

@@ -211,9 +211,10 @@ def _collate(samples: list) -> dict:
 def _finish(batch: dict, cfg) -> None:
     """The training-process side of a peer's decode batch: the corruption, as torch_backend.corrupt_views."""
     if "views" in batch:
-        from pipeline.data.augment import corrupt_samples
+        from pipeline.data.augment import corrupt_samples, corruption_threads, torch_threads
 
-        corrupt_samples(batch["views"].float().div_(255), cfg.corruption, batch["seeds"])
+        with torch_threads(corruption_threads(cfg.data.workers)):
+            corrupt_samples(batch["views"].float().div_(255), cfg.corruption, batch["seeds"])
 
 
 def _raw_sizes(raw) -> dict:

@@ -8,8 +8,10 @@ the JPEG header alone, so the DALI backend decodes exactly the region the torch 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,6 +188,25 @@ def sample_draws(cfg: CorruptionConfig, seeds) -> torch.Tensor | None:
     return torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+def corruption_threads(workers: int) -> int:
+    """Torch threads for the corruption on a CPU, on both backends: the cores the loader's
+    workers leave (at least one). More only spin at barriers while the workers hold the cores
+    (2 threads on 2 busy cores: 2.3 -> 5.4 CPU ms per 224 px image, measured)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - workers)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to n inside, restored after (the model's count is the trainer's)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def corrupt_samples(images: torch.Tensor, cfg: CorruptionConfig, seeds: list[int], draws: torch.Tensor | None = None):
     """corrupt() with each sample's draws from its own seed, so that a sample's corruption
     does not depend on the batch it lands in. Returns (encoder_input, target, keep or None).
@@ -227,5 +248,7 @@ __all__ = [
     "eval_view",
     "sample_draws",
     "corrupt_samples",
+    "corruption_threads",
+    "torch_threads",
     "normalize",
 ]

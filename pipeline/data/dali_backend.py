@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.data.augment import corrupt_samples, sample_draws
+from pipeline.data.augment import corrupt_samples, corruption_threads, sample_draws, torch_threads
 from pipeline.data.reading import raw_batches
 from pipeline.data.sampling import Layout, Mix, SamplerState, Segment, rank_plan
 from pipeline.data.shards import SampleReader, Split
@@ -340,8 +340,7 @@ class Corruption:
         self.cfg, self.device = cfg, device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.reading: list[tuple] = []  # (event, views) of corruptions that may still read DALI's views
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.threads = max(1, cores - max(1, workers))
+        self.threads = corruption_threads(max(1, workers))  # DALI's workers and threads: max(1, workers) each
 
     def receive(self, tl) -> torch.Tensor:
         return torch.from_dlpack(tl.as_tensor())
@@ -350,14 +349,8 @@ class Corruption:
         """The corruption of `views`, queued; `synced`: the views are complete as seen from the host
         (DALI's outputs, run() without a stream), else made on the consumer's current stream."""
         if self.stream is None:
-            # on the cores DALI's workers and threads leave: more torch threads only spin at
-            # barriers on a busy CPU (2 threads: 2.3 -> 5.4 CPU ms per 224 px image, measured)
-            before = torch.get_num_threads()
-            torch.set_num_threads(self.threads)
-            try:
+            with torch_threads(self.threads):
                 return corrupt_samples(views, self.cfg.corruption, seeds, draws), None
-            finally:
-                torch.set_num_threads(before)
         self.reading = [(e, v) for e, v in self.reading if not e.query()]
         # waiting on the consumer's stream would wait for the training step queued there
         ready = None if synced else torch.cuda.current_stream(self.device).record_event()

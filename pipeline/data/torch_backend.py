@@ -17,7 +17,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import Config
-from pipeline.data.augment import CorruptSample, corrupt_samples, decode_rgb, eval_view, normalize, train_view
+from pipeline.data.augment import (
+    CorruptSample,
+    corrupt_samples,
+    corruption_threads,
+    decode_rgb,
+    eval_view,
+    normalize,
+    torch_threads,
+    train_view,
+)
 from pipeline.data.reading import RawBatch, raw_batches
 from pipeline.data.sampling import reader_batches
 from pipeline.data.shards import SampleReader, Split
@@ -76,9 +85,13 @@ def fill_gaps(views: list, raw: RawBatch) -> list:
 
 
 def corrupt_views(out: dict, cfg: Config, device: torch.device) -> tuple:
-    """(encoder_input, target, keep or None) on `device` from a PretextBatches output."""
+    """(encoder_input, target, keep or None) on `device` from a PretextBatches output; on a CPU
+    on the cores the DataLoader workers leave, as the DALI backend's corruption."""
     images = out["views"].to(device, non_blocking=True).float().div_(255)
-    return corrupt_samples(images, cfg.corruption, out["seeds"].tolist())
+    if device.type != "cpu":
+        return corrupt_samples(images, cfg.corruption, out["seeds"].tolist())
+    with torch_threads(corruption_threads(cfg.data.workers)):
+        return corrupt_samples(images, cfg.corruption, out["seeds"].tolist())
 
 
 @dataclass
