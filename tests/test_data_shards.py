@@ -253,3 +253,41 @@ def _retry_now(fn):
         except ConnectionError:
             continue
     raise AssertionError("still failing")
+
+
+def test_members_not_wanted_are_skipped_without_holding_their_bytes(tmp_path, monkeypatch):
+    """The parser seeks over samples it does not want: a download in memory runs on past them
+    (no wait on MEMORY_AHEAD for bytes nobody reads) and keeps none of their bytes."""
+    url = str(tmp_path / "train")
+    keys = write_split(url, [6], size=(160, 160), index=False)
+    shard = read_split(url).shards[0]
+    _remote(monkeypatch, {"failed": True, "after": 0, "seeks": [], "read": 0, "cat": []})
+    monkeypatch.setattr(shards_mod, "CHUNK", 512)
+    monkeypatch.setattr(shards_mod, "READ_AHEAD", 512)
+    monkeypatch.setattr(shards_mod, "MEMORY_AHEAD", 2048)
+    held = []
+    write = shards_mod._Sink.write
+
+    def counting(self, data):
+        ok = write(self, data)
+        held.append(sum(len(c) for _, c in self._chunks))
+        return ok
+
+    monkeypatch.setattr(shards_mod._Sink, "write", counting)
+    got = read_samples(shard, [0, 5])
+    assert [got[i]["__key__"] for i in (0, 5)] == [keys[0], keys[5]]
+    assert shard.nbytes > 8 * 2048  # samples 1-4, skipped, far more than the memory bound
+    assert max(held) <= 2048 + 2 * 512
+
+
+def test_a_download_in_memory_refuses_bytes_it_dropped():
+    """A hostile tar that seeks back (after the bytes were dropped) fails as a damaged tar,
+    never reads other bytes in their place."""
+    sink = shards_mod._Sink()
+    sink.begin(0)
+    for k in range(4):
+        sink.write(bytes([k]) * 100)
+    sink.finish()
+    assert sink.read(250, 10) == bytes([2]) * 10
+    with pytest.raises(tarfile.ReadError, match="byte 50"):
+        sink.read(50, 10)
