@@ -117,3 +117,18 @@ def test_world_size_change_finishes_the_epoch_without_repeats():
     )
     assert len(left) == sum(counts) - len(consumed)
     assert len(left) - len(rest) < 3 * 2  # only the new layout's global remainder is dropped
+
+
+def test_a_reader_reads_the_shard_it_shares_with_the_next_first_and_the_one_with_the_one_before_last():
+    """Runs are cut from the shards laid end to end; a reader that began with the rest of a shard
+    the reader before it began would wait for those earlier bytes at the start of the epoch."""
+    from pipeline.data.sampling import _cut_shards_outward
+
+    shard = np.repeat([7, 3, 5, 9], [4, 3, 3, 4])  # positions 0-13, shard by shard
+    line = np.arange(len(shard))
+    middle = _cut_shards_outward(line, shard, 2, 12)  # the rest of 7, all of 3 and 5, the head of 9
+    assert middle.tolist() == [10, 11, 4, 5, 6, 7, 8, 9, 2, 3]
+    assert _cut_shards_outward(line, shard, 0, 6).tolist() == [4, 5, 0, 1, 2, 3]  # first run: no rest
+    assert _cut_shards_outward(line, shard, 5, 14).tolist() == [7, 8, 9, 10, 11, 12, 13, 5, 6]  # last run
+    assert _cut_shards_outward(line, shard, 1, 3).tolist() == [1, 2]  # inside one shard: as it was
+    assert _cut_shards_outward(line, shard, 4, 10).tolist() == [4, 5, 6, 7, 8, 9]  # whole shards only

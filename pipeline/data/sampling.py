@@ -15,7 +15,9 @@ Which draws an epoch keeps is the order's business; who reads them is dealt by s
 kept draws are laid out shard by shard (shards in a seeded order, each in file order) and cut
 into one run per reader (rank x worker, rank-major) of exactly its batches' size, so each
 shard is read by one reader, in one pass, except the at most readers - 1 shards a cut falls
-in. Each reader's stream then draws from INTERLEAVE of its shards at once (the next draw from
+in: a reader starts with the head of the shard it shares with the next reader and ends with the
+rest of the one it shares with the reader before (that rest starts deep in its file). Each
+reader's stream then draws from INTERLEAVE of its shards at once (the next draw from
 a shard chosen with probability proportional to what is left of it) through a seeded shuffle
 buffer of `shuffle_buffer` samples that starts yielding after INITIAL (as webdataset's
 shuffle): its first batch needs the first samples of a few shards, never whole shards read one
@@ -250,12 +252,29 @@ def _dealt(order, layout: Layout, rank: int, counts, seed: int, shuffle_buffer: 
     start = rank * nb * b
     out = np.empty((nb, b), dtype=np.int64)
     for reader in range(w):
-        run = line[start : start + quota[reader]]
+        run = _cut_shards_outward(line, shard, start, start + quota[reader])
         rng = np.random.default_rng(mix_seed(seed, rank, reader, 0x4EAD))
         stream = run[_reader_order(shard[run], rng, shuffle_buffer)]
         out[reader::w] = stream.reshape(-1, b)
         start += quota[reader]
     return out
+
+
+def _cut_shards_outward(line: np.ndarray, shard: np.ndarray, start: int, end: int) -> np.ndarray:
+    """The run line[start:end] with the head of a shard that the next run takes the rest of
+    first, and the tail of a shard that the run before took the head of last: the first is at
+    the start of its file, the second would otherwise wait, at the start of the epoch, for the
+    bytes before it (a download of the whole shard into the cache, by either reader)."""
+    run = line[start:end]
+    s = shard[run]
+    bounds = [0, *(np.flatnonzero(np.diff(s)) + 1).tolist(), len(run)]
+    if len(bounds) < 3:  # one shard: nothing to move
+        return run
+    pieces = [run[a:b] for a, b in zip(bounds, bounds[1:])]
+    rest = bool(start > 0 and shard[line[start - 1]] == s[0])  # the first piece ends a shard begun before
+    begun = bool(end < len(line) and shard[line[end]] == s[-1])  # the last piece begins one finished after
+    middle = pieces[int(rest) : len(pieces) - int(begun)]
+    return np.concatenate(pieces[-1:] * begun + middle + pieces[:1] * rest)
 
 
 def _reader_order(shard: np.ndarray, rng: np.random.Generator, shuffle_buffer: int) -> np.ndarray:
