@@ -404,7 +404,8 @@ class _TarCursor:
 def _scan(f, cur: _TarCursor, wanted) -> Iterator[tuple[int, dict]]:
     """The wanted samples of a tar from `cur` (f positioned there), each as soon as its last
     member is read. tarfile's random-access mode over a forward-only file: a header or a
-    member is one read, half the CPU of its stream mode, which copies through a 10 KB buffer."""
+    member is one read (its stream mode copies through a 10 KB buffer: twice the CPU on a
+    local shard, 0.18 vs 0.09 s for 121 MB)."""
     try:
         tar = tarfile.TarFile(fileobj=f)  # offsets are f's, the shard's own
         while (member := tar.next()) is not None:
