@@ -126,9 +126,21 @@ def test_a_reader_reads_the_shard_it_shares_with_the_next_first_and_the_one_with
 
     shard = np.repeat([7, 3, 5, 9], [4, 3, 3, 4])  # positions 0-13, shard by shard
     line = np.arange(len(shard))
-    middle = _cut_shards_outward(line, shard, 2, 12)  # the rest of 7, all of 3 and 5, the head of 9
-    assert middle.tolist() == [10, 11, 4, 5, 6, 7, 8, 9, 2, 3]
-    assert _cut_shards_outward(line, shard, 0, 6).tolist() == [4, 5, 0, 1, 2, 3]  # first run: no rest
-    assert _cut_shards_outward(line, shard, 5, 14).tolist() == [7, 8, 9, 10, 11, 12, 13, 5, 6]  # last run
-    assert _cut_shards_outward(line, shard, 1, 3).tolist() == [1, 2]  # inside one shard: as it was
-    assert _cut_shards_outward(line, shard, 4, 10).tolist() == [4, 5, 6, 7, 8, 9]  # whole shards only
+    middle, rest = _cut_shards_outward(line, shard, 2, 12)  # the rest of 7, all of 3 and 5, the head of 9
+    assert middle.tolist() == [10, 11, 4, 5, 6, 7, 8, 9, 2, 3] and rest
+    assert _cut_shards_outward(line, shard, 0, 6)[0].tolist() == [4, 5, 0, 1, 2, 3]  # first run: no rest
+    assert _cut_shards_outward(line, shard, 5, 14)[0].tolist() == [7, 8, 9, 10, 11, 12, 13, 5, 6]  # last run
+    assert _cut_shards_outward(line, shard, 1, 3)[0].tolist() == [1, 2]  # inside one shard: as it was
+    assert _cut_shards_outward(line, shard, 4, 10)[0].tolist() == [4, 5, 6, 7, 8, 9]  # whole shards only
+
+
+def test_the_rest_of_a_shard_begun_by_another_reader_joins_last():
+    from pipeline.data.sampling import _reader_order
+
+    shard = np.repeat([4, 1, 6], 50)
+    early = [
+        int(np.argmax(shard[_reader_order(shard, np.random.default_rng(k), 0, rest_last=last)] == 6))
+        for last in (False, True)
+        for k in range(5)
+    ]
+    assert min(early[:5]) < 10 and early[5:] == [100] * 5  # interleaved from the start / after the others

@@ -291,3 +291,21 @@ def test_a_download_in_memory_refuses_bytes_it_dropped():
     assert sink.read(250, 10) == bytes([2]) * 10
     with pytest.raises(tarfile.ReadError, match="byte 50"):
         sink.read(50, 10)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_the_rest_of_a_shard_downloads_only_once_needed_through_the_cache(tmp_path, monkeypatch, cache):
+    """Through the cache, the reader that began a shard downloads all of it: a reader of its rest
+    that started at once would take that download's lock first and hold up the other's head."""
+    url = str(tmp_path / "train")
+    write_split(url, [6, 6])
+    split = read_split(url)
+    _remote(monkeypatch, {"failed": True, "after": 0, "seeks": [], "read": 0, "cat": []})
+    events = []
+    start = shards_mod._Piece.start
+    monkeypatch.setattr(shards_mod._Piece, "start", lambda self: (events.append(self.shard.name), start(self)))
+    reader = SampleReader(split, cache_dir=str(tmp_path / "cache") if cache else None)
+    for gid, _ in reader.read([0, 1, 2, 3, 4, 5, 9, 10, 11]):  # all of shard 0, the rest of shard 1
+        events.append(gid)
+    rest = events.index(split.shards[1].name)
+    assert events[rest - 1 : rest + 2] == [5, split.shards[1].name, 9] if cache else rest == 1

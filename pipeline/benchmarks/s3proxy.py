@@ -199,6 +199,9 @@ class _Stats:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a client's idle keep-alive connection never holds up shutdown
+    # socketserver's default backlog is 5: a loader opening a dozen connections at once had some
+    # refused and retried by TCP a second later (first bytes at 1.3 s instead of 0.3 s)
+    request_queue_size = 128
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], ConnectionError):  # a client closing its kept-alive connection

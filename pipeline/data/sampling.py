@@ -16,7 +16,8 @@ kept draws are laid out shard by shard (shards in a seeded order, each in file o
 into one run per reader (rank x worker, rank-major) of exactly its batches' size, so each
 shard is read by one reader, in one pass, except the at most readers - 1 shards a cut falls
 in: a reader starts with the head of the shard it shares with the next reader and ends with the
-rest of the one it shares with the reader before (that rest starts deep in its file). Each
+rest of the one it shares with the reader before, drawn once its other shards are done (that
+rest starts deep in its file; through the cache it waits for the other reader's download). Each
 reader's stream then draws from INTERLEAVE of its shards at once (the next draw from
 a shard chosen with probability proportional to what is left of it) through a seeded shuffle
 buffer of `shuffle_buffer` samples that starts yielding after INITIAL (as webdataset's
@@ -252,34 +253,36 @@ def _dealt(order, layout: Layout, rank: int, counts, seed: int, shuffle_buffer: 
     start = rank * nb * b
     out = np.empty((nb, b), dtype=np.int64)
     for reader in range(w):
-        run = _cut_shards_outward(line, shard, start, start + quota[reader])
+        run, rest = _cut_shards_outward(line, shard, start, start + quota[reader])
         rng = np.random.default_rng(mix_seed(seed, rank, reader, 0x4EAD))
-        stream = run[_reader_order(shard[run], rng, shuffle_buffer)]
+        stream = run[_reader_order(shard[run], rng, shuffle_buffer, rest_last=rest)]
         out[reader::w] = stream.reshape(-1, b)
         start += quota[reader]
     return out
 
 
-def _cut_shards_outward(line: np.ndarray, shard: np.ndarray, start: int, end: int) -> np.ndarray:
-    """The run line[start:end] with the head of a shard that the next run takes the rest of
-    first, and the tail of a shard that the run before took the head of last: the first is at
-    the start of its file, the second would otherwise wait, at the start of the epoch, for the
-    bytes before it (a download of the whole shard into the cache, by either reader)."""
+def _cut_shards_outward(line: np.ndarray, shard: np.ndarray, start: int, end: int) -> tuple[np.ndarray, bool]:
+    """(the run line[start:end] with the head of a shard that the next run takes the rest of
+    first and the rest of a shard that the run before began last, whether it has such a rest):
+    the head is at the start of its file; the rest, read early, would wait for the bytes before
+    it (through the cache: the other reader's download of the whole shard)."""
     run = line[start:end]
     s = shard[run]
     bounds = [0, *(np.flatnonzero(np.diff(s)) + 1).tolist(), len(run)]
     if len(bounds) < 3:  # one shard: nothing to move
-        return run
+        return run, False
     pieces = [run[a:b] for a, b in zip(bounds, bounds[1:])]
     rest = bool(start > 0 and shard[line[start - 1]] == s[0])  # the first piece ends a shard begun before
     begun = bool(end < len(line) and shard[line[end]] == s[-1])  # the last piece begins one finished after
     middle = pieces[int(rest) : len(pieces) - int(begun)]
-    return np.concatenate(pieces[-1:] * begun + middle + pieces[:1] * rest)
+    return np.concatenate(pieces[-1:] * begun + middle + pieces[:1] * rest), rest
 
 
-def _reader_order(shard: np.ndarray, rng: np.random.Generator, shuffle_buffer: int) -> np.ndarray:
+def _reader_order(
+    shard: np.ndarray, rng: np.random.Generator, shuffle_buffer: int, rest_last: bool = False
+) -> np.ndarray:
     """A reader's order of its run (positions into `shard`, grouped by shard): INTERLEAVE shards
-    at a time, then the shuffle buffer."""
+    at a time, then the shuffle buffer. rest_last: the last shard joins once the others are done."""
     n = len(shard)
     pieces = np.split(np.arange(n), np.flatnonzero(np.diff(shard)) + 1) if n else []
     merged = np.empty(n, dtype=np.int64)
@@ -287,7 +290,7 @@ def _reader_order(shard: np.ndarray, rng: np.random.Generator, shuffle_buffer: i
     active: list[list[int]] = []  # [piece, next position in it]
     nxt = 0
     for t in range(n):
-        while len(active) < INTERLEAVE and nxt < len(pieces):
+        while len(active) < INTERLEAVE and nxt < len(pieces) - (rest_last and bool(active)):
             active.append([nxt, 0])
             nxt += 1
         left = [len(pieces[p]) - c for p, c in active]

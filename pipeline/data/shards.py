@@ -713,10 +713,17 @@ class SampleReader:
         streams: dict[int, Iterator] = {}
         started = 0
 
-        def start_until(k: int) -> None:
+        # the rest of a shard another reader began: through the cache, that reader downloads it
+        # whole and this one would wait on its lock, so it starts only once needed (dealing puts
+        # it last, by then cached)
+        later = {s for s in sequence if self.cache_dir and min(wanted[s]) > 0}
+
+        def start_until(k: int, needed: int) -> None:
             nonlocal started
             while started < min(k, len(sequence)):
                 s = sequence[started]
+                if started >= needed and s in later:
+                    break
                 piece = pieces[s] = _Piece(
                     self.split.shards[s], wanted[s], self.storage, self.cache_dir, self.cache_limit_gb
                 )
@@ -729,7 +736,7 @@ class SampleReader:
             for t, (gid, s, i) in enumerate(zip(ids.tolist(), shard_of.tolist(), index_of.tolist())):
                 # every shard needed within LOOKAHEAD samples, and `prefetch` more, downloading
                 soon = int(np.searchsorted(first, t + LOOKAHEAD, side="right"))
-                start_until(max(soon, position[s] + 1) + self.prefetch)
+                start_until(max(soon, position[s] + 1) + self.prefetch, position[s] + 1)
                 while (s, i) not in pending:
                     got = next(streams[s], None)
                     if got is None:
