@@ -66,6 +66,9 @@ def _is_listing(method: str, target: str) -> bool:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients expect
+    # headers and body are separate writes: with Nagle's algorithm a kept-alive connection's small
+    # body waited for the client's delayed ACK, 40 ms per request (68 vs 29 ms for a 100-byte GET)
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
