@@ -1,11 +1,16 @@
 """The rule for every process the project starts (a rank, a loader, DALI or sharding worker, a
-benchmark's server): it dies with the process that started it."""
+benchmark's server): it dies with the process that started it; and the CPUs they share."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def die_with_parent(parent: int | None = None) -> None:

@@ -86,8 +86,8 @@ def cli(argv: list[str]) -> int:
     args = p.parse_args(argv)
     logging.getLogger("pipeline.sharding").setLevel(logging.WARNING)
 
+    from pipeline.processes import available_cpus
     from pipeline.sharding import shard_dataset
-    from pipeline.sharding.job import available_cpus
 
     args.workers = args.workers or available_cpus()
 

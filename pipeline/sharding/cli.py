@@ -60,8 +60,8 @@ def cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.dask is not None and args.workers is not None:
         parser.error("--workers sizes the local process pool; with --dask the cluster's workers write the shards")
+    from pipeline.processes import available_cpus
     from pipeline.sharding import ShardingError, SourceError, shard_dataset
-    from pipeline.sharding.job import available_cpus
 
     try:
         runner = None

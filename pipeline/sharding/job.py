@@ -16,7 +16,7 @@ from pipeline import split_manifest as mf
 from pipeline import storage as st
 from pipeline.config import StorageConfig
 from pipeline.jpeg import MAX_PIXELS
-from pipeline.processes import die_with_parent
+from pipeline.processes import available_cpus, die_with_parent
 from pipeline.sharding import revisions as rv
 from pipeline.sharding.plan import plan_shards
 from pipeline.sharding.remote import source_listing, source_splits
@@ -297,11 +297,6 @@ def decode_threads(validation: str, workers: int) -> int:
     """Decoding threads per worker: the CPUs this process may use, shared among the workers
     (Pillow decodes without the GIL). Structural checks are Python: one thread."""
     return max(1, available_cpus() // workers) if validation == "decode" else 1
-
-
-def available_cpus() -> int:
-    """The CPUs this process may run on (a container's or taskset's share, not the host's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class ShardRunner(Protocol):

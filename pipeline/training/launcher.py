@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pipeline import logs, storage
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.processes import die_with_parent
+from pipeline.processes import available_cpus, die_with_parent
 
 TRAINER = "pipeline.training.trainer"
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def spawn_local(
     one fails, stop the others. Returns the first non-zero exit code, else 0. With `log_dir`,
     each rank's stdout and stderr go to `log_dir/rankR.log` and only the pipeline's own lines
     reach this process's stdout (pipeline.logs)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cpus()
     base = {
         **os.environ,
         **(env or {}),

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import Config, ConfigError, build_config, dump_config
-from pipeline.processes import die_with_parent
+from pipeline.processes import available_cpus, die_with_parent
 from pipeline.training import checkpoint as ckpt
 from pipeline.training import flops, speed
 from pipeline.training.optim import (
@@ -659,7 +659,7 @@ def threads_per_rank() -> None:
     torch would give every rank all the cores."""
     if os.environ.get("OMP_NUM_THREADS"):
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cpus()
     # torchrun sets LOCAL_WORLD_SIZE, DeepSpeed's launch.py LOCAL_SIZE
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     threads = max(1, cores // local)
