@@ -217,10 +217,11 @@ class _Sink:
         """Up to n bytes at `pos`, waiting for them; b"" at the end of what the download got."""
         with self._cond:
             if self._fd is None and pos > self._parsed:
-                # the parser skips ahead (a member not wanted): the download runs on to
-                # MEMORY_AHEAD past it, keeping none of the bytes in between
+                # the bytes before pos are parsed or skipped (a member not wanted): dropped, and
+                # the download runs on to MEMORY_AHEAD past pos keeping none of them (write)
                 self._parsed = pos
-                self._drop_before(pos)
+                while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= pos:
+                    self._chunks.popleft()
                 self._cond.notify_all()
             while not (self.ready and (self.end > pos or self.done)):
                 self._cond.wait()
@@ -232,11 +233,8 @@ class _Sink:
             if self._fd is not None:
                 fd = self._fd
             else:
-                self._drop_before(pos)
                 if pos < (self._chunks[0][0] if self._chunks else self.end):
                     raise tarfile.ReadError(f"byte {pos} was read already and is not kept")
-                self._parsed = pos
-                self._cond.notify_all()
                 parts = []
                 for off, c in self._chunks:
                     if off >= stop:
@@ -244,10 +242,6 @@ class _Sink:
                     parts.append(c[max(0, pos - off) : stop - off])
                 return b"".join(parts)
         return os.pread(fd, stop - pos, pos)
-
-    def _drop_before(self, pos: int) -> None:
-        while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= pos:
-            self._chunks.popleft()  # parsed or skipped: never read again
 
     def discard_rest(self) -> None:
         """The parser is done (the tar's end-of-archive blocks, its padding): a download in
