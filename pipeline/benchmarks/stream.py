@@ -209,12 +209,13 @@ def _collate(samples: list) -> dict:
 
 
 def _finish(batch: dict, cfg) -> None:
-    """The training-process side of a peer's decode batch: the corruption, as torch_backend.corrupt_views."""
+    """The training-process side of a peer's decode batch: the corruption, torch_backend.corrupt_views."""
     if "views" in batch:
-        from pipeline.data.augment import corrupt_samples, corruption_threads, torch_threads
+        import torch
 
-        with torch_threads(corruption_threads(cfg.data.workers)):
-            corrupt_samples(batch["views"].float().div_(255), cfg.corruption, batch["seeds"])
+        from pipeline.data.torch_backend import corrupt_views
+
+        corrupt_views({"views": batch["views"], "seeds": torch.tensor(batch["seeds"])}, cfg, torch.device("cpu"))
 
 
 def _raw_sizes(raw) -> dict:
@@ -332,9 +333,9 @@ RESUMABLE = ("project", "project-dali", "mds", "litdata")
 IMPORTS = {
     "project": ("torch", "pipeline.data.loader", "pipeline.data.torch_backend", "s3fs"),
     "project-dali": ("torch", "pipeline.data.loader", "pipeline.data.dali_backend", "nvidia.dali", "s3fs"),
-    "webdataset": ("torch", "pipeline.data.augment", "webdataset", "boto3"),
-    "mds": ("torch", "pipeline.data.augment", "streaming", "boto3"),
-    "litdata": ("torch", "pipeline.data.augment", "litdata", "litdata.streaming.downloader", "boto3", "obstore"),
+    "webdataset": ("torch", "pipeline.data.torch_backend", "webdataset", "boto3"),
+    "mds": ("torch", "pipeline.data.torch_backend", "streaming", "boto3"),
+    "litdata": ("torch", "pipeline.data.torch_backend", "litdata", "litdata.streaming.downloader", "boto3", "obstore"),
 }
 
 
