@@ -208,14 +208,17 @@ def _collate(samples: list) -> dict:
     return out
 
 
-def _finish(batch: dict, cfg) -> None:
-    """The training-process side of a peer's decode batch: the corruption, torch_backend.corrupt_views."""
+def _finish(batch: dict, cfg) -> tuple | None:
+    """The training-process side of a peer's decode batch: the corruption, torch_backend.corrupt_views.
+    Its caller holds the result until the next batch is made, as a training loop (and the project's
+    loader's consumer here) holds its batch: the same tensors alive at once for every loader."""
     if "views" in batch:
         import torch
 
         from pipeline.data.torch_backend import corrupt_views
 
-        corrupt_views({"views": batch["views"], "seeds": torch.tensor(batch["seeds"])}, cfg, torch.device("cpu"))
+        return corrupt_views({"views": batch["views"], "seeds": torch.tensor(batch["seeds"])}, cfg, torch.device("cpu"))
+    return None
 
 
 def _raw_sizes(raw) -> dict:
@@ -353,7 +356,7 @@ def _peer_epoch(spec: dict, cfg, half: bool, state: dict | None):
     stop = -(-samples // spec["batch"]) // 2 if half else None
     out = []
     for batch in dl:
-        _finish(batch, cfg)
+        held = _finish(batch, cfg)  # noqa: F841 - alive until the next batch is made
         out.append(batch["ids"])
         if len(out) == stop:
             break
@@ -384,7 +387,7 @@ def measure(spec: dict) -> dict:
     else:
         expected = spec["dataset"]["samples"]
         for batch in PEERS[loader](spec, cfg):
-            _finish(batch, cfg)
+            held = _finish(batch, cfg)  # noqa: F841 - alive until the next batch is made
             first = first or time.perf_counter()
             batches.append(batch["ids"])
     end = time.perf_counter()
