@@ -9,6 +9,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import tarfile
 import threading
 import time
@@ -288,6 +289,13 @@ class _SinkFile:
         self.pos = pos + (self.pos if whence == 1 else 0)
         return self.pos
 
+    def peek(self, n: int) -> bytes:
+        """Up to n bytes at the position, not consumed (fewer where the download has not got them)."""
+        off = self.pos - self._at
+        if off < 0 or off + n > len(self._buf):
+            self._buf, self._at, off = self.sink.read(self.pos, max(n, READ_AHEAD)), self.pos, 0
+        return self._buf[off : off + n]
+
     def read(self, n: int = -1) -> bytes:
         parts = []
         while n:
@@ -395,32 +403,81 @@ class _TarCursor:
     sample: dict | None = None  # the current key's wanted members so far
 
 
+def _plain_member(h: bytes, tar: tarfile.TarFile) -> tuple[str, int] | None:
+    """(name, size) of a header block that is a plain regular file as this project's sharder
+    writes them (ustar or GNU magic, octal size, no prefix, checksum right), parsed at a fraction of
+    tarfile's cost per header; None for anything else, which tarfile then reads as it would."""
+    if len(h) != BLOCK or h[156:157] not in (b"0", b"\0") or h[257:262] != b"ustar" or tar.pax_headers:
+        return None
+    size, chksum = _OCTAL.fullmatch(h, 124, 136), _OCTAL.fullmatch(h, 148, 156)
+    if size is None or chksum is None or h[345:500].strip(b"\0"):
+        return None
+    if any(_NUMBER.fullmatch(h, a, b) is None for a, b in _NUMBERS):  # fields tarfile would refuse
+        return None
+    if int(chksum[1], 8) != 256 + sum(h[:148]) + sum(h[156:]):
+        return None
+    name = h[:100].split(b"\0", 1)[0]
+    if not name or name.endswith(b"/"):
+        return None
+    return name.decode(tar.encoding, tar.errors), int(size[1], 8)
+
+
+_OCTAL = re.compile(rb" *([0-7]+)[ \0]*")
+_NUMBER = re.compile(rb" *[0-7]*[ \0]*")
+_NUMBERS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))  # mode ... devminor
+
+
+def _peek(f, n: int) -> bytes:
+    if isinstance(f, _SinkFile):
+        return f.peek(n)
+    pos = f.tell()
+    data = f.read(n)
+    f.seek(pos)
+    return data
+
+
 def _scan(f, cur: _TarCursor, wanted) -> Iterator[tuple[int, dict]]:
     """The wanted samples of a tar from `cur` (f positioned there), each as soon as its last
-    member is read. tarfile's random-access mode over a forward-only file: a header or a
-    member is one read (its stream mode copies through a 10 KB buffer: twice the CPU on a
-    local shard, 0.18 vs 0.09 s for 121 MB)."""
+    member is read. A plain regular file's header is parsed here (_plain_member); any other
+    header, the end of the archive and a damaged header go to tarfile's random-access mode over
+    the same forward-only file, exactly as tarfile alone would read them."""
     try:
-        tar = tarfile.TarFile(fileobj=f)  # offsets are f's, the shard's own
-        while (member := tar.next()) is not None:
+        tar = tarfile.TarFile(fileobj=f)  # offsets are f's, the shard's own; reads the first header
+        member = tar.next()
+        while member is not None:
             tar.members.clear()  # a shard's thousands of headers are not kept
-            if member.isfile():
-                base = member.name.rsplit("/", 1)[-1]
+            if isinstance(member, tarfile.TarInfo):
+                name, size, at, isfile = member.name, member.size, member.offset_data, member.isfile()
+                following = tar.offset
+            else:
+                (name, size), at, isfile = member, cur.offset + BLOCK, True
+                following = at + -(-size // BLOCK) * BLOCK
+            if isfile:
+                base = name.rsplit("/", 1)[-1]
                 key, _, ext = base.partition(".")
-                prefix = member.name[: len(member.name) - len(base)] + key
+                prefix = name[: len(name) - len(base)] + key
                 if prefix != cur.key:
                     if cur.sample is not None:
                         done, cur.sample = cur.sample, None
                         yield cur.index, done
                     cur.index, cur.key = cur.index + 1, prefix
                 if cur.index in wanted:
-                    data = tar.extractfile(member).read(member.size)
-                    if len(data) != member.size:
-                        raise TransientStorageError(f"member {member.name} cut short")
+                    if isinstance(member, tarfile.TarInfo):
+                        data = tar.extractfile(member).read(size)
+                    else:
+                        f.seek(at)
+                        data = f.read(size)
+                    if len(data) != size:
+                        raise TransientStorageError(f"member {name} cut short")
                     if cur.sample is None:
                         cur.sample = {"__key__": prefix}
                     cur.sample[ext] = data
-            cur.offset = member.offset_data + -(-member.size // 512) * 512
+            cur.offset = following
+            f.seek(following)
+            member = _plain_member(_peek(f, BLOCK), tar)
+            if member is None:
+                tar.offset = following
+                member = tar.next()
     except (tarfile.ReadError, EOFError) as e:
         # a body cut off mid-stream reads as a damaged tar: read on from the last whole member
         raise TransientStorageError(f"tar stream ended early at byte {cur.offset}: {e}") from e
