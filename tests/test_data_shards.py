@@ -309,3 +309,24 @@ def test_the_rest_of_a_shard_downloads_only_once_needed_through_the_cache(tmp_pa
         events.append(gid)
     rest = events.index(split.shards[1].name)
     assert events[rest - 1 : rest + 2] == [5, split.shards[1].name, 9] if cache else rest == 1
+
+
+def test_a_reader_starts_the_shards_it_draws_from_and_others_only_once_needed_soon(tmp_path, monkeypatch):
+    """The first samples come from 4 interleaved shards: only those download at first (more would
+    share the link with bytes not needed yet); a shard needed later starts LOOKAHEAD samples ahead."""
+    monkeypatch.setattr(shards_mod, "LOOKAHEAD", 20)
+    url = str(tmp_path / "train")
+    write_split(url, [15] * 6, size=8)
+    split = read_split(url)
+    _remote(monkeypatch, {"failed": True, "after": 0, "seeks": [], "read": 0, "cat": []})
+    events = []
+    start = shards_mod._Piece.start
+    monkeypatch.setattr(shards_mod._Piece, "start", lambda self: (events.append(self.shard.name), start(self)))
+    first4 = [s * 15 + i for i in range(15) for s in range(4)]  # shards 0-3 interleaved: 60 samples
+    order = first4 + list(range(60, 90))  # then shards 4 and 5
+    for t, (gid, _) in enumerate(SampleReader(split).read(order)):
+        events.append(t)
+    names = [s.name for s in split.shards]
+    assert events[:5] == [*names[:4], 0]  # four downloads, then the first sample
+    assert events.index(names[4]) - 4 == 60 - 20  # before output 40: needed at 60, 20 ahead
+    assert events.index(names[5]) - 5 == 75 - 20

@@ -151,7 +151,11 @@ CHUNK = 1 << 20  # one read of a download's body
 READ_AHEAD = 256 << 10  # one read of the parser from a download
 BLOCK = 512  # a tar header
 MEMORY_AHEAD = 64 << 20  # bytes a download without the cache runs ahead of its parser
-LOOKAHEAD = 1000  # samples: a shard needed that soon is downloading already
+# samples: a shard first needed that soon is downloading already. A reader's first batch needs its
+# 4 interleaved shards (sampling.INTERLEAVE); a shard joining later is first drawn some ~100 draws
+# after it enters the shuffle buffer. Starting more at once only shares the link and the store
+# with bytes not needed yet (measured: first batch 0.34 vs 0.40 s, 2 workers, 20 ms / 200 MB/s).
+LOOKAHEAD = 150
 
 
 class _Sink:
@@ -737,7 +741,7 @@ class SampleReader:
         split: Split,
         storage: StorageConfig | None = None,
         *,
-        prefetch: int = 1,
+        prefetch: int = 0,
         cache_dir: str | None = None,
         cache_limit_gb: float | None = None,
     ):
