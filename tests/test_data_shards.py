@@ -325,6 +325,7 @@ def test_a_reader_starts_the_shards_it_draws_from_and_others_only_once_needed_so
     first4 = [s * 15 + i for i in range(15) for s in range(4)]  # shards 0-3 interleaved: 60 samples
     order = first4 + list(range(60, 90))  # then shards 4 and 5
     for t, (gid, _) in enumerate(SampleReader(split).read(order)):
+        assert gid == order[t]
         events.append(t)
     names = [s.name for s in split.shards]
     assert events[:5] == [*names[:4], 0]  # four downloads, then the first sample
