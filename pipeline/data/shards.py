@@ -450,12 +450,13 @@ def _scan(f, cur: _TarCursor, wanted) -> Iterator[tuple[int, dict]]:
         member = tar.next()
         while member is not None:
             tar.members.clear()  # a shard's thousands of headers are not kept
-            if isinstance(member, tarfile.TarInfo):
-                name, size, at, isfile = member.name, member.size, member.offset_data, member.isfile()
-                following = tar.offset
-            else:
-                (name, size), at, isfile = member, cur.offset + BLOCK, True
-                following = at + -(-size // BLOCK) * BLOCK
+            # a TarInfo from tarfile (read through it: a sparse member too) or (name, size) parsed here
+            info = member if isinstance(member, tarfile.TarInfo) else None
+            if info is not None:
+                name, size, isfile, following = info.name, info.size, info.isfile(), tar.offset
+            else:  # its data right after its header, at cur.offset
+                (name, size), isfile = member, True
+                following = cur.offset + BLOCK + -(-size // BLOCK) * BLOCK
             if isfile:
                 base = name.rsplit("/", 1)[-1]
                 key, _, ext = base.partition(".")
@@ -466,10 +467,10 @@ def _scan(f, cur: _TarCursor, wanted) -> Iterator[tuple[int, dict]]:
                         yield cur.index, done
                     cur.index, cur.key = cur.index + 1, prefix
                 if cur.index in wanted:
-                    if isinstance(member, tarfile.TarInfo):
-                        data = tar.extractfile(member).read(size)
+                    if info is not None:
+                        data = tar.extractfile(info).read(size)
                     else:
-                        f.seek(at)
+                        f.seek(cur.offset + BLOCK)
                         data = f.read(size)
                     if len(data) != size:
                         raise TransientStorageError(f"member {name} cut short")
